@@ -1,0 +1,1 @@
+//! iptables backend: nat-table chains applied with `iptables-{legacy,nft}-restore --noflush`.

@@ -1,0 +1,44 @@
+//! The backend boundary: one trait named by its verbs, one implementation per file, and the
+//! choice of backend. Backends run inside the pod netns (see `netns::run_in`); they never choose
+//! the namespace themselves.
+
+use crate::cni::error::Result;
+use crate::plan::InterceptPlan;
+
+pub mod iptables;
+pub mod nftables;
+
+/// Installs, verifies and removes one pod's interception rules in the current network namespace.
+pub trait Backend {
+    /// Short name for logs and errors.
+    fn name(&self) -> &'static str;
+    /// Install the plan atomically, replacing whatever this plugin installed before.
+    fn apply(&self, plan: &InterceptPlan) -> Result<()>;
+    /// Compare the installed rules with what `apply(plan)` would install; describe any drift.
+    fn check(&self, plan: &InterceptPlan) -> Result<()>;
+    /// Remove everything this plugin installed; absent rules are success.
+    fn remove(&self) -> Result<()>;
+}
+
+/// Which iptables binaries to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IptablesMode {
+    Legacy,
+    Nft,
+}
+
+/// The backend a config asks for, before `Auto` is resolved on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    Auto,
+    Nftables,
+    /// `None` mode means `iptablesMode: auto`.
+    Iptables(Option<IptablesMode>),
+}
+
+/// A backend resolved to something concrete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Nftables,
+    Iptables(IptablesMode),
+}

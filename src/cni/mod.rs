@@ -1,0 +1,3 @@
+//! The CNI protocol: environment, config, versions, result passthrough, errors.
+
+pub mod error;

@@ -1,0 +1,1 @@
+//! Host prerequisites: the kernel modules each backend needs, how to detect them, the cache.

@@ -1,0 +1,9 @@
+//! intercept-cni: a chained CNI plugin that installs transparent service-mesh interception
+//! (inbound and outbound TCP to the sidecar proxy) inside each pod's network namespace.
+
+pub mod backend;
+pub mod cni;
+pub mod host;
+pub mod install;
+pub mod netns;
+pub mod plan;

@@ -1,0 +1,186 @@
+//! The validated, backend-neutral interception plan. Everything a backend renders comes from here,
+//! already typed and checked: no string from a config or an annotation reaches rule text.
+
+use ipnetwork::IpNetwork;
+use std::fmt;
+use std::str::FromStr;
+
+/// An inclusive TCP port range, `start <= end`, never containing port 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    start: u16,
+    end: u16,
+}
+
+impl PortRange {
+    pub fn new(start: u16, end: u16) -> Result<Self, String> {
+        if start == 0 {
+            return Err("port 0 is not a valid port".into());
+        }
+        if start > end {
+            return Err(format!("port range {start}-{end} is reversed"));
+        }
+        Ok(PortRange { start, end })
+    }
+
+    pub fn single(port: u16) -> Result<Self, String> {
+        PortRange::new(port, port)
+    }
+
+    pub fn start(&self) -> u16 {
+        self.start
+    }
+
+    pub fn end(&self) -> u16 {
+        self.end
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.start <= port && port <= self.end
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// `"8080"` or `"8000-8100"`; surrounding blanks are tolerated, anything else is refused.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let parse = |p: &str| -> Result<u16, String> {
+            let p = p.trim();
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("{s:?} is not a port or a port range"));
+            }
+            p.parse::<u16>()
+                .map_err(|_| format!("{p} is out of range (1-65535)"))
+        };
+        match s.split_once('-') {
+            Some((a, b)) => PortRange::new(parse(a)?, parse(b)?),
+            None => PortRange::single(parse(s)?),
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// Which IP families get rules: those the pod has addresses in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub const BOTH: Families = Families {
+        ipv4: true,
+        ipv6: true,
+    };
+}
+
+/// Which inbound destination ports go to the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// Every port except these.
+    AllExcept(Vec<PortRange>),
+    /// Only these ports (validation has already removed any excluded ones).
+    Only(Vec<PortRange>),
+    /// No inbound interception at all (e.g. Istio's empty includeInboundPorts).
+    None,
+}
+
+/// Which outbound destinations go to the proxy, by address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundCidrs {
+    /// Every destination except these.
+    AllExcept(Vec<IpNetwork>),
+    /// Only these destinations, minus `exclude`.
+    Only {
+        include: Vec<IpNetwork>,
+        exclude: Vec<IpNetwork>,
+    },
+}
+
+/// The complete interception to install in one pod netns. Built only by validation code
+/// (`cni::config`, the annotation policy), read by every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptPlan {
+    /// Proxy port receiving redirected inbound connections (destination address kept).
+    pub inbound_port: u16,
+    /// Proxy port receiving redirected outbound connections (on loopback).
+    pub outbound_port: u16,
+    /// Traffic from this UID is never redirected (the proxy's own).
+    pub proxy_uid: u32,
+    /// Traffic from this GID is never redirected, when set.
+    pub proxy_gid: Option<u32>,
+    pub inbound_ports: InboundPorts,
+    /// Inbound connections from these sources are not redirected (Linkerd's skip-subnets).
+    pub exclude_inbound_sources: Vec<IpNetwork>,
+    /// Outbound connections to these destination ports are not redirected.
+    pub exclude_outbound_ports: Vec<PortRange>,
+    pub outbound_cidrs: OutboundCidrs,
+    pub families: Families,
+}
+
+impl InterceptPlan {
+    /// Istio's defaults: 15006 inbound, 15001 outbound, UID 1337, everything intercepted.
+    pub fn with_defaults(families: Families) -> Self {
+        InterceptPlan {
+            inbound_port: 15006,
+            outbound_port: 15001,
+            proxy_uid: 1337,
+            proxy_gid: None,
+            inbound_ports: InboundPorts::AllExcept(Vec::new()),
+            exclude_inbound_sources: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            outbound_cidrs: OutboundCidrs::AllExcept(Vec::new()),
+            families,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_reject() {
+        assert_eq!(
+            "80".parse::<PortRange>().unwrap(),
+            PortRange::single(80).unwrap()
+        );
+        assert_eq!(
+            " 8000-8100 ".parse::<PortRange>().unwrap(),
+            PortRange::new(8000, 8100).unwrap()
+        );
+        for bad in [
+            "",
+            "0",
+            "65536",
+            "-1",
+            "10-5",
+            "a",
+            "1-",
+            "-5",
+            "1-2-3",
+            "+5",
+            "8080;drop",
+            "1 2",
+        ] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(PortRange::new(1, 65535).unwrap().to_string(), "1-65535");
+        assert_eq!(PortRange::single(22).unwrap().to_string(), "22");
+    }
+}
