@@ -42,3 +42,18 @@ pub enum BackendKind {
     Nftables,
     Iptables(IptablesMode),
 }
+
+/// Options that only some backends use; validated in `cni::config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// Directory holding the `iptables-*-restore`/`-save` binaries, when not in the usual places.
+    pub iptables_path: Option<std::path::PathBuf>,
+}
+
+/// The concrete backend for a resolved kind.
+pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + Send + Sync> {
+    match kind {
+        BackendKind::Nftables => Box::new(nftables::Nftables),
+        BackendKind::Iptables(mode) => Box::new(iptables::Iptables::new(mode, options)),
+    }
+}
