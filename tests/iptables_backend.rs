@@ -457,3 +457,27 @@ fn auto_mode_follows_existing_rules() {
         assert!(why.contains("1 iptables-"), "{why}");
     }
 }
+
+/// A table the kernel will not let iptables-nft change (a native nftables `nat` table with a
+/// base chain at another priority): the error carries the tool's stderr and a module hint, and
+/// the family that had already been applied is rolled back, so nothing is half-applied.
+#[test]
+fn nft_rejection_is_reported_and_nothing_is_half_applied() {
+    let ns = TestNetns::new();
+    let native = "table ip6 nat { chain PREROUTING { type nat hook prerouting priority -150; policy accept; }; }";
+    ns.exec(&["/usr/sbin/nft", "add", native]);
+    let native_table = || {
+        ns.exec(&["/usr/sbin/nft", "list", "table", "ip6", "nat"])
+            .stdout
+    };
+    let before = native_table();
+    let b = backend(IptablesMode::Nft);
+    let err = ns.pod.run(|| b.apply(&defaults())).unwrap_err();
+    assert_eq!(err.code, Code::Backend);
+    assert!(err.msg.contains("ip6tables-nft-restore"), "{}", err.msg);
+    assert!(err.msg.contains("nft_chain_nat"), "{}", err.msg);
+    assert!(err.details.contains("PREROUTING"), "{}", err.details);
+    // IPv4 went first and succeeded; it was undone. The refused table is as it was.
+    assert!(!ns.save_both(IptablesMode::Nft).contains("ICNI_"));
+    assert_eq!(native_table(), before);
+}

@@ -200,7 +200,7 @@ fn rejection(mode: IptablesMode, family: Family, input: &str, stderr: &str) -> E
     let modules = likely_modules(mode, family, line);
     let at = line.map(|l| format!(" at `{l}`")).unwrap_or_default();
     Error::backend(format!(
-        "{tool} rejected the {} nat rules{at}; nothing was changed; the kernel may lack: {}",
+        "{tool} rejected the {} nat rules{at}, so nothing was changed; if a kernel module is missing, it is likely among: {}",
         family.label(),
         modules.join(", ")
     ))
@@ -219,29 +219,30 @@ fn likely_modules(mode: IptablesMode, family: Family, line: Option<&str>) -> Vec
         (IptablesMode::Legacy, Family::V6) => "ip6table_nat",
         (IptablesMode::Nft, _) => "nft_chain_nat",
     };
-    let mut modules = Vec::new();
     let features = [
         ("-m owner", "xt_owner"),
         ("-m multiport", "xt_multiport"),
         ("-m tcp", "xt_tcpudp"),
         ("REDIRECT", "xt_REDIRECT"),
     ];
-    match line {
-        Some(l) if l.starts_with("-A ") || l.starts_with("-D ") => {
-            modules.extend(features.iter().filter(|(m, _)| l.contains(m)).map(|f| f.1));
-        }
-        Some(_) => modules.push(table),
-        None => {
-            modules.push(table);
-            modules.extend(features.iter().map(|f| f.1));
-        }
+    let mut modules: Vec<&'static str> = match line {
+        Some(l) if l.starts_with("-A ") || l.starts_with("-D ") => features
+            .iter()
+            .filter(|(m, _)| l.contains(m))
+            .map(|f| f.1)
+            .collect(),
+        Some(_) => Vec::new(),
+        None => features.iter().map(|f| f.1).collect(),
+    };
+    // Table and chain lines, jumps from the built-in chains (which is when iptables-nft creates
+    // them), and unknown lines all need the nat table itself.
+    let on_builtin = |l: &str| l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT ");
+    if modules.is_empty() || line.is_none_or(on_builtin) {
+        modules.insert(0, table);
     }
     // iptables-nft runs the xt matches and targets through nft_compat.
     if mode == IptablesMode::Nft {
         modules.push("nft_compat");
-    }
-    if modules.is_empty() {
-        modules.push(table);
     }
     modules
 }
