@@ -87,6 +87,8 @@ fn timed_spawn(
     std::thread::spawn(move || {
         setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
         let start = Instant::now();
+        // Reaped by wait4 below, which also reports the child's peak RSS.
+        #[allow(clippy::zombie_processes)]
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
             .env_clear()
@@ -104,7 +106,6 @@ fn timed_spawn(
             .unwrap();
         let mut status = 0;
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // wait4 rather than Child::wait: it also reports the child's peak RSS.
         let pid = child.id() as libc::pid_t;
         let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         let elapsed = start.elapsed();
