@@ -94,12 +94,12 @@ impl Tools<'_> {
 
     /// The current netns's nat table for this mode and family.
     pub fn read_nat(&self, mode: IptablesMode, family: Family) -> Result<NatTable> {
+        let save = self.require(mode, family, Tool::Save)?;
         // Listing a legacy table instantiates it in the netns; when the kernel has none yet,
         // there is nothing of ours and nothing should be created.
         if mode == IptablesMode::Legacy && !legacy_nat_exists(family) {
             return Ok(NatTable::default());
         }
-        let save = self.require(mode, family, Tool::Save)?;
         let out = run(&save, &["-t", "nat"], None)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
