@@ -45,18 +45,17 @@ pub struct Installer {
 }
 
 impl Installer {
-    /// One install pass. `Ok(None)`: no valid network config yet (nothing was changed in the conf
-    /// dir, the binary is in place).
+    /// One install pass. `Ok(None)`: no valid network config yet, nothing was changed.
     pub fn install(&self) -> Result<Option<Installed>> {
-        // The binary first: a network naming our plugin must never exist without it.
-        if fsops::install_binary(&self.binary, &self.bin_dir, PLUGIN_TYPE)? {
-            log::info!("copied {PLUGIN_TYPE} to {}", self.bin_dir.display());
-        }
         let files = fsops::read_conf_dir(&self.conf_dir)?;
         let Some(network) = active_network_logged(&files) else {
             return Ok(None);
         };
         let plan = conflist::plan_install(&network, &files, &self.entry)?;
+        // The binary before the config: a network naming our plugin must never exist without it.
+        if fsops::install_binary(&self.binary, &self.bin_dir, PLUGIN_TYPE)? {
+            log::info!("copied {PLUGIN_TYPE} to {}", self.bin_dir.display());
+        }
         let current = files.iter().find(|f| f.name == plan.file_name);
         if current.is_some_and(|f| f.bytes == plan.content) && plan.replaces.is_none() {
             log::debug!("{} already chains {PLUGIN_TYPE} last", plan.file_name);
