@@ -598,3 +598,37 @@ fn watch_waits_for_a_first_network_and_stops_on_sigint() {
         fixture_json("10-flannel.conflist")
     );
 }
+
+#[test]
+fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
+    let node = Node::with(&["10-flannel.conflist"]);
+    // The image's binary path, pointed at the binary under test.
+    let script =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("install/install-cni.sh"))
+            .unwrap()
+            .replace("/usr/local/bin/intercept-cni", BIN);
+    let script_path = node.root.path().join("install-cni.sh");
+    fs::write(&script_path, script).unwrap();
+    let child = Command::new("/bin/sh")
+        .arg(&script_path)
+        .env("CNI_CONF_DIR", &node.conf)
+        .env("CNI_BIN_DIR", &node.bin)
+        .env("PLUGIN_CONFIG", testdata("plugin-config.json"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(node.watch_log()).unwrap())
+        .spawn()
+        .unwrap();
+    let mut watcher = Watcher(Some(child));
+    node.eventually("install through the script", || {
+        chained_last(&node, "10-flannel.conflist")
+    });
+    let entry = node.plugins("10-flannel.conflist").pop().unwrap();
+    assert_eq!(entry["podSelection"], "annotated");
+    // Only an exec'd installer gets the SIGTERM and exits 0 after cleaning up.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.json("10-flannel.conflist"),
+        fixture_json("10-flannel.conflist")
+    );
+}
