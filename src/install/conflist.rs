@@ -8,7 +8,7 @@
 //! not load (containerd refuses the whole dir instead, so until that file is fixed there is no
 //! network for us to miss).
 
-use crate::cni::error::{Error, Result};
+use crate::cni::error::{Code, Error, Result};
 use serde_json::{Map, Value};
 
 /// The `type` of our plugin entry, and the name of the binary in the CNI bin dir.
@@ -185,11 +185,15 @@ fn is_ours(plugin: &Value) -> bool {
 }
 
 /// The same JSON always gives the same bytes: pretty, key order as read, final newline.
-pub fn render(doc: &Map<String, Value>) -> Vec<u8> {
-    // A map of JSON values always serializes; the fallback is never taken.
-    let mut bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
+pub fn render(doc: &Map<String, Value>) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(doc).map_err(|e| {
+        Error::new(
+            Code::Internal,
+            format!("cannot serialize a CNI config: {e}"),
+        )
+    })?;
     bytes.push(b'\n');
-    bytes
+    Ok(bytes)
 }
 
 /// What install does to the conf dir.
@@ -217,7 +221,7 @@ pub fn plan_install(
             doc.insert("plugins".into(), Value::Array(plugins));
             Ok(InstallPlan {
                 file_name: network.file_name.clone(),
-                content: render(&doc),
+                content: render(&doc)?,
                 replaces: None,
             })
         }
@@ -246,7 +250,7 @@ pub fn plan_install(
             );
             Ok(InstallPlan {
                 file_name: target,
-                content: render(&doc),
+                content: render(&doc)?,
                 replaces: Some(network.file_name.clone()),
             })
         }
@@ -318,19 +322,23 @@ fn check_conversion_target(source: &str, target: &str, files: &[ConfFile]) -> Re
 
 /// The conflist without our entries, or `None` when `file` is not a conflist holding one.
 /// A list holding nothing but our entries is left alone: we never write one, so it is not ours.
-pub fn plan_uninstall(file: &ConfFile) -> Option<Vec<u8>> {
-    let network = load_network(file).ok()?;
+pub fn plan_uninstall(file: &ConfFile) -> Result<Option<Vec<u8>>> {
+    let Ok(network) = load_network(file) else {
+        return Ok(None);
+    };
     if network.kind != FileKind::List {
-        return None;
+        return Ok(None);
     }
-    let plugins = network.doc.get("plugins")?.as_array()?;
+    let Some(plugins) = network.doc.get("plugins").and_then(Value::as_array) else {
+        return Ok(None);
+    };
     if !plugins.iter().any(is_ours) || plugins.iter().all(is_ours) {
-        return None;
+        return Ok(None);
     }
     let kept: Vec<Value> = plugins.iter().filter(|p| !is_ours(p)).cloned().collect();
     let mut doc = network.doc.clone();
     doc.insert("plugins".into(), Value::Array(kept));
-    Some(render(&doc))
+    render(&doc).map(Some)
 }
 
 #[cfg(test)]
@@ -625,18 +633,22 @@ mod tests {
             name: "10-kind.conflist".into(),
             bytes: installed.content,
         })
+        .unwrap()
         .unwrap();
-        assert_eq!(back, render(bridge_list().as_object().unwrap()));
-        assert_eq!(
-            plan_uninstall(&file("10-kind.conflist", bridge_list())),
-            None
-        );
-        assert_eq!(plan_uninstall(&file("10-kind.conf", bridge_conf())), None);
-        assert_eq!(plan_uninstall(&raw("10-kind.conflist", "{")), None);
+        assert_eq!(back, render(bridge_list().as_object().unwrap()).unwrap());
+        let mut conf_naming_us = bridge_conf();
+        conf_naming_us["plugins"] = json!([{"type": "intercept-cni"}, {"type": "x"}]);
+        for untouched in [
+            file("10-kind.conflist", bridge_list()),
+            file("10-kind.conf", conf_naming_us),
+            raw("10-kind.conflist", "{"),
+        ] {
+            assert_eq!(plan_uninstall(&untouched).unwrap(), None);
+        }
         let lone = file(
             "00-x.conflist",
             json!({"name": "x", "plugins": [{"type": "intercept-cni"}]}),
         );
-        assert_eq!(plan_uninstall(&lone), None);
+        assert_eq!(plan_uninstall(&lone).unwrap(), None);
     }
 }

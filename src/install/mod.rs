@@ -115,7 +115,7 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<()> {
 }
 
 fn remove_entry(conf_dir: &Path, file: &ConfFile) -> Result<()> {
-    let Some(content) = conflist::plan_uninstall(file) else {
+    let Some(content) = conflist::plan_uninstall(file)? else {
         return Ok(());
     };
     let mode = fsops::mode_of(&conf_dir.join(&file.name))?.unwrap_or(fsops::NEW_CONFIG_MODE);
