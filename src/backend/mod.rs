@@ -57,3 +57,13 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + S
         BackendKind::Iptables(mode) => Box::new(iptables::Iptables::new(mode, options)),
     }
 }
+
+/// Resolves a config's choice on this host: an explicit backend wins; `auto` probes.
+pub fn resolve(choice: BackendChoice) -> Result<BackendKind> {
+    Ok(match choice {
+        // nftables is the only backend served so far; the iptables issue adds the probe.
+        BackendChoice::Auto | BackendChoice::Nftables => BackendKind::Nftables,
+        // Until the iptables backend detects the host's flavour, `iptablesMode: auto` means nft.
+        BackendChoice::Iptables(mode) => BackendKind::Iptables(mode.unwrap_or(IptablesMode::Nft)),
+    })
+}

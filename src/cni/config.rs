@@ -1,0 +1,473 @@
+//! The plugin's network configuration (its object in the conflist) and the pure step from
+//! validated settings to an `InterceptPlan`.
+//!
+//! Each key is decoded on its own, so an error names the key and the value it had: malformed
+//! JSON is code 6, a wrong type or value is code 7. Unknown keys are ignored (debug log).
+//! CIDRs with host bits set (`10.1.2.3/8`) are refused rather than silently widened or
+//! narrowed: the intent is ambiguous, and the error says which forms would be accepted.
+
+use super::error::{Code, Error, Result};
+use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
+use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use ipnetwork::IpNetwork;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+/// Which pods get interception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSelection {
+    /// Every pod the plugin is called for.
+    All,
+    /// Only pods whose annotations ask for it (the per-pod policy; not served yet).
+    Annotated,
+}
+
+/// What to do when the host lacks a kernel feature the backend needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostPrerequisites {
+    Enforce,
+    Warn,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BackendKey {
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum IptablesModeKey {
+    Legacy,
+    Nft,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogLevelKey {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// One entry of GC's `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The interception knobs, as the config sets them. A per-pod policy overlays its own values on
+/// a copy of these, then `build_plan` validates the combination once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSettings {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub proxy_uid: u32,
+    pub proxy_gid: Option<u32>,
+    pub exclude_inbound_ports: Vec<PortRange>,
+    pub exclude_outbound_ports: Vec<PortRange>,
+    /// `None`: every inbound port; `Some`: only these.
+    pub include_inbound_ports: Option<Vec<PortRange>>,
+    pub exclude_outbound_cidrs: Vec<IpNetwork>,
+    /// `None`: every destination; `Some`: only these.
+    pub include_outbound_cidrs: Option<Vec<IpNetwork>>,
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        PlanSettings {
+            inbound_port: 15006,
+            outbound_port: 15001,
+            proxy_uid: 1337,
+            proxy_gid: None,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_inbound_ports: None,
+            exclude_outbound_cidrs: Vec::new(),
+            include_outbound_cidrs: None,
+        }
+    }
+}
+
+impl PlanSettings {
+    /// Rules that span several keys (each key alone was checked while decoding).
+    fn validate(&self) -> Result<()> {
+        if self.inbound_port == self.outbound_port {
+            return Err(Error::config(format!(
+                "inboundPort and outboundPort must differ (both are {})",
+                self.inbound_port
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration of one invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    /// Already negotiated (see `version::negotiate`).
+    pub cni_version: String,
+    pub name: Value,
+    pub plugin_type: Value,
+    pub prev_result: Option<Value>,
+    pub runtime_config: Option<Value>,
+    pub backend: BackendChoice,
+    pub backend_options: BackendOptions,
+    pub pod_selection: PodSelection,
+    pub settings: PlanSettings,
+    pub state_dir: PathBuf,
+    pub log_level: log::LevelFilter,
+    pub log_file: Option<PathBuf>,
+    pub host_prerequisites: HostPrerequisites,
+    /// GC's attachments still in use, from either spelling of the key. Absent or null reads as
+    /// empty: Go runtimes marshal an empty list as null.
+    pub valid_attachments: Vec<Attachment>,
+}
+
+/// Keys the plugin reads, plus the spec's well-known ones it passes over silently.
+const KNOWN_KEYS: &[&str] = &[
+    "cniVersion",
+    "name",
+    "type",
+    "args",
+    "ipMasq",
+    "ipam",
+    "dns",
+    "capabilities",
+    "prevResult",
+    "runtimeConfig",
+    "cni.dev/valid-attachments",
+    "cni.dev/attachments",
+    "backend",
+    "iptablesMode",
+    "iptablesPath",
+    "podSelection",
+    "inboundPort",
+    "outboundPort",
+    "proxyUID",
+    "proxyGID",
+    "excludeInboundPorts",
+    "excludeOutboundPorts",
+    "includeInboundPorts",
+    "excludeOutboundCIDRs",
+    "includeOutboundCIDRs",
+    "stateDir",
+    "logLevel",
+    "logFile",
+    "hostPrerequisites",
+];
+
+pub const DEFAULT_STATE_DIR: &str = "/var/run/intercept-cni";
+
+/// Parses stdin as a JSON object; anything else is a decode failure (code 6).
+pub fn decode(stdin: &[u8]) -> Result<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(stdin) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(Error::new(
+            Code::Decode,
+            "network configuration is not a JSON object",
+        )),
+        Err(e) => Err(Error::new(
+            Code::Decode,
+            format!("cannot decode network configuration: {e}"),
+        )),
+    }
+}
+
+/// The config's `cniVersion`: `None` when absent; a non-string is invalid config.
+pub fn cni_version(obj: &Map<String, Value>) -> Result<Option<&str>> {
+    match obj.get("cniVersion") {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(invalid("cniVersion", other, "must be a string")),
+    }
+}
+
+fn invalid(key: &str, value: &Value, why: impl std::fmt::Display) -> Error {
+    Error::config(format!("{key}: invalid value {value}: {why}"))
+}
+
+/// Decodes `key` with serde; absent or null means "use the default".
+fn field<T: DeserializeOwned>(obj: &Map<String, Value>, key: &str) -> Result<Option<T>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => T::deserialize(v).map(Some).map_err(|e| invalid(key, v, e)),
+    }
+}
+
+fn port(obj: &Map<String, Value>, key: &str) -> Result<Option<u16>> {
+    let Some(n) = field::<u64>(obj, key)? else {
+        return Ok(None);
+    };
+    match u16::try_from(n) {
+        Ok(p) if p != 0 => Ok(Some(p)),
+        _ => Err(invalid(key, &obj[key], "must be a port in 1-65535")),
+    }
+}
+
+fn port_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<PortRange>>> {
+    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+        return Ok(None);
+    };
+    items
+        .iter()
+        .map(|item| {
+            let parsed = match item {
+                Value::Number(n) => match n.as_u64().and_then(|n| u16::try_from(n).ok()) {
+                    Some(p) => PortRange::single(p),
+                    None => Err("must be a port in 1-65535".to_string()),
+                },
+                Value::String(s) => s.parse::<PortRange>(),
+                _ => Err("must be a port number or an \"a-b\" range string".to_string()),
+            };
+            parsed.map_err(|why| invalid(key, item, why))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork>>> {
+    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+        return Ok(None);
+    };
+    items
+        .iter()
+        .map(|item| {
+            let Value::String(s) = item else {
+                return Err(invalid(key, item, "must be a CIDR string"));
+            };
+            let net: IpNetwork = s.trim().parse().map_err(|e| invalid(key, item, e))?;
+            if net.ip() != net.network() {
+                return Err(invalid(
+                    key,
+                    item,
+                    format!(
+                        "has host bits set (did you mean {}/{} or a single address?)",
+                        net.network(),
+                        net.prefix()
+                    ),
+                ));
+            }
+            Ok(net)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>> {
+    let Some(s) = field::<String>(obj, key)? else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(&s);
+    if !path.is_absolute() {
+        return Err(invalid(key, &obj[key], "must be an absolute path"));
+    }
+    Ok(Some(path))
+}
+
+/// Keys this plugin ignores; logged once logging is configured from the same config.
+pub fn unknown_keys(obj: &Map<String, Value>) -> impl Iterator<Item = &String> {
+    obj.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+}
+
+impl NetConf {
+    /// Validates every key of an already decoded config whose `cniVersion` was negotiated.
+    pub fn from_object(obj: &Map<String, Value>, cni_version: &str) -> Result<NetConf> {
+        let backend_key = field::<BackendKey>(obj, "backend")?.unwrap_or(BackendKey::Auto);
+        let iptables_mode = field::<IptablesModeKey>(obj, "iptablesMode")?;
+        let iptables_path = absolute_path(obj, "iptablesPath")?;
+        if backend_key == BackendKey::Nftables {
+            for (key, set) in [
+                ("iptablesMode", iptables_mode.is_some()),
+                ("iptablesPath", iptables_path.is_some()),
+            ] {
+                if set {
+                    return Err(Error::config(format!(
+                        "{key}: belongs to the other backend (backend is nftables)"
+                    )));
+                }
+            }
+        }
+        let mode = match iptables_mode {
+            Some(IptablesModeKey::Legacy) => Some(IptablesMode::Legacy),
+            Some(IptablesModeKey::Nft) => Some(IptablesMode::Nft),
+            Some(IptablesModeKey::Auto) | None => None,
+        };
+        let backend = match backend_key {
+            BackendKey::Auto => BackendChoice::Auto,
+            BackendKey::Nftables => BackendChoice::Nftables,
+            BackendKey::Iptables => BackendChoice::Iptables(mode),
+        };
+
+        let defaults = PlanSettings::default();
+        let settings = PlanSettings {
+            inbound_port: port(obj, "inboundPort")?.unwrap_or(defaults.inbound_port),
+            outbound_port: port(obj, "outboundPort")?.unwrap_or(defaults.outbound_port),
+            proxy_uid: field(obj, "proxyUID")?.unwrap_or(defaults.proxy_uid),
+            proxy_gid: field(obj, "proxyGID")?,
+            exclude_inbound_ports: port_list(obj, "excludeInboundPorts")?.unwrap_or_default(),
+            exclude_outbound_ports: port_list(obj, "excludeOutboundPorts")?.unwrap_or_default(),
+            include_inbound_ports: port_list(obj, "includeInboundPorts")?,
+            exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?.unwrap_or_default(),
+            include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?,
+        };
+        settings.validate()?;
+
+        let log_level = match field::<LogLevelKey>(obj, "logLevel")?.unwrap_or(LogLevelKey::Info) {
+            LogLevelKey::Error => log::LevelFilter::Error,
+            LogLevelKey::Warn => log::LevelFilter::Warn,
+            LogLevelKey::Info => log::LevelFilter::Info,
+            LogLevelKey::Debug => log::LevelFilter::Debug,
+            LogLevelKey::Trace => log::LevelFilter::Trace,
+        };
+
+        let prev_result = match obj.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(v) => return Err(invalid("prevResult", v, "must be a JSON object")),
+        };
+
+        let valid_attachments = match field(obj, "cni.dev/valid-attachments")? {
+            Some(list) => list,
+            None => field(obj, "cni.dev/attachments")?.unwrap_or_default(),
+        };
+
+        Ok(NetConf {
+            cni_version: cni_version.to_string(),
+            name: obj.get("name").cloned().unwrap_or(Value::Null),
+            plugin_type: obj.get("type").cloned().unwrap_or(Value::Null),
+            prev_result,
+            runtime_config: obj.get("runtimeConfig").cloned(),
+            backend,
+            backend_options: BackendOptions { iptables_path },
+            pod_selection: field(obj, "podSelection")?.unwrap_or(PodSelection::All),
+            settings,
+            state_dir: absolute_path(obj, "stateDir")?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            log_level,
+            log_file: absolute_path(obj, "logFile")?,
+            host_prerequisites: field(obj, "hostPrerequisites")?
+                .unwrap_or(HostPrerequisites::Enforce),
+            valid_attachments,
+        })
+    }
+}
+
+/// Sorted, overlapping and adjacent ranges merged: one canonical form for every backend (and
+/// nftables interval sets refuse overlapping elements).
+fn normalize_ports(ranges: &[PortRange]) -> Vec<PortRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    let mut merged: Vec<PortRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if u32::from(r.start()) <= u32::from(last.end()) + 1 => {
+                if r.end() > last.end() {
+                    *last = PortRange::new(last.start(), r.end()).unwrap_or(*last);
+                }
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// `keep` minus every port in `remove`, normalized.
+fn subtract_ports(keep: &[PortRange], remove: &[PortRange]) -> Vec<PortRange> {
+    let remove = normalize_ports(remove);
+    let mut out = Vec::new();
+    for r in normalize_ports(keep) {
+        let mut start = u32::from(r.start());
+        let end = u32::from(r.end());
+        for cut in remove
+            .iter()
+            .filter(|c| c.end() >= r.start() && c.start() <= r.end())
+        {
+            if u32::from(cut.start()) > start {
+                out.push((start, u32::from(cut.start()) - 1));
+            }
+            start = start.max(u32::from(cut.end()) + 1);
+        }
+        if start <= end {
+            out.push((start, end));
+        }
+    }
+    // Every bound stays inside the original 1..=65535 ranges, so the conversions cannot fail.
+    out.into_iter()
+        .filter_map(|(a, b)| PortRange::new(u16::try_from(a).ok()?, u16::try_from(b).ok()?).ok())
+        .collect()
+}
+
+/// Sorted, without duplicates or networks contained in another listed one.
+fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
+    let mut sorted = cidrs.to_vec();
+    sorted.sort_by_key(|n| (n.is_ipv6(), n.prefix(), n.network()));
+    let mut kept: Vec<IpNetwork> = Vec::new();
+    for net in sorted {
+        let covered = kept
+            .iter()
+            .any(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
+        if !covered {
+            kept.push(net);
+        }
+    }
+    kept.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+    kept
+}
+
+/// The one step from settings (config, possibly overlaid by a per-pod policy) to a plan.
+/// The proxy's own ports are never redirected inbound, so it cannot capture itself.
+pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<InterceptPlan> {
+    settings.validate()?;
+    let proxy_ports = [settings.inbound_port, settings.outbound_port]
+        .into_iter()
+        .filter_map(|p| PortRange::single(p).ok());
+    let inbound_excluded: Vec<PortRange> = settings
+        .exclude_inbound_ports
+        .iter()
+        .copied()
+        .chain(proxy_ports)
+        .collect();
+    let inbound_ports = match &settings.include_inbound_ports {
+        None => InboundPorts::AllExcept(normalize_ports(&inbound_excluded)),
+        Some(include) => {
+            let only = subtract_ports(include, &inbound_excluded);
+            if only.is_empty() {
+                InboundPorts::None
+            } else {
+                InboundPorts::Only(only)
+            }
+        }
+    };
+    let exclude_cidrs = normalize_cidrs(&settings.exclude_outbound_cidrs);
+    let outbound_cidrs = match &settings.include_outbound_cidrs {
+        None => OutboundCidrs::AllExcept(exclude_cidrs),
+        Some(include) => OutboundCidrs::Only {
+            include: normalize_cidrs(include),
+            exclude: exclude_cidrs,
+        },
+    };
+    Ok(InterceptPlan {
+        inbound_port: settings.inbound_port,
+        outbound_port: settings.outbound_port,
+        proxy_uid: settings.proxy_uid,
+        proxy_gid: settings.proxy_gid,
+        inbound_ports,
+        exclude_inbound_sources: Vec::new(),
+        exclude_outbound_ports: normalize_ports(&settings.exclude_outbound_ports),
+        outbound_cidrs,
+        families,
+    })
+}
