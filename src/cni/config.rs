@@ -471,3 +471,275 @@ pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<Interce
         families,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::version::SUPPORTED;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/config")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn parse(bytes: &[u8]) -> Result<NetConf> {
+        let obj = decode(bytes)?;
+        let version = cni_version(&obj)?.unwrap_or("1.1.0").to_string();
+        NetConf::from_object(&obj, &version)
+    }
+
+    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+        list.iter()
+            .map(|&(a, b)| PortRange::new(a, b).unwrap())
+            .collect()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNetwork> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let conf = parse(&fixture("valid-minimal.json")).unwrap();
+        assert_eq!(conf.cni_version, "1.0.0");
+        assert_eq!(conf.name, json!("k8s-pod-network"));
+        assert_eq!(conf.plugin_type, json!("intercept-cni"));
+        assert_eq!(conf.backend, BackendChoice::Auto);
+        assert_eq!(conf.backend_options, BackendOptions::default());
+        assert_eq!(conf.pod_selection, PodSelection::All);
+        assert_eq!(conf.settings, PlanSettings::default());
+        assert_eq!(conf.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(conf.log_level, log::LevelFilter::Info);
+        assert_eq!(conf.log_file, None);
+        assert_eq!(conf.host_prerequisites, HostPrerequisites::Enforce);
+        assert_eq!(conf.prev_result, None);
+        assert!(conf.valid_attachments.is_empty());
+    }
+
+    #[test]
+    fn full_config_sets_every_key() {
+        let bytes = fixture("valid-full.json");
+        let conf = parse(&bytes).unwrap();
+        assert_eq!(
+            conf.backend,
+            BackendChoice::Iptables(Some(IptablesMode::Legacy))
+        );
+        assert_eq!(
+            conf.backend_options.iptables_path,
+            Some(PathBuf::from("/usr/sbin"))
+        );
+        assert_eq!(conf.pod_selection, PodSelection::Annotated);
+        let s = &conf.settings;
+        assert_eq!((s.inbound_port, s.outbound_port), (15106, 15101));
+        assert_eq!((s.proxy_uid, s.proxy_gid), (2000, Some(0)));
+        assert_eq!(s.exclude_inbound_ports, ports(&[(22, 22), (15020, 15021)]));
+        assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
+        assert_eq!(
+            s.include_inbound_ports,
+            Some(ports(&[(8000, 8100), (9090, 9090)]))
+        );
+        assert_eq!(
+            s.exclude_outbound_cidrs,
+            nets(&["169.254.169.254/32", "fd00::/8"])
+        );
+        assert_eq!(
+            s.include_outbound_cidrs,
+            Some(nets(&["10.0.0.0/8", "2001:db8::/32"]))
+        );
+        assert_eq!(conf.state_dir, PathBuf::from("/run/intercept"));
+        assert_eq!(conf.log_level, log::LevelFilter::Debug);
+        assert_eq!(
+            conf.log_file,
+            Some(PathBuf::from("/var/log/intercept-cni.log"))
+        );
+        assert_eq!(conf.host_prerequisites, HostPrerequisites::Warn);
+        assert_eq!(conf.runtime_config, Some(json!({"portMappings": []})));
+        let obj = decode(&bytes).unwrap();
+        assert_eq!(unknown_keys(&obj).collect::<Vec<_>>(), ["someFutureKey"]);
+    }
+
+    #[test]
+    fn iptables_mode_auto_and_backend_auto_with_iptables_keys() {
+        let conf = parse(br#"{"backend": "iptables", "iptablesMode": "auto"}"#).unwrap();
+        assert_eq!(conf.backend, BackendChoice::Iptables(None));
+        // auto may pick iptables, so its keys are accepted there.
+        let conf = parse(br#"{"iptablesMode": "nft", "iptablesPath": "/sbin"}"#).unwrap();
+        assert_eq!(conf.backend, BackendChoice::Auto);
+        let conf = parse(br#"{"inboundPort": null, "proxyGID": null}"#).unwrap();
+        assert_eq!(conf.settings, PlanSettings::default());
+    }
+
+    #[test]
+    fn gc_attachments_from_either_key() {
+        let conf = parse(&fixture("valid-gc.json")).unwrap();
+        assert_eq!(conf.valid_attachments.len(), 2);
+        assert_eq!(conf.valid_attachments[1].container_id, "def456");
+        assert_eq!(conf.valid_attachments[1].ifname, "net1");
+        let old = br#"{"cni.dev/attachments": [{"containerID": "a", "ifname": "eth0"}]}"#;
+        assert_eq!(parse(old).unwrap().valid_attachments.len(), 1);
+        let null = br#"{"cni.dev/valid-attachments": null}"#;
+        assert!(parse(null).unwrap().valid_attachments.is_empty());
+    }
+
+    #[test]
+    fn every_invalid_fixture_is_code_7_naming_its_key() {
+        let cases = [
+            ("backend", "backend"),
+            ("nftables-with-iptables-mode", "iptablesMode: belongs to the other backend"),
+            ("nftables-with-iptables-path", "iptablesPath: belongs to the other backend"),
+            ("iptables-path-relative", "iptablesPath"),
+            ("iptables-mode", "iptablesMode"),
+            ("pod-selection", "podSelection"),
+            ("inbound-port-zero", "inboundPort: invalid value 0"),
+            ("outbound-port-too-big", "outboundPort: invalid value 65536"),
+            ("port-as-string", "inboundPort: invalid value \"15006\""),
+            ("same-ports", "inboundPort and outboundPort must differ"),
+            ("proxy-uid-negative", "proxyUID: invalid value -1"),
+            ("proxy-gid-too-big", "proxyGID: invalid value 4294967296"),
+            ("exclude-port-reversed", "excludeInboundPorts: invalid value \"9000-8000\""),
+            ("exclude-port-garbage", "excludeOutboundPorts"),
+            ("include-ports-not-list", "includeInboundPorts"),
+            ("cidr-garbage", "excludeOutboundCIDRs: invalid value \"10.0.0.0/33\""),
+            ("cidr-host-bits", "includeOutboundCIDRs: invalid value \"10.1.2.3/8\""),
+            ("state-dir-relative", "stateDir"),
+            ("log-level", "logLevel: invalid value \"verbose\""),
+            ("log-file-relative", "logFile"),
+            ("host-prerequisites", "hostPrerequisites"),
+            ("prev-result-not-object", "prevResult"),
+            ("gc-attachments-shape", "cni.dev/valid-attachments"),
+        ];
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/config");
+        let on_disk = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("invalid-")
+            })
+            .count();
+        assert_eq!(on_disk, cases.len(), "every invalid fixture is in the table");
+        for (name, expected) in cases {
+            let e = parse(&fixture(&format!("invalid-{name}.json"))).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{name}: {e}");
+            assert!(e.msg.contains(expected), "{name}: {:?}", e.msg);
+        }
+    }
+
+    #[test]
+    fn decode_failures_are_code_6() {
+        for bad in [fixture("malformed.json"), b"".to_vec(), b"[]".to_vec(), b"\"x\"".to_vec()] {
+            assert_eq!(decode(&bad).unwrap_err().code, Code::Decode);
+        }
+    }
+
+    #[test]
+    fn non_string_cni_version_is_code_7() {
+        let obj = decode(br#"{"cniVersion": 1.0}"#).unwrap();
+        assert_eq!(cni_version(&obj).unwrap_err().code, Code::InvalidConfig);
+    }
+
+    #[test]
+    fn every_supported_version_parses_the_same_config() {
+        for v in SUPPORTED {
+            let bytes = format!(r#"{{"cniVersion": "{v}", "inboundPort": 8080}}"#);
+            let conf = parse(bytes.as_bytes()).unwrap();
+            assert_eq!(conf.cni_version, v);
+            assert_eq!(conf.settings.inbound_port, 8080);
+        }
+    }
+
+    #[test]
+    fn default_plan_excludes_only_the_proxy_ports_inbound() {
+        let plan = build_plan(&PlanSettings::default(), Families::BOTH).unwrap();
+        let mut expected = InterceptPlan::with_defaults(Families::BOTH);
+        expected.inbound_ports = InboundPorts::AllExcept(ports(&[(15001, 15001), (15006, 15006)]));
+        assert_eq!(plan, expected);
+    }
+
+    #[test]
+    fn plan_merges_ranges_and_subtracts_excludes_from_includes() {
+        let settings = PlanSettings {
+            exclude_inbound_ports: ports(&[(8050, 8060), (22, 22), (23, 25)]),
+            include_inbound_ports: Some(ports(&[(8000, 8100), (80, 80), (22, 22), (15000, 15010)])),
+            exclude_outbound_ports: ports(&[(53, 53), (50, 60), (100, 200), (201, 201)]),
+            ..PlanSettings::default()
+        };
+        let v4 = Families {
+            ipv4: true,
+            ipv6: false,
+        };
+        let plan = build_plan(&settings, v4).unwrap();
+        assert_eq!(plan.families, v4);
+        assert_eq!(
+            plan.inbound_ports,
+            InboundPorts::Only(ports(&[
+                (80, 80),
+                (8000, 8049),
+                (8061, 8100),
+                (15000, 15000),
+                (15002, 15005),
+                (15007, 15010)
+            ]))
+        );
+        assert_eq!(plan.exclude_outbound_ports, ports(&[(50, 60), (100, 201)]));
+
+        let settings = PlanSettings {
+            exclude_inbound_ports: ports(&[(1, 65535)]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(plan.inbound_ports, InboundPorts::AllExcept(ports(&[(1, 65535)])));
+    }
+
+    #[test]
+    fn empty_or_fully_excluded_include_list_means_no_inbound_interception() {
+        for include in [vec![], ports(&[(22, 22)]), ports(&[(15006, 15006)])] {
+            let settings = PlanSettings {
+                exclude_inbound_ports: ports(&[(22, 22)]),
+                include_inbound_ports: Some(include.clone()),
+                ..PlanSettings::default()
+            };
+            let plan = build_plan(&settings, Families::BOTH).unwrap();
+            assert_eq!(plan.inbound_ports, InboundPorts::None, "{include:?}");
+        }
+    }
+
+    #[test]
+    fn outbound_cidrs_are_normalized() {
+        let settings = PlanSettings {
+            exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.0.0.0/8", "fd00::/8", "10.0.0.0/8"]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.outbound_cidrs,
+            OutboundCidrs::AllExcept(nets(&["10.0.0.0/8", "fd00::/8"]))
+        );
+        let settings = PlanSettings {
+            include_outbound_cidrs: Some(nets(&["2001:db8::/32", "192.168.0.0/16"])),
+            exclude_outbound_cidrs: nets(&["192.168.1.0/24"]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.outbound_cidrs,
+            OutboundCidrs::Only {
+                include: nets(&["192.168.0.0/16", "2001:db8::/32"]),
+                exclude: nets(&["192.168.1.0/24"]),
+            }
+        );
+    }
+
+    #[test]
+    fn an_overlay_that_makes_the_ports_equal_is_refused() {
+        let settings = PlanSettings {
+            outbound_port: 15006,
+            ..PlanSettings::default()
+        };
+        let e = build_plan(&settings, Families::BOTH).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+    }
+}
