@@ -589,8 +589,14 @@ mod tests {
     fn every_invalid_fixture_is_code_7_naming_its_key() {
         let cases = [
             ("backend", "backend"),
-            ("nftables-with-iptables-mode", "iptablesMode: belongs to the other backend"),
-            ("nftables-with-iptables-path", "iptablesPath: belongs to the other backend"),
+            (
+                "nftables-with-iptables-mode",
+                "iptablesMode: belongs to the other backend",
+            ),
+            (
+                "nftables-with-iptables-path",
+                "iptablesPath: belongs to the other backend",
+            ),
             ("iptables-path-relative", "iptablesPath"),
             ("iptables-mode", "iptablesMode"),
             ("pod-selection", "podSelection"),
@@ -600,11 +606,20 @@ mod tests {
             ("same-ports", "inboundPort and outboundPort must differ"),
             ("proxy-uid-negative", "proxyUID: invalid value -1"),
             ("proxy-gid-too-big", "proxyGID: invalid value 4294967296"),
-            ("exclude-port-reversed", "excludeInboundPorts: invalid value \"9000-8000\""),
+            (
+                "exclude-port-reversed",
+                "excludeInboundPorts: invalid value \"9000-8000\"",
+            ),
             ("exclude-port-garbage", "excludeOutboundPorts"),
             ("include-ports-not-list", "includeInboundPorts"),
-            ("cidr-garbage", "excludeOutboundCIDRs: invalid value \"10.0.0.0/33\""),
-            ("cidr-host-bits", "includeOutboundCIDRs: invalid value \"10.1.2.3/8\""),
+            (
+                "cidr-garbage",
+                "excludeOutboundCIDRs: invalid value \"10.0.0.0/33\"",
+            ),
+            (
+                "cidr-host-bits",
+                "includeOutboundCIDRs: invalid value \"10.1.2.3/8\"",
+            ),
             ("state-dir-relative", "stateDir"),
             ("log-level", "logLevel: invalid value \"verbose\""),
             ("log-file-relative", "logFile"),
@@ -620,7 +635,11 @@ mod tests {
                 name.to_string_lossy().starts_with("invalid-")
             })
             .count();
-        assert_eq!(on_disk, cases.len(), "every invalid fixture is in the table");
+        assert_eq!(
+            on_disk,
+            cases.len(),
+            "every invalid fixture is in the table"
+        );
         for (name, expected) in cases {
             let e = parse(&fixture(&format!("invalid-{name}.json"))).unwrap_err();
             assert_eq!(e.code, Code::InvalidConfig, "{name}: {e}");
@@ -630,7 +649,12 @@ mod tests {
 
     #[test]
     fn decode_failures_are_code_6() {
-        for bad in [fixture("malformed.json"), b"".to_vec(), b"[]".to_vec(), b"\"x\"".to_vec()] {
+        for bad in [
+            fixture("malformed.json"),
+            b"".to_vec(),
+            b"[]".to_vec(),
+            b"\"x\"".to_vec(),
+        ] {
             assert_eq!(decode(&bad).unwrap_err().code, Code::Decode);
         }
     }
@@ -691,7 +715,10 @@ mod tests {
             ..PlanSettings::default()
         };
         let plan = build_plan(&settings, Families::BOTH).unwrap();
-        assert_eq!(plan.inbound_ports, InboundPorts::AllExcept(ports(&[(1, 65535)])));
+        assert_eq!(
+            plan.inbound_ports,
+            InboundPorts::AllExcept(ports(&[(1, 65535)]))
+        );
     }
 
     #[test]

@@ -28,12 +28,14 @@ impl Command {
             Some("STATUS") => Command::Status,
             Some("GC") => Command::Gc,
             Some("VERSION") => Command::Version,
-            Some(other) => return Err(Error::env(
-                "CNI_COMMAND",
-                format!(
+            Some(other) => {
+                return Err(Error::env(
+                    "CNI_COMMAND",
+                    format!(
                     "unknown command {other:?} (expected ADD, DEL, CHECK, STATUS, GC or VERSION)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(Some(command))
     }
