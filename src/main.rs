@@ -6,7 +6,7 @@ use intercept_cni::cni::env::{CniEnv, Command};
 use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::cni::version;
 use intercept_cni::logging;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
@@ -15,28 +15,40 @@ const USAGE: &str = "usage: intercept-cni [doctor | install | uninstall | versio
                      Without arguments it runs as a CNI plugin (CNI_COMMAND and stdin).";
 
 fn main() -> ExitCode {
-    match std::env::args_os().nth(1) {
+    let mut args = std::env::args_os().skip(1);
+    match args.next() {
         None => cni_mode(),
-        Some(subcommand) => node_tool(&subcommand),
+        Some(subcommand) => node_tool(&subcommand, args.collect()),
     }
 }
 
 /// The node-side subcommands; each arm belongs to the issue that brings it.
-fn node_tool(subcommand: &OsStr) -> ExitCode {
-    match subcommand.to_str() {
+fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> ExitCode {
+    let Some(words) = rest
+        .into_iter()
+        .map(|w| w.into_string().ok())
+        .collect::<Option<Vec<String>>>()
+    else {
+        eprintln!("intercept-cni: arguments must be valid UTF-8\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let status = match subcommand.to_str() {
         Some("version" | "--version") => {
             println!("intercept-cni {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            0
         }
-        Some(name @ ("doctor" | "install" | "uninstall")) => {
-            eprintln!("intercept-cni: {name} is not available in this build yet");
-            ExitCode::from(2)
+        Some("install") => intercept_cni::install::install_main(&words),
+        Some("uninstall") => intercept_cni::install::uninstall_main(&words),
+        Some("doctor") => {
+            eprintln!("intercept-cni: doctor is not available in this build yet");
+            2
         }
         _ => {
             eprintln!("{USAGE}");
-            ExitCode::from(2)
+            2
         }
-    }
+    };
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
 }
 
 fn cni_mode() -> ExitCode {

@@ -58,12 +58,17 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + S
     }
 }
 
-/// Resolves a config's choice on this host: an explicit backend wins; `auto` probes.
-pub fn resolve(choice: BackendChoice) -> Result<BackendKind> {
+/// Resolves a config's choice on this host (call it in the host netns): an explicit backend
+/// wins; `auto` probes.
+pub fn resolve(choice: BackendChoice, options: &BackendOptions) -> Result<BackendKind> {
     Ok(match choice {
-        // nftables is the only backend served so far; the iptables issue adds the probe.
+        // nftables is the preferred backend; probing it for `auto` comes with the host checks.
         BackendChoice::Auto | BackendChoice::Nftables => BackendKind::Nftables,
-        // Until the iptables backend detects the host's flavour, `iptablesMode: auto` means nft.
-        BackendChoice::Iptables(mode) => BackendKind::Iptables(mode.unwrap_or(IptablesMode::Nft)),
+        BackendChoice::Iptables(Some(mode)) => BackendKind::Iptables(mode),
+        // Until the host prerequisite checks land, no variant is assumed supported by the
+        // kernel: the choice rests on what the host's tables show.
+        BackendChoice::Iptables(None) => {
+            BackendKind::Iptables(iptables::detect_mode(options, |_| false).0)
+        }
     })
 }

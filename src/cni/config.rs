@@ -428,22 +428,14 @@ fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
 }
 
 /// The one step from settings (config, possibly overlaid by a per-pod policy) to a plan.
-/// The proxy's own ports are never redirected inbound, so it cannot capture itself.
+/// (Every backend itself keeps the proxy's own ports from being redirected to the proxy.)
 pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<InterceptPlan> {
     settings.validate()?;
-    let proxy_ports = [settings.inbound_port, settings.outbound_port]
-        .into_iter()
-        .filter_map(|p| PortRange::single(p).ok());
-    let inbound_excluded: Vec<PortRange> = settings
-        .exclude_inbound_ports
-        .iter()
-        .copied()
-        .chain(proxy_ports)
-        .collect();
+    let inbound_excluded = &settings.exclude_inbound_ports;
     let inbound_ports = match &settings.include_inbound_ports {
-        None => InboundPorts::AllExcept(normalize_ports(&inbound_excluded)),
+        None => InboundPorts::AllExcept(normalize_ports(inbound_excluded)),
         Some(include) => {
-            let only = subtract_ports(include, &inbound_excluded);
+            let only = subtract_ports(include, inbound_excluded);
             if only.is_empty() {
                 InboundPorts::None
             } else {
@@ -676,11 +668,9 @@ mod tests {
     }
 
     #[test]
-    fn default_plan_excludes_only_the_proxy_ports_inbound() {
+    fn default_settings_give_the_default_plan() {
         let plan = build_plan(&PlanSettings::default(), Families::BOTH).unwrap();
-        let mut expected = InterceptPlan::with_defaults(Families::BOTH);
-        expected.inbound_ports = InboundPorts::AllExcept(ports(&[(15001, 15001), (15006, 15006)]));
-        assert_eq!(plan, expected);
+        assert_eq!(plan, InterceptPlan::with_defaults(Families::BOTH));
     }
 
     #[test]
@@ -703,9 +693,7 @@ mod tests {
                 (80, 80),
                 (8000, 8049),
                 (8061, 8100),
-                (15000, 15000),
-                (15002, 15005),
-                (15007, 15010)
+                (15000, 15010)
             ]))
         );
         assert_eq!(plan.exclude_outbound_ports, ports(&[(50, 60), (100, 201)]));
@@ -723,7 +711,7 @@ mod tests {
 
     #[test]
     fn empty_or_fully_excluded_include_list_means_no_inbound_interception() {
-        for include in [vec![], ports(&[(22, 22)]), ports(&[(15006, 15006)])] {
+        for include in [vec![], ports(&[(22, 22)])] {
             let settings = PlanSettings {
                 exclude_inbound_ports: ports(&[(22, 22)]),
                 include_inbound_ports: Some(include.clone()),
