@@ -7,8 +7,10 @@
 //!   it lists are part of what ADD would install.
 //! - DEL fails only for protocol errors (env 4, JSON 6, version 1) and for the kernel refusing
 //!   removal with the backend that ADD would use. Invalid plugin keys do not fail DEL: a runtime
-//!   repeats DEL with the config that failed ADD, and refusing it would wedge the pod. A missing or
-//!   vanished netns is success; the host's netns is left alone (ADD never programs it).
+//!   repeats DEL with the config that failed ADD, and refusing it would wedge the pod; such a
+//!   config made ADD fail before it touched the kernel, so removal errors are only logged.
+//!   A missing or vanished netns is success; the host's netns is left alone (ADD never
+//!   programs it).
 //! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
@@ -71,8 +73,14 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     let conf = match NetConf::from_object(&obj, cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
+            // ADD validates the config before touching the kernel, so with this config it
+            // installed nothing: removal is attempted, and its errors only logged.
             log::warn!("DEL: removing with every backend despite an invalid config: {e}");
-            return del(env, &BackendChoice::Auto, &BackendOptions::default(), trace);
+            let removed = del(env, &BackendChoice::Auto, &BackendOptions::default(), trace);
+            if let Err(e) = removed {
+                log::warn!("DEL: {e}");
+            }
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
