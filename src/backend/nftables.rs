@@ -36,7 +36,7 @@
 //! included ports and CIDRs select the DNAT rules themselves.
 
 use super::Backend;
-use crate::cni::error::{Error, Result};
+use crate::cni::error::{Code, Error, Result};
 use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
 use nix::libc;
@@ -73,8 +73,17 @@ impl Backend for Nftables {
     }
 
     fn check(&self, plan: &InterceptPlan) -> Result<()> {
-        let _ = plan;
-        Err(Error::backend("nftables check not implemented yet"))
+        let drift = Ruleset::from_plan(plan).drift()?;
+        if drift.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            Code::Drift,
+            format!(
+                "nftables table inet {TABLE_NAME} differs from the plan: {}",
+                drift.join("; ")
+            ),
+        ))
     }
 
     fn remove(&self) -> Result<()> {
@@ -207,6 +216,13 @@ enum NatHook {
 }
 
 impl NatHook {
+    fn name(self) -> &'static str {
+        match self {
+            NatHook::Prerouting => "prerouting",
+            NatHook::Output => "output",
+        }
+    }
+
     fn class(self) -> HookClass {
         match self {
             NatHook::Prerouting => HookClass::PreRouting,
@@ -361,6 +377,165 @@ impl Ruleset {
         }
         Ok((batch, steps))
     }
+}
+
+impl Ruleset {
+    /// Reads the table back over netlink and lists every difference from this ruleset.
+    fn drift(&self) -> Result<Vec<String>> {
+        let listing = |e: QueryError| {
+            Error::backend(format!(
+                "cannot list the nftables ruleset: {}",
+                describe(&e)
+            ))
+        };
+        let Some(installed) = rustables::list_tables()
+            .map_err(listing)?
+            .into_iter()
+            .find(is_our_table)
+        else {
+            return Ok(vec![format!("table inet {TABLE_NAME} is missing")]);
+        };
+        let mut drift = Vec::new();
+        if installed
+            .get_flags()
+            .is_some_and(|flags| flags & TABLE_F_DORMANT != 0)
+        {
+            drift.push("the table is dormant".to_string());
+        }
+        let chains: Vec<Chain> = rustables::list_chains_for_table(&installed)
+            .map_err(listing)?
+            .into_iter()
+            .filter(is_inet_chain)
+            .collect();
+        // One dump of every rule in the namespace, not one per chain: a filtered dump stops at
+        // the first table of that name, whatever its family (an `ip intercept-cni` would hide ours).
+        let mut all_rules = Vec::new();
+        rustables::query::list_objects_with_data(
+            libc::NFT_MSG_GETRULE as u16,
+            &|rule: rustables::Rule, rules: &mut Vec<rustables::Rule>| {
+                rules.push(rule);
+                Ok(())
+            },
+            None,
+            &mut all_rules,
+        )
+        .map_err(listing)?;
+        for spec in &self.chains {
+            let want = spec.to_chain();
+            let Some(found) = chains.iter().find(|c| c.get_name() == want.get_name()) else {
+                drift.push(format!("chain {} is missing", spec.name));
+                continue;
+            };
+            if found.get_hook() != want.get_hook()
+                || found.get_type() != want.get_type()
+                || found.get_policy() != want.get_policy()
+            {
+                drift.push(format!(
+                    "chain {} is not a nat chain at {} priority {NAT_PRIORITY} with policy accept",
+                    spec.name,
+                    spec.hook.name()
+                ));
+            }
+            let rules: Vec<&rustables::Rule> = all_rules
+                .iter()
+                .filter(|r| is_inet_rule(r, &want))
+                .collect();
+            for (index, rule) in spec.rules.iter().enumerate() {
+                let expected = rule.to_rule(&want)?;
+                match rules.get(index) {
+                    None => drift.push(format!(
+                        "chain {} rule {} is missing (`{rule}`)",
+                        spec.name,
+                        index + 1
+                    )),
+                    Some(found) if found.get_expressions() != expected.get_expressions() => drift
+                        .push(format!(
+                            "chain {} rule {} differs from `{rule}`",
+                            spec.name,
+                            index + 1
+                        )),
+                    Some(_) => {}
+                }
+            }
+            if rules.len() > spec.rules.len() {
+                drift.push(format!(
+                    "chain {} has {} extra rule(s) after rule {}",
+                    spec.name,
+                    rules.len() - spec.rules.len(),
+                    spec.rules.len()
+                ));
+            }
+        }
+        for chain in &chains {
+            let name = chain.get_name().map_or("", String::as_str);
+            if !self.chains.iter().any(|spec| spec.name == name) {
+                drift.push(format!("unexpected chain {name}"));
+            }
+        }
+        Ok(drift)
+    }
+}
+
+/// NFT_TABLE_F_DORMANT: the table exists but none of its chains are hooked.
+const TABLE_F_DORMANT: u32 = 1;
+
+// rustables keeps an object's family private; a listed object is inet when it equals a copy of
+// itself built in the inet table.
+
+fn is_our_table(listed: &rustables::Table) -> bool {
+    let mut probe = table();
+    if let Some(flags) = listed.get_flags() {
+        probe.set_flags(*flags);
+    }
+    if let Some(userdata) = listed.get_userdata() {
+        probe.set_userdata(userdata.clone());
+    }
+    *listed == probe
+}
+
+fn is_inet_chain(listed: &Chain) -> bool {
+    let mut probe = Chain::new(&table());
+    if let Some(name) = listed.get_name() {
+        probe.set_name(name.as_str());
+    }
+    if let Some(hook) = listed.get_hook() {
+        probe.set_hook(hook.clone());
+    }
+    if let Some(policy) = listed.get_policy() {
+        probe.set_policy(*policy);
+    }
+    if let Some(kind) = listed.get_type() {
+        probe.set_type(*kind);
+    }
+    if let Some(flags) = listed.get_flags() {
+        probe.set_flags(*flags);
+    }
+    if let Some(userdata) = listed.get_userdata() {
+        probe.set_userdata(userdata.clone());
+    }
+    *listed == probe
+}
+
+fn is_inet_rule(listed: &rustables::Rule, chain: &Chain) -> bool {
+    let Ok(mut probe) = rustables::Rule::new(chain) else {
+        return false;
+    };
+    if let Some(handle) = listed.get_handle() {
+        probe.set_handle(*handle);
+    }
+    if let Some(exprs) = listed.get_expressions() {
+        probe.set_expressions(exprs.clone());
+    }
+    if let Some(position) = listed.get_position() {
+        probe.set_position(*position);
+    }
+    if let Some(userdata) = listed.get_userdata() {
+        probe.set_userdata(userdata.clone());
+    }
+    if let Some(id) = listed.get_id() {
+        probe.set_id(*id);
+    }
+    *listed == probe
 }
 
 fn table() -> rustables::Table {
@@ -569,10 +744,11 @@ impl fmt::Display for Ruleset {
                 writeln!(f)?;
             }
             // nft names priority -100 `dstnat` only at prerouting.
-            let (hook, priority) = match chain.hook {
-                NatHook::Prerouting => ("prerouting", "dstnat".to_string()),
-                NatHook::Output => ("output", NAT_PRIORITY.to_string()),
+            let priority = match chain.hook {
+                NatHook::Prerouting => "dstnat".to_string(),
+                NatHook::Output => NAT_PRIORITY.to_string(),
             };
+            let hook = chain.hook.name();
             writeln!(f, "\tchain {} {{", chain.name)?;
             writeln!(
                 f,
@@ -608,6 +784,14 @@ impl fmt::Display for Step {
                 write!(f, "rule {} of chain {chain} (`{rule}`)", index + 1)
             }
         }
+    }
+}
+
+/// A netlink failure with the kernel's errno when there is one (rustables' text omits it).
+fn describe(err: &QueryError) -> String {
+    match err {
+        QueryError::NetlinkError(e) => nix::errno::Errno::from_raw(e.error).to_string(),
+        other => other.to_string(),
     }
 }
 
