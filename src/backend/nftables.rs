@@ -66,7 +66,20 @@ impl Backend for Nftables {
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
         let ruleset = Ruleset::from_plan(plan);
-        let (batch, steps) = ruleset.apply_batch()?;
+        // Deleting (or updating) a hooked table makes the kernel wait for an RCU grace period,
+        // ~10-15 ms, even inside a batch that then aborts; a table dump costs tens of
+        // microseconds. So a first ADD only creates, and only a repeated ADD replaces. CNI
+        // runtimes never run two ADDs for one container at once, so nothing races the dump.
+        let exists = rustables::list_tables()
+            .map_err(|e| kernel_error("cannot list nftables tables", e, &[]))?
+            .iter()
+            .any(is_our_table);
+        let (batch, steps) = ruleset.apply_batch(exists)?;
+        log::debug!(
+            "nftables: {} table inet {TABLE_NAME} in one batch of {} messages",
+            if exists { "replacing" } else { "creating" },
+            steps.len()
+        );
         batch
             .send()
             .map_err(|e| kernel_error("cannot install the nftables ruleset", e, &steps))
@@ -350,16 +363,19 @@ impl Ruleset {
         Ruleset { chains }
     }
 
-    /// The batch that replaces the table atomically: add (so the delete cannot fail), delete,
-    /// then build it again from scratch. `steps[i]` describes the message with sequence `i + 1`.
-    fn apply_batch(&self) -> Result<(Batch, Vec<Step>)> {
+    /// The one batch that installs the table, atomically. With `replace`, it starts with add
+    /// (so the delete cannot fail even if the table just vanished) and delete, then builds the
+    /// table again from scratch. `steps[i]` describes the message with sequence `i + 1`.
+    fn apply_batch(&self, replace: bool) -> Result<(Batch, Vec<Step>)> {
         let table = table();
         let mut batch = Batch::new();
         let mut steps = Vec::new();
-        batch.add(&table, MsgType::Add);
-        steps.push(Step::Table);
-        batch.add(&table, MsgType::Del);
-        steps.push(Step::Table);
+        if replace {
+            batch.add(&table, MsgType::Add);
+            steps.push(Step::Table);
+            batch.add(&table, MsgType::Del);
+            steps.push(Step::Table);
+        }
         batch.add(&table, MsgType::Add);
         steps.push(Step::Table);
         for spec in &self.chains {
@@ -382,12 +398,7 @@ impl Ruleset {
 impl Ruleset {
     /// Reads the table back over netlink and lists every difference from this ruleset.
     fn drift(&self) -> Result<Vec<String>> {
-        let listing = |e: QueryError| {
-            Error::backend(format!(
-                "cannot list the nftables ruleset: {}",
-                describe(&e)
-            ))
-        };
+        let listing = |e| kernel_error("cannot list the nftables ruleset", e, &[]);
         let Some(installed) = rustables::list_tables()
             .map_err(listing)?
             .into_iter()
@@ -787,17 +798,10 @@ impl fmt::Display for Step {
     }
 }
 
-/// A netlink failure with the kernel's errno when there is one (rustables' text omits it).
-fn describe(err: &QueryError) -> String {
-    match err {
-        QueryError::NetlinkError(e) => nix::errno::Errno::from_raw(e.error).to_string(),
-        other => other.to_string(),
-    }
-}
-
 /// A kernel refusal as a Backend error naming what was refused and the kernel feature most
-/// likely missing.
+/// likely missing. `steps` describes the batch's messages; empty for a dump.
 fn kernel_error(what: &str, err: QueryError, steps: &[Step]) -> Error {
+    use nix::errno::Errno;
     let QueryError::NetlinkError(nlerr) = &err else {
         let hint = match &err {
             QueryError::NetlinkOpenError(_) => {
@@ -807,30 +811,30 @@ fn kernel_error(what: &str, err: QueryError, steps: &[Step]) -> Error {
         };
         return Error::backend(format!("{what}: {err}{hint}"));
     };
-    let errno = nix::errno::Errno::from_raw(nlerr.error);
+    let errno = Errno::from_raw(nlerr.error);
     // Sequence 0 is the batch header; objects are numbered from 1.
     let step = (nlerr.msg.nlmsg_seq as usize)
         .checked_sub(1)
         .and_then(|i| steps.get(i));
     let hint = match (errno, step) {
-        (nix::errno::Errno::EPERM, _) => "CAP_NET_ADMIN in the pod's network namespace is needed",
-        (nix::errno::Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
+        (Errno::EPERM, _) => "CAP_NET_ADMIN in the pod's network namespace is needed",
+        (Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
             "nat chains in inet tables need Linux >= 5.2 with nft_chain_nat"
         }
-        (nix::errno::Errno::EOPNOTSUPP, _) => "the kernel lacks nf_tables (module nf_tables)",
-        (nix::errno::Errno::ENOENT, Some(Step::Chain(_))) => {
+        (Errno::EOPNOTSUPP, _) => "the kernel lacks nf_tables (module nf_tables)",
+        (Errno::ENOENT, Some(Step::Chain(_))) => {
             "the nat chain type is missing (module nft_chain_nat, Linux >= 5.2 for inet)"
         }
-        (nix::errno::Errno::ENOENT, Some(Step::Rule { rule, .. }))
-            if rule.action != Action::Return =>
-        {
+        (Errno::ENOENT, Some(Step::Rule { rule, .. })) if rule.action != Action::Return => {
             "the nat expression is missing (module nft_nat)"
         }
-        (nix::errno::Errno::ENOENT, _) => "an nf_tables expression module is missing",
+        (Errno::ENOENT, Some(Step::Rule { .. })) => "an nf_tables expression module is missing",
         _ => "the kernel refused it",
     };
-    let refused = step.map_or_else(|| "a message".to_string(), |s| s.to_string());
-    Error::backend(format!("{what}: {refused}: {errno} ({hint})"))
+    match step {
+        Some(step) => Error::backend(format!("{what}: {step}: {errno} ({hint})")),
+        None => Error::backend(format!("{what}: {errno} ({hint})")),
+    }
 }
 
 #[cfg(test)]
