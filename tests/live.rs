@@ -25,6 +25,15 @@ const IPTABLES_NFT: Backend = Backend {
     tamper: &[&["iptables-nft", "-t", "nat", "-F", "OUTPUT"]],
 };
 
+/// The lines of a firewall listing that belong to the plugin (its nft table, its iptables chains).
+/// iptables leaves the shared, empty nat tables behind: those are not ours to delete.
+fn plugin_lines(state: &str) -> Vec<&str> {
+    state
+        .lines()
+        .filter(|l| l.contains("intercept") || l.contains("ICNI_"))
+        .collect()
+}
+
 fn settings(b: &Backend, extra: Value) -> Value {
     let mut s = (b.settings)();
     for (k, v) in extra.as_object().unwrap() {
@@ -253,7 +262,15 @@ fn add_converges_and_del_leaves_nothing(b: &Backend) {
         "a second ADD changed the ruleset"
     );
     lab.cni("DEL", &conf).ok();
-    assert_eq!(lab.pod.firewall_state(), before, "DEL left rules behind");
+    let after = lab.pod.firewall_state();
+    assert_eq!(
+        plugin_lines(&after),
+        Vec::<&str>::new(),
+        "DEL left rules behind"
+    );
+    if (b.settings)()["backend"] == "nftables" {
+        assert_eq!(after, before, "DEL left state behind");
+    }
     // Traffic flows untouched again.
     assert_lands(
         &lab.pod,
