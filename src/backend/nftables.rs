@@ -33,7 +33,17 @@
 //! `SO_ORIGINAL_DST`. rustables 0.9 has no `redirect` expression, so REDIRECT is spelled as DNAT:
 //! inbound to the packet's own destination address (loaded from the header) with the proxy's
 //! port, outbound to loopback with the proxy's port. Exclusions come first as `return` rules;
-//! included ports and CIDRs select the DNAT rules themselves.
+//! included ports and CIDRs select the DNAT rules themselves. Rules are only written for the
+//! families the pod has addresses in; `InboundPorts::None` leaves out the prerouting chain.
+//!
+//! Exclusions are one rule per port range or CIDR rather than sets: rustables 0.9 cannot send
+//! interval elements (no `NFTA_SET_ELEM_FLAGS`) nor an inverted lookup, so a set could hold only
+//! single ports, and nat chains only ever see a connection's first packet.
+//!
+//! `apply` sends one batch: a first ADD only creates the table; when the table already exists
+//! the batch is "add, delete, add table + chains + rules", replacing it atomically. `check`
+//! dumps tables, chains and rules and compares every expression with what `apply` would send.
+//! `remove` deletes the table; an absent table is success.
 
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
@@ -269,9 +279,8 @@ impl Ruleset {
         };
         let mut chains = Vec::new();
 
-        // Inbound, with every excluded port or CIDR as one `return` rule: rustables 0.9 cannot
-        // send interval set elements (no NFTA_SET_ELEM_FLAGS), so sets could hold only single
-        // ports, and these nat chains see only the first packet of a connection anyway.
+        // Inbound. Every excluded port range or CIDR is one `return` rule (see the module doc
+        // for why not sets).
         if plan.inbound_ports != InboundPorts::None {
             let mut rules = Vec::new();
             let mut own_ports = vec![plan.inbound_port, plan.outbound_port];
@@ -842,10 +851,68 @@ mod tests {
     use super::*;
     use crate::plan::Families;
 
+    fn rules_text(ruleset: &Ruleset, chain: &str) -> Vec<String> {
+        ruleset
+            .chains
+            .iter()
+            .find(|c| c.name == chain)
+            .map(|c| c.rules.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn default_plan_renders_both_hooks() {
-        let text = render_text(&InterceptPlan::with_defaults(Families::BOTH));
-        assert!(text.contains("dnat ip to ip daddr:15006"), "{text}");
-        assert!(text.contains("dnat ip6 to [::1]:15001"), "{text}");
+    fn proxy_ports_are_returned_once_when_equal() {
+        let plan = InterceptPlan {
+            outbound_port: 15006,
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        };
+        let rules = rules_text(&Ruleset::from_plan(&plan), "prerouting");
+        assert_eq!(
+            rules.iter().filter(|r| r.contains("dport 15006")).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_inbound_means_no_prerouting_chain() {
+        let plan = InterceptPlan {
+            inbound_ports: InboundPorts::None,
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        };
+        let ruleset = Ruleset::from_plan(&plan);
+        let names: Vec<_> = ruleset.chains.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["output"]);
+    }
+
+    #[test]
+    fn port_ranges_compare_big_endian_bounds() {
+        let range = PortRange::new(8000, 8100).unwrap();
+        let exprs = Match::TcpDport(range).expressions().unwrap();
+        let cmps: Vec<_> = exprs
+            .iter()
+            .filter_map(|e| match e.get_data() {
+                Some(rustables::expr::ExpressionVariant::Cmp(c)) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            cmps,
+            [
+                Cmp::new(CmpOp::Eq, [libc::IPPROTO_TCP as u8]),
+                Cmp::new(CmpOp::Gte, 8000u16.to_be_bytes()),
+                Cmp::new(CmpOp::Lte, 8100u16.to_be_bytes()),
+            ]
+        );
+    }
+
+    #[test]
+    fn host_bits_of_a_cidr_are_ignored() {
+        let net: IpNetwork = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(Match::Daddr(net).to_string(), "ip daddr 10.0.0.0/8");
+        let exprs = Match::Daddr(net).expressions().unwrap();
+        assert_eq!(
+            exprs.last().unwrap(),
+            &RawExpression::from(Cmp::new(CmpOp::Eq, [10, 0, 0, 0]))
+        );
     }
 }
