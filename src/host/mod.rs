@@ -344,3 +344,347 @@ impl Report {
         self.problems = problems;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const NFT: BackendKind = BackendKind::Nftables;
+    const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
+    const IPT_NFT: BackendKind = BackendKind::Iptables(IptablesMode::Nft);
+
+    pub(crate) fn fixture(name: &str) -> HostRoot {
+        HostRoot::new(format!(
+            "{}/testdata/hosts/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+    }
+
+    fn module<'r>(report: &'r Report, name: &str) -> &'r ModuleReport {
+        report
+            .modules
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} not in the {} table", report.backend))
+    }
+
+    fn state(report: &Report, name: &str) -> (ModuleState, String) {
+        let m = module(report, name);
+        (m.state, m.source.clone())
+    }
+
+    fn problems(report: &Report) -> String {
+        report.problems.join("\n")
+    }
+
+    #[test]
+    fn rhel9_like_host_serves_nftables_and_iptables_nft_but_not_legacy() {
+        let root = fixture("rhel9-nft");
+        let r = check(NFT, true, &root);
+        assert!(r.ok, "{}", problems(&r));
+        assert_eq!(r.kernel_release, "5.14.0-362.8.1.el9_3.x86_64");
+        assert_eq!(
+            state(&r, "nft_ct"),
+            (ModuleState::Loaded, "/proc/modules".into())
+        );
+        let lib = "/lib/modules/5.14.0-362.8.1.el9_3.x86_64";
+        assert_eq!(
+            state(&r, "nft_nat"),
+            (ModuleState::Loadable, format!("{lib}/modules.dep"))
+        );
+        assert_eq!(
+            module(&r, "nft_nat").remedy,
+            "none: loads on first use (`modprobe nft_nat` to load it now)"
+        );
+        // Not required, and its file is not installed: reported, but no problem.
+        let tproxy = module(&r, "nft_tproxy");
+        assert!(!tproxy.required);
+        assert_eq!(tproxy.state, ModuleState::Missing);
+        assert!(
+            tproxy.source.contains("CONFIG_NFT_TPROXY=m, but"),
+            "{}",
+            tproxy.source
+        );
+
+        let r = check(IPT_NFT, true, &root);
+        assert!(r.ok, "{}", problems(&r));
+        assert_eq!(
+            state(&r, "xt_tcpudp"),
+            (ModuleState::Builtin, format!("{lib}/modules.builtin"))
+        );
+        assert_eq!(state(&r, "nft_compat").0, ModuleState::Loaded);
+
+        let r = check(LEGACY, false, &root);
+        assert!(!r.ok);
+        let text = problems(&r);
+        assert!(text.contains("ip_tables is missing"), "{text}");
+        assert!(text.contains("iptable_nat is missing"), "{text}");
+        assert!(
+            text.contains("use a kernel with CONFIG_IP_NF_IPTABLES=y or =m"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ip6_tables"),
+            "IPv6 modules are not required: {text}"
+        );
+        // Nothing a modprobe could fix: no modprobe/SELinux advice.
+        assert!(!text.contains("SELinux"), "{text}");
+        assert!(check(LEGACY, true, &root)
+            .problems
+            .iter()
+            .any(|p| p.starts_with("ip6_tables")));
+    }
+
+    #[test]
+    fn old_kernel_is_too_old_for_nftables_and_keeps_its_split_modules() {
+        let root = fixture("old-4.14");
+        let r = check(NFT, false, &root);
+        assert!(!r.ok);
+        assert_eq!(r.problems.len(), 1, "{}", problems(&r));
+        assert!(
+            r.problems[0].contains("older than 5.13"),
+            "{}",
+            problems(&r)
+        );
+        // Before 5.1 the nat chain type is per family; the merged module is not in the table.
+        assert!(r.modules.iter().all(|m| m.name != "nft_chain_nat"));
+        assert_eq!(state(&r, "nft_chain_nat_ipv4").0, ModuleState::Loadable);
+
+        let r = check(LEGACY, true, &root);
+        assert!(r.ok, "{}", problems(&r));
+        assert_eq!(
+            state(&r, "nf_conntrack_ipv4"),
+            (ModuleState::Loaded, "/proc/modules".into())
+        );
+        assert_eq!(state(&r, "nf_nat_redirect").0, ModuleState::Loaded);
+        assert_eq!(state(&r, "nf_conntrack_ipv6").0, ModuleState::Loadable);
+        assert!(check(IPT_NFT, true, &root).ok);
+    }
+
+    #[test]
+    fn host_without_nf_tables_only_serves_iptables_legacy() {
+        let root = fixture("no-nftables");
+        let r = check(NFT, false, &root);
+        assert!(!r.ok);
+        let text = problems(&r);
+        assert!(
+            text.contains(
+                "nf_tables is missing (/boot/config-5.10.162+: CONFIG_NF_TABLES is not set)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nft_nat is missing (/boot/config-5.10.162+ has no CONFIG_NFT_NAT)"),
+            "{text}"
+        );
+        assert!(!check(IPT_NFT, false, &root).ok);
+        let r = check(LEGACY, true, &root);
+        assert!(r.ok, "{}", problems(&r));
+        assert_eq!(
+            state(&r, "xt_owner"),
+            (
+                ModuleState::Loadable,
+                "/boot/config-5.10.162+: CONFIG_NETFILTER_XT_MATCH_OWNER=m".into()
+            )
+        );
+        assert_eq!(state(&r, "xt_REDIRECT").0, ModuleState::Loaded);
+        assert_eq!(state(&r, "iptable_nat").0, ModuleState::Builtin);
+        // Merged in 5.1, and nf_nat is built in here.
+        let (s, source) = state(&r, "nf_nat_ipv4");
+        assert_eq!(s, ModuleState::Builtin);
+        assert_eq!(
+            source,
+            "in nf_nat since Linux 5.1: /boot/config-5.10.162+: CONFIG_NF_NAT=y"
+        );
+    }
+
+    #[test]
+    fn module_files_alone_decide_and_family_matters() {
+        let root = fixture("files-only");
+        for kind in [NFT, IPT_NFT] {
+            let r = check(kind, true, &root);
+            assert!(r.ok, "{}", problems(&r));
+        }
+        let r = check(NFT, true, &root);
+        assert!(r
+            .modules
+            .iter()
+            .filter(|m| m.required)
+            .all(|m| m.state == ModuleState::Loadable));
+        assert!(check(LEGACY, false, &root).ok);
+        let r = check(LEGACY, true, &root);
+        assert!(!r.ok);
+        let text = problems(&r);
+        assert!(
+            text.contains("ip6table_nat is missing (neither modules.dep nor modules.builtin"),
+            "{text}"
+        );
+        assert!(text.contains("then `modprobe ip6table_nat`"), "{text}");
+        assert!(text.contains("SELinux"), "{text}");
+        assert_eq!(state(&r, "bridge").0, ModuleState::Builtin);
+    }
+
+    #[test]
+    fn built_in_only_host_like_this_machine_serves_every_backend() {
+        let root = fixture("builtin-only");
+        for kind in [NFT, LEGACY, IPT_NFT] {
+            let r = check(kind, true, &root);
+            assert!(r.ok, "{}: {}", r.backend, problems(&r));
+            assert!(r
+                .modules
+                .iter()
+                .filter(|m| m.required)
+                .all(|m| m.state == ModuleState::Builtin));
+        }
+        let r = check(LEGACY, true, &root);
+        assert_eq!(
+            state(&r, "nf_nat"),
+            (
+                ModuleState::Builtin,
+                "/proc/config.gz: CONFIG_NF_NAT=y".into()
+            )
+        );
+        // The config omits CONFIG_IP_SET; the sysfs entry is positive evidence and wins.
+        assert_eq!(
+            state(&r, "ip_set"),
+            (
+                ModuleState::Builtin,
+                "/sys/module/ip_set without initstate".into()
+            )
+        );
+    }
+
+    #[test]
+    fn module_built_as_m_without_its_file_names_the_package() {
+        let root = fixture("missing-extra");
+        assert!(check(NFT, true, &root).ok);
+        let r = check(LEGACY, false, &root);
+        assert!(!r.ok);
+        let text = problems(&r);
+        for m in ["xt_owner", "xt_REDIRECT"] {
+            assert!(text.contains(&format!("{m} is missing")), "{text}");
+            assert!(text.contains(&format!("`modprobe {m}`")), "{text}");
+        }
+        assert!(
+            text.contains("linux-modules-extra-6.8.0-31-generic"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unverifiable_host_needs_the_probe_and_says_so() {
+        let root = fixture("unverified");
+        let r = check(NFT, false, &root);
+        assert!(!r.ok);
+        assert!(r.needs_probe());
+        assert_eq!(
+            state(&r, "nf_tables"),
+            (
+                ModuleState::Loaded,
+                "/sys/module/nf_tables/initstate".into()
+            )
+        );
+        assert_eq!(state(&r, "nf_conntrack").0, ModuleState::Builtin);
+        assert_eq!(module(&r, "nft_nat").evidence, Evidence::Unverified);
+        assert!(
+            problems(&r).contains("without --host-root"),
+            "{}",
+            problems(&r)
+        );
+
+        // What the probe's outcome does to the report.
+        let mut passed = r.clone();
+        passed.confirm_by_probe();
+        assert!(passed.ok, "{}", problems(&passed));
+        assert!(module(&passed, "nft_nat")
+            .source
+            .starts_with("functional probe"));
+        assert_eq!(module(&passed, "nft_nat").state, ModuleState::Builtin);
+        // Optional modules are not the probe's business.
+        assert_eq!(module(&passed, "nft_socket").state, ModuleState::Missing);
+
+        let mut failed = r;
+        failed.probe = Probe::Failed("Operation not supported".into());
+        failed.summarize();
+        assert!(!failed.ok);
+        let text = problems(&failed);
+        assert!(
+            text.contains("functional probe could not program the nftables rules"),
+            "{text}"
+        );
+        assert!(!text.contains("without --host-root"), "{text}");
+    }
+
+    #[test]
+    fn no_probe_when_files_already_decided() {
+        assert!(!check(NFT, false, &fixture("no-nftables")).needs_probe());
+        assert!(!check(NFT, false, &fixture("old-4.14")).needs_probe());
+        assert!(!check(NFT, false, &fixture("builtin-only")).needs_probe());
+        // A host root is never probed: the probe would test the wrong kernel.
+        let r = assess_at(&fixture("unverified"), NFT, false, false);
+        assert_eq!(r.probe, Probe::NotRun);
+    }
+
+    #[test]
+    fn backported_merge_counts_unless_the_config_says_not_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let write = |path: &str, text: &str| {
+            let p = root.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        };
+        // RHEL 8: Linux 4.18 with the 4.19 conntrack merge backported.
+        write("/proc/sys/kernel/osrelease", "4.18.0-305.el8.x86_64\n");
+        write(
+            "/boot/config-4.18.0-305.el8.x86_64",
+            "CONFIG_NF_CONNTRACK=m\n",
+        );
+        write("/proc/modules", "nf_conntrack 1 0 - Live 0x0\n");
+        let r = check(LEGACY, false, &root);
+        let (s, source) = state(&r, "nf_conntrack_ipv4");
+        assert_eq!(s, ModuleState::Loaded);
+        assert_eq!(source, "in nf_conntrack (merge backported): /proc/modules");
+
+        write(
+            "/boot/config-4.18.0-305.el8.x86_64",
+            "CONFIG_NF_CONNTRACK=m\n# CONFIG_NF_CONNTRACK_IPV4 is not set\n",
+        );
+        let r = check(LEGACY, false, &root);
+        assert_eq!(state(&r, "nf_conntrack_ipv4").0, ModuleState::Missing);
+        assert!(problems(&r).contains("nf_conntrack_ipv4 is missing"));
+    }
+
+    #[test]
+    fn unknown_release_is_a_problem_and_checks_as_a_current_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = check(NFT, false, &HostRoot::new(dir.path()));
+        assert!(!r.ok);
+        assert_eq!(r.kernel_release, "");
+        assert!(r.problems[0].contains("cannot read the kernel release"));
+        assert!(r.modules.iter().any(|m| m.name == "nft_chain_nat"));
+    }
+
+    #[test]
+    fn json_has_exactly_the_documented_keys() {
+        let r = check(NFT, true, &fixture("rhel9-nft"));
+        let v = serde_json::to_value(&r).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["backend", "kernelRelease", "modules", "ok", "problems"]
+        );
+        let mut keys: Vec<&str> = v["modules"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["name", "neededFor", "required", "source", "state"]);
+        assert_eq!(v["modules"][0]["state"], "loaded");
+        assert_eq!(v["backend"], "nftables");
+    }
+}
