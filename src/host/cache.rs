@@ -226,3 +226,197 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     file.sync_all().map_err(|e| io("cannot sync", e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::IptablesMode;
+    use crate::host::tests::fixture;
+    use std::os::unix::fs::{symlink, MetadataExt};
+    use std::sync::{Arc, Barrier};
+
+    const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
+    const RHEL9_BOOT: &str = "3f1c2a9e-5b7d-4e0a-9c61-2d8e4b7a1f30";
+
+    fn cache_file(dir: &Path) -> PathBuf {
+        dir.join("host-iptables-legacy-ipv4.json")
+    }
+
+    #[test]
+    fn fifty_concurrent_first_runs_check_once_and_agree() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("run/intercept-cni");
+        let barrier = Arc::new(Barrier::new(50));
+        let results: Vec<(Verdict, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..50)
+                .map(|_| {
+                    let barrier = Arc::clone(&barrier);
+                    let dir = dir.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        verdict_at(&fixture("rhel9-nft"), LEGACY, false, &dir, false).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|(_, wrote)| *wrote).count(), 1);
+        let first = &results[0].0;
+        assert!(results.iter().all(|(v, _)| v == first));
+        assert!(!first.ok && first.boot_id == RHEL9_BOOT);
+        assert!(first
+            .problems
+            .iter()
+            .any(|p| p.starts_with("ip_tables is missing")));
+        // The directory is private and the verdict readable by root only.
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(cache_file(&dir)).unwrap().mode() & 0o777,
+            0o600
+        );
+        let on_disk: Verdict =
+            serde_json::from_slice(&fs::read(cache_file(&dir)).unwrap()).unwrap();
+        assert_eq!(&on_disk, first);
+        assert!(!dir.join("host-iptables-legacy-ipv4.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_current_verdict_is_used_as_is_without_checking_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // The fixture fails the legacy check; a cached pass for this boot must win.
+        let cached = Verdict {
+            boot_id: RHEL9_BOOT.into(),
+            backend: "iptables-legacy".into(),
+            ipv6: false,
+            kernel_release: "cached".into(),
+            ok: true,
+            problems: vec![],
+        };
+        fs::write(cache_file(dir.path()), serde_json::to_vec(&cached).unwrap()).unwrap();
+        let (v, wrote) =
+            verdict_at(&fixture("rhel9-nft"), LEGACY, false, dir.path(), false).unwrap();
+        assert_eq!((v, wrote), (cached, false));
+    }
+
+    #[test]
+    fn another_boot_or_family_or_an_old_failure_is_checked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = fixture("rhel9-nft");
+        let stale = Verdict {
+            boot_id: "an-earlier-boot".into(),
+            backend: "iptables-legacy".into(),
+            ipv6: false,
+            kernel_release: "old".into(),
+            ok: true,
+            problems: vec![],
+        };
+        fs::write(cache_file(dir.path()), serde_json::to_vec(&stale).unwrap()).unwrap();
+        let (v, wrote) = verdict_at(&root, LEGACY, false, dir.path(), false).unwrap();
+        assert!(wrote && !v.ok && v.boot_id == RHEL9_BOOT);
+
+        // A failure is trusted for the TTL only, so a `modprobe` can take effect.
+        let (_, wrote) = verdict_at(&root, LEGACY, false, dir.path(), false).unwrap();
+        assert!(!wrote);
+        let file = File::options()
+            .write(true)
+            .open(cache_file(dir.path()))
+            .unwrap();
+        file.set_modified(SystemTime::now() - FAILED_VERDICT_TTL - Duration::from_secs(1))
+            .unwrap();
+        let (_, wrote) = verdict_at(&root, LEGACY, false, dir.path(), false).unwrap();
+        assert!(wrote);
+
+        // Each backend and family has its own verdict.
+        let (v, wrote) = verdict_at(&root, LEGACY, true, dir.path(), false).unwrap();
+        assert!(wrote && v.ipv6);
+        assert!(dir.path().join("host-iptables-legacy-dual.json").is_file());
+    }
+
+    #[test]
+    fn a_symlink_at_the_cache_path_is_replaced_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep me").unwrap();
+        let forged = Verdict {
+            boot_id: RHEL9_BOOT.into(),
+            backend: "iptables-legacy".into(),
+            ipv6: false,
+            kernel_release: "forged".into(),
+            ok: true,
+            problems: vec![],
+        };
+        fs::write(
+            dir.path().join("forged"),
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        symlink(dir.path().join("forged"), cache_file(&state)).unwrap();
+        symlink(&victim, state.join("host-iptables-legacy-ipv4.json.tmp")).unwrap();
+        let (v, wrote) = verdict_at(&fixture("rhel9-nft"), LEGACY, false, &state, false).unwrap();
+        assert!(wrote && !v.ok, "the symlinked verdict was read");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep me");
+        assert!(fs::symlink_metadata(cache_file(&state)).unwrap().is_file());
+    }
+
+    #[test]
+    fn a_symlinked_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("elsewhere")).unwrap();
+        let state = dir.path().join("state");
+        symlink(dir.path().join("elsewhere"), &state).unwrap();
+        let e = verdict_at(&fixture("rhel9-nft"), LEGACY, false, &state, false).unwrap_err();
+        assert_eq!(e.code, Code::Io);
+        assert!(e.msg.contains("symlink"), "{e}");
+    }
+
+    #[test]
+    fn policy_decides_what_a_failed_verdict_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (failed, _) =
+            verdict_at(&fixture("missing-extra"), LEGACY, false, dir.path(), false).unwrap();
+        let e = apply(Policy::Enforce, &failed).unwrap_err();
+        assert_eq!(e.code, Code::HostPrerequisites);
+        assert_eq!(e.code as u32, 101);
+        for needle in [
+            "xt_owner is missing",
+            "`modprobe xt_owner`",
+            "xt_REDIRECT",
+            "SELinux",
+        ] {
+            assert!(e.msg.contains(needle), "{needle} not in {}", e.msg);
+        }
+        assert!(e
+            .details
+            .contains("doctor --backend iptables --iptables-mode legacy"));
+        assert!(apply(Policy::Warn, &failed).is_ok());
+        assert!(apply(Policy::Skip, &failed).is_ok());
+        let (passed, _) =
+            verdict_at(&fixture("builtin-only"), LEGACY, false, dir.path(), false).unwrap();
+        assert!(passed.ok);
+        assert!(apply(Policy::Enforce, &passed).is_ok());
+    }
+
+    #[test]
+    fn skip_reads_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("never-created");
+        first_run(LEGACY, true, &state, Policy::Skip).unwrap();
+        assert!(!state.exists());
+    }
+
+    #[test]
+    fn policy_parses_from_config_words() {
+        assert_eq!("enforce".parse::<Policy>().unwrap(), Policy::Enforce);
+        assert_eq!("warn".parse::<Policy>().unwrap(), Policy::Warn);
+        assert_eq!("skip".parse::<Policy>().unwrap(), Policy::Skip);
+        assert_eq!(
+            "Enforce".parse::<Policy>().unwrap_err().code,
+            Code::InvalidConfig
+        );
+        assert_eq!(Policy::default(), Policy::Enforce);
+        let p: Policy = serde_json::from_str("\"warn\"").unwrap();
+        assert_eq!(p, Policy::Warn);
+    }
+}

@@ -239,4 +239,57 @@ mod tests {
             assert_eq!(doctor_main(&args(bad)), 2, "{bad:?}");
         }
     }
+
+    fn fixture_dir(name: &str) -> String {
+        format!("{}/testdata/hosts/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn exit_status_follows_the_verdict_on_host_roots() {
+        let ok = fixture_dir("builtin-only");
+        assert_eq!(doctor_main(&args(&["--host-root", &ok, "--ipv6"])), 0);
+        assert_eq!(doctor_main(&args(&["--host-root", &ok, "--json"])), 0);
+        let bad = fixture_dir("no-nftables");
+        assert_eq!(doctor_main(&args(&["--host-root", &bad])), 1);
+        let legacy = ["--backend", "iptables", "--iptables-mode", "legacy"];
+        assert_eq!(
+            doctor_main(&args(&[&legacy[..], &["--host-root", &bad]].concat())),
+            0
+        );
+    }
+
+    #[test]
+    fn table_shows_every_module_the_verdict_and_each_remedy() {
+        let root = HostRoot::new(fixture_dir("missing-extra"));
+        let report = check(BackendKind::Iptables(IptablesMode::Legacy), false, &root);
+        let text = render_table(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "intercept-cni doctor: iptables-legacy backend, Linux 6.8.0-31-generic, IPv4 pods"
+        );
+        assert!(lines[2].starts_with("MODULE") && lines[2].contains("NEEDED FOR"));
+        for m in &report.modules {
+            assert!(
+                lines.iter().any(|l| l.starts_with(&format!("{} ", m.name))),
+                "{}",
+                m.name
+            );
+        }
+        let owner = lines.iter().find(|l| l.starts_with("xt_owner ")).unwrap();
+        assert!(
+            owner.contains("missing") && owner.contains("`modprobe xt_owner`"),
+            "{owner}"
+        );
+        assert!(text.contains("\nverdict: NOT OK\n"));
+        assert!(text.contains("  - xt_owner is missing"));
+        let report = check(
+            BackendKind::Nftables,
+            true,
+            &HostRoot::new(fixture_dir("builtin-only")),
+        );
+        let text = render_table(&report, true);
+        assert!(text.contains("IPv4 and IPv6 pods"));
+        assert!(text.ends_with("verdict: OK, every required module is usable\n"));
+    }
 }

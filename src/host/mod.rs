@@ -346,7 +346,7 @@ impl Report {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs;
 
@@ -686,5 +686,17 @@ mod tests {
         assert_eq!(keys, ["name", "neededFor", "required", "source", "state"]);
         assert_eq!(v["modules"][0]["state"], "loaded");
         assert_eq!(v["backend"], "nftables");
+    }
+
+    /// This machine: all of netfilter built in, no /proc/modules, no /lib/modules. The files
+    /// (config.gz) decide; on a host that loads modules on demand they would be loadable.
+    #[test]
+    fn real_host_serves_the_nftables_backend() {
+        let r = assess(NFT, true);
+        assert!(r.ok, "{}", problems(&r));
+        assert!(!r.kernel_release.is_empty());
+        for m in r.modules.iter().filter(|m| m.required) {
+            assert!(m.state.usable(), "{}: {}", m.name, m.source);
+        }
     }
 }
