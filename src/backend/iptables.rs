@@ -1,8 +1,20 @@
-//! iptables backend: nat-table chains applied with `iptables-{legacy,nft}-restore --noflush`.
+//! iptables backend: the plugin's own nat-table chains (`ICNI_INBOUND` from PREROUTING,
+//! `ICNI_OUTBOUND` from OUTPUT, REDIRECT to the proxy), written with
+//! `iptables-{legacy,nft}-restore --noflush`, one atomic restore per family.
+
+mod detect;
+mod render;
+mod save;
+mod tools;
+
+pub use detect::{choose_mode, detect_mode, HostRules};
+pub use render::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 
 use super::{Backend, BackendOptions, IptablesMode};
-use crate::cni::error::{Error, Result};
+use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
+use render::Family;
+use tools::{binary_name, Tool, Tools};
 
 /// Drives `iptables-{legacy,nft}-restore`/`-save` (and the ip6tables pair) inside the pod netns.
 pub struct Iptables {
@@ -17,6 +29,36 @@ impl Iptables {
             options: options.clone(),
         }
     }
+
+    fn tools(&self) -> Tools<'_> {
+        Tools {
+            dir: self.options.iptables_path.as_deref(),
+        }
+    }
+
+    fn apply_family(&self, plan: &InterceptPlan, family: Family) -> Result<()> {
+        let tools = self.tools();
+        let existing = tools.read_nat(self.mode, family)?;
+        let input = render::apply_input(plan, family, &existing)?;
+        tools.restore(self.mode, family, &input)
+    }
+
+    /// Removes our chains and jumps of one mode and family, if there are any.
+    fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
+        let tools = self.tools();
+        let existing = tools.read_nat(mode, family)?;
+        match render::remove_input(&existing)? {
+            Some(input) => tools.restore(mode, family, &input),
+            None => Ok(()),
+        }
+    }
+
+    fn other_mode(&self) -> IptablesMode {
+        match self.mode {
+            IptablesMode::Legacy => IptablesMode::Nft,
+            IptablesMode::Nft => IptablesMode::Legacy,
+        }
+    }
 }
 
 impl Backend for Iptables {
@@ -27,17 +69,79 @@ impl Backend for Iptables {
         }
     }
 
-    // Scaffolding until the backend lands (issue 4); never reported done in this state.
-    fn apply(&self, _plan: &InterceptPlan) -> Result<()> {
-        let _ = &self.options;
-        Err(Error::backend("iptables backend not implemented yet"))
+    fn apply(&self, plan: &InterceptPlan) -> Result<()> {
+        let mut applied = Vec::new();
+        for family in Family::ALL {
+            // A family the pod no longer has keeps nothing from an earlier ADD.
+            let result = if family.enabled_in(plan) {
+                self.apply_family(plan, family)
+            } else {
+                self.remove_family(self.mode, family)
+            };
+            if let Err(e) = result {
+                // Each restore is atomic; undo the families already done so ADD is all or nothing.
+                for &done in &applied {
+                    if let Err(undo) = self.remove_family(self.mode, done) {
+                        log::warn!("cannot undo {} rules: {undo}", done.label());
+                    }
+                }
+                return Err(e);
+            }
+            if family.enabled_in(plan) {
+                applied.push(family);
+            }
+        }
+        log::debug!("{}: interception rules applied", self.name());
+        Ok(())
     }
 
-    fn check(&self, _plan: &InterceptPlan) -> Result<()> {
-        Err(Error::backend("iptables backend not implemented yet"))
+    fn check(&self, plan: &InterceptPlan) -> Result<()> {
+        let mut drift = Vec::new();
+        for family in Family::ALL {
+            let existing = self.tools().read_nat(self.mode, family)?;
+            let expected = if family.enabled_in(plan) {
+                render::chains(plan, family)
+            } else {
+                Vec::new()
+            };
+            drift.extend(save::drift(&expected, &existing, family));
+        }
+        match drift.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::new(
+                Code::Drift,
+                format!("{} interception rules drifted: {first}", self.name()),
+            )
+            .with_details(drift.join("; "))),
+        }
     }
 
     fn remove(&self) -> Result<()> {
-        Err(Error::backend("iptables backend not implemented yet"))
+        let mut errors = Vec::new();
+        // The other variant too: the mode may have changed since ADD.
+        for mode in [self.mode, self.other_mode()] {
+            for family in Family::ALL {
+                if !self.tools().present(mode, family) {
+                    if mode == self.mode {
+                        // The configured variant must be there; name what is missing.
+                        for tool in [Tool::Save, Tool::Restore] {
+                            if let Err(e) = self.tools().require(mode, family, tool) {
+                                errors.push(e);
+                            }
+                        }
+                    } else {
+                        log::debug!(
+                            "{} not installed; nothing of ours can be there",
+                            binary_name(mode, family, Tool::Save)
+                        );
+                    }
+                    continue;
+                }
+                if let Err(e) = self.remove_family(mode, family) {
+                    errors.push(e);
+                }
+            }
+        }
+        Error::collect(errors).map_or(Ok(()), Err)
     }
 }

@@ -1,0 +1,15 @@
+#!/bin/sh
+# DaemonSet entrypoint: the host's CNI dirs as mounted in the container come from the
+# environment; then the installer replaces this shell, so it receives SIGTERM directly and
+# uninstalls on pod shutdown.
+set -eu
+
+CNI_CONF_DIR="${CNI_CONF_DIR:-/host/etc/cni/net.d}"
+CNI_BIN_DIR="${CNI_BIN_DIR:-/host/opt/cni/bin}"
+PLUGIN_CONFIG="${PLUGIN_CONFIG:-}"
+
+set -- install --watch --cni-conf-dir "$CNI_CONF_DIR" --cni-bin-dir "$CNI_BIN_DIR"
+if [ -n "$PLUGIN_CONFIG" ]; then
+    set -- "$@" --plugin-config "$PLUGIN_CONFIG"
+fi
+exec /usr/local/bin/intercept-cni "$@"

@@ -1,0 +1,301 @@
+//! Running the iptables binaries: found by absolute path, spawned without a shell from the
+//! calling thread (so inside its netns), with a per-netns xtables lock.
+
+use super::render::Family;
+use super::save::NatTable;
+use crate::backend::IptablesMode;
+use crate::cni::error::{Code, Error, Result};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where the binaries are looked for when `iptablesPath` is not set.
+const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+/// Per-netns lock files live here; the host-wide /run/xtables.lock would serialize every pod
+/// start on the node behind any iptables user (istio/istio#47002).
+const LOCK_DIR: &str = "/run/intercept-cni";
+/// Seconds iptables-legacy-restore waits for the (per-netns) lock.
+const LOCK_WAIT_SECONDS: u32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    Save,
+    Restore,
+}
+
+/// `iptables-legacy-save`, `ip6tables-nft-restore`, ...
+pub fn binary_name(mode: IptablesMode, family: Family, tool: Tool) -> String {
+    let family = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    format!("{family}-{}-{}", mode_name(mode), tool_name(tool))
+}
+
+pub fn mode_name(mode: IptablesMode) -> &'static str {
+    match mode {
+        IptablesMode::Legacy => "legacy",
+        IptablesMode::Nft => "nft",
+    }
+}
+
+fn tool_name(tool: Tool) -> &'static str {
+    match tool {
+        Tool::Save => "save",
+        Tool::Restore => "restore",
+    }
+}
+
+/// The binaries of one installation: the configured directory, or the usual ones.
+#[derive(Debug, Clone, Copy)]
+pub struct Tools<'a> {
+    pub dir: Option<&'a Path>,
+}
+
+impl Tools<'_> {
+    /// The absolute path of `name`, if an executable file of that name is there.
+    pub fn locate(&self, name: &str) -> Option<PathBuf> {
+        let candidates: Vec<PathBuf> = match self.dir {
+            Some(dir) => vec![dir.join(name)],
+            None => SEARCH_DIRS
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .collect(),
+        };
+        candidates
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+    }
+
+    pub fn require(&self, mode: IptablesMode, family: Family, tool: Tool) -> Result<PathBuf> {
+        let name = binary_name(mode, family, tool);
+        self.locate(&name).ok_or_else(|| match self.dir {
+            Some(dir) => Error::config(format!(
+                "iptablesPath {}: no executable {name} there",
+                dir.display()
+            )),
+            None => Error::new(
+                Code::HostPrerequisites,
+                format!(
+                    "{name} not found in {}; install the iptables package or set iptablesPath",
+                    SEARCH_DIRS.join(", ")
+                ),
+            ),
+        })
+    }
+
+    /// True when both binaries of this mode and family exist.
+    pub fn present(&self, mode: IptablesMode, family: Family) -> bool {
+        [Tool::Save, Tool::Restore]
+            .iter()
+            .all(|&t| self.locate(&binary_name(mode, family, t)).is_some())
+    }
+
+    /// The current netns's nat table for this mode and family.
+    pub fn read_nat(&self, mode: IptablesMode, family: Family) -> Result<NatTable> {
+        let save = self.require(mode, family, Tool::Save)?;
+        // Listing a legacy table instantiates it in the netns; when the kernel has none yet,
+        // there is nothing of ours and nothing should be created.
+        if mode == IptablesMode::Legacy && !legacy_nat_exists(family) {
+            return Ok(NatTable::default());
+        }
+        let out = run(&save, &["-t", "nat"], None)?;
+        if !out.status.success() {
+            return Err(Error::backend(format!(
+                "{} -t nat failed ({})",
+                binary_name(mode, family, Tool::Save),
+                out.status
+            ))
+            .with_details(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(NatTable::parse(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `*-save` of every table, for the mode detection in the host netns.
+    pub fn save_all(&self, mode: IptablesMode, family: Family) -> Result<String> {
+        let save = self.require(mode, family, Tool::Save)?;
+        let out = run(&save, &[], None)?;
+        if !out.status.success() {
+            return Err(Error::backend(format!(
+                "{} failed ({})",
+                binary_name(mode, family, Tool::Save),
+                out.status
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Feeds `input` to `*-restore --noflush`: the whole table changes at once or not at all.
+    pub fn restore(&self, mode: IptablesMode, family: Family, input: &str) -> Result<()> {
+        let restore = self.require(mode, family, Tool::Restore)?;
+        let wait = format!("--wait={LOCK_WAIT_SECONDS}");
+        let mut args = vec!["--noflush"];
+        // Only the legacy variant takes the xtables lock; nft commits are atomic in the kernel.
+        if mode == IptablesMode::Legacy {
+            args.push(&wait);
+        }
+        let out = run(&restore, &args, Some(input))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(rejection(mode, family, input, &stderr).with_details(stderr))
+    }
+}
+
+fn legacy_nat_exists(family: Family) -> bool {
+    // thread-self, not self: /proc/self/net is the netns of the process's main thread.
+    let names = match family {
+        Family::V4 => "/proc/thread-self/net/ip_tables_names",
+        Family::V6 => "/proc/thread-self/net/ip6_tables_names",
+    };
+    std::fs::read_to_string(names).is_ok_and(|s| s.lines().any(|l| l.trim() == "nat"))
+}
+
+/// The lock file for the netns the calling thread is in, named by the namespace's inode.
+fn lock_file() -> Result<PathBuf> {
+    let ino = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io("cannot identify the current network namespace", e))?
+        .ino();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(LOCK_DIR)
+        .map_err(|e| Error::io(format!("cannot create {LOCK_DIR}"), e))?;
+    // Files are not removed: another run may be waiting on this one, and namespace inode
+    // numbers are recycled, so their number stays bounded (and /run is a tmpfs).
+    Ok(Path::new(LOCK_DIR).join(format!("xtables-{ino}.lock")))
+}
+
+fn run(binary: &Path, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> {
+    let what = || format!("cannot run {}", binary.display());
+    let mut child = Command::new(binary)
+        .args(args)
+        .env_clear()
+        .env("PATH", SEARCH_DIRS.join(":"))
+        .env("LC_ALL", "C")
+        .env("XTABLES_LOCKFILE", lock_file()?)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io(what(), e))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Restore reads all its input before writing anything, so this cannot deadlock.
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| Error::io(what(), e))?;
+    }
+    child.wait_with_output().map_err(|e| Error::io(what(), e))
+}
+
+/// Turns a refused restore into an error naming the rule and the kernel module it likely needs.
+fn rejection(mode: IptablesMode, family: Family, input: &str, stderr: &str) -> Error {
+    let tool = binary_name(mode, family, Tool::Restore);
+    let line = failed_line(stderr).and_then(|n| input.lines().nth(n.checked_sub(1)?));
+    let modules = likely_modules(mode, family, line);
+    let at = line.map(|l| format!(" at `{l}`")).unwrap_or_default();
+    Error::backend(format!(
+        "{tool} rejected the {} nat rules{at}, so nothing was changed; if a kernel module is missing, it is likely among: {}",
+        family.label(),
+        modules.join(", ")
+    ))
+}
+
+/// `iptables-restore: line 7 failed` (legacy) or `line 6: RULE_APPEND failed` (nft).
+fn failed_line(stderr: &str) -> Option<usize> {
+    let rest = &stderr[stderr.find("line ")? + 5..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn likely_modules(mode: IptablesMode, family: Family, line: Option<&str>) -> Vec<&'static str> {
+    let table = match (mode, family) {
+        (IptablesMode::Legacy, Family::V4) => "iptable_nat",
+        (IptablesMode::Legacy, Family::V6) => "ip6table_nat",
+        (IptablesMode::Nft, _) => "nft_chain_nat",
+    };
+    let features = [
+        ("-m owner", "xt_owner"),
+        ("-m multiport", "xt_multiport"),
+        ("-m tcp", "xt_tcpudp"),
+        ("REDIRECT", "xt_REDIRECT"),
+    ];
+    let mut modules: Vec<&'static str> = match line {
+        Some(l) if l.starts_with("-A ") || l.starts_with("-D ") => features
+            .iter()
+            .filter(|(m, _)| l.contains(m))
+            .map(|f| f.1)
+            .collect(),
+        Some(_) => Vec::new(),
+        None => features.iter().map(|f| f.1).collect(),
+    };
+    // Table and chain lines, jumps from the built-in chains (which is when iptables-nft creates
+    // them), and unknown lines all need the nat table itself.
+    let on_builtin = |l: &str| l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT ");
+    if modules.is_empty() || line.is_none_or(on_builtin) {
+        modules.insert(0, table);
+    }
+    // iptables-nft runs the xt matches and targets through nft_compat.
+    if mode == IptablesMode::Nft {
+        modules.push("nft_compat");
+    }
+    modules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_names() {
+        assert_eq!(
+            binary_name(IptablesMode::Legacy, Family::V4, Tool::Save),
+            "iptables-legacy-save"
+        );
+        assert_eq!(
+            binary_name(IptablesMode::Nft, Family::V6, Tool::Restore),
+            "ip6tables-nft-restore"
+        );
+    }
+
+    #[test]
+    fn rejections_name_the_rule_and_module() {
+        let input = "*nat\n:ICNI_OUTBOUND - [0:0]\n-A ICNI_OUTBOUND -m owner --uid-owner 1337 -j RETURN\nCOMMIT\n";
+        let e = rejection(
+            IptablesMode::Legacy,
+            Family::V4,
+            input,
+            "iptables-restore: line 3 failed",
+        );
+        assert_eq!(e.code, Code::Backend);
+        assert!(e.msg.contains("--uid-owner 1337"), "{}", e.msg);
+        assert!(e.msg.contains("xt_owner"), "{}", e.msg);
+        let e = rejection(
+            IptablesMode::Nft,
+            Family::V6,
+            input,
+            "line 2: CHAIN_USER_ADD failed (No such file or directory)",
+        );
+        assert!(e.msg.contains("nft_chain_nat") && e.msg.contains("nft_compat"));
+        let e = rejection(IptablesMode::Legacy, Family::V6, input, "odd");
+        assert!(e.msg.contains("ip6table_nat") && e.msg.contains("xt_REDIRECT"));
+    }
+
+    #[test]
+    fn missing_binary_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = Tools {
+            dir: Some(dir.path()),
+        };
+        let e = tools
+            .require(IptablesMode::Nft, Family::V4, Tool::Restore)
+            .unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+        assert!(e.msg.contains("iptables-nft-restore"), "{}", e.msg);
+    }
+}

@@ -1,0 +1,634 @@
+//! The node installer run as the real binary against temp conf and bin dirs seeded from
+//! `testdata/install/`: one-shot install and uninstall, and `--watch` with other agents rewriting
+//! the dir and a SIGTERM at the end.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_intercept-cni");
+const CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/install")
+        .join(name)
+}
+
+/// A node's CNI dirs in a temp dir.
+struct Node {
+    root: tempfile::TempDir,
+    conf: PathBuf,
+    bin: PathBuf,
+}
+
+impl Node {
+    fn with(fixtures: &[&str]) -> Node {
+        let root = tempfile::tempdir().unwrap();
+        let conf = root.path().join("net.d");
+        let bin = root.path().join("bin");
+        fs::create_dir(&conf).unwrap();
+        fs::create_dir(&bin).unwrap();
+        for name in fixtures {
+            fs::copy(testdata(name), conf.join(name)).unwrap();
+        }
+        Node { root, conf, bin }
+    }
+
+    fn dirs(&self) -> Vec<String> {
+        vec![
+            "--cni-conf-dir".into(),
+            self.conf.display().to_string(),
+            "--cni-bin-dir".into(),
+            self.bin.display().to_string(),
+        ]
+    }
+
+    fn run(&self, subcommand: &str, extra: &[&str]) -> Output {
+        let out = Command::new(BIN)
+            .arg(subcommand)
+            .args(self.dirs())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_no_temp_files(&self.conf);
+        assert_no_temp_files(&self.bin);
+        out
+    }
+
+    fn install(&self, extra: &[&str]) {
+        let out = self.run("install", extra);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    fn uninstall(&self) {
+        let out = self.run("uninstall", &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        fs::read(self.conf.join(name)).unwrap()
+    }
+
+    fn json(&self, name: &str) -> Value {
+        serde_json::from_slice(&self.read(name)).unwrap()
+    }
+
+    fn plugins(&self, name: &str) -> Vec<Value> {
+        self.json(name)["plugins"].as_array().unwrap().clone()
+    }
+
+    fn names(&self) -> Vec<String> {
+        names(&self.conf)
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.bin.join("intercept-cni")
+    }
+
+    /// Every file of both dirs, by path, with its bytes.
+    fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        [&self.conf, &self.bin]
+            .iter()
+            .flat_map(|dir| fs::read_dir(dir).unwrap())
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let bytes = fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect()
+    }
+
+    /// Starts `install --watch`, its log going to a file that `eventually` shows on failure.
+    fn spawn_watch(&self) -> Watcher {
+        let log = fs::File::create(self.watch_log()).unwrap();
+        let child = Command::new(BIN)
+            .arg("install")
+            .args(self.dirs())
+            .arg("--watch")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Watcher(Some(child))
+    }
+
+    fn watch_log(&self) -> PathBuf {
+        self.root.path().join("watch.log")
+    }
+
+    /// Polls `condition` for up to 10 s.
+    fn eventually(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            if Instant::now() > deadline {
+                let log = fs::read_to_string(self.watch_log()).unwrap_or_default();
+                panic!("timed out waiting for: {what}\nwatcher log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A running `install --watch`, killed if the test fails before stopping it.
+struct Watcher(Option<Child>);
+
+impl Watcher {
+    fn signal(&mut self, signal: Signal) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("watcher did not exit after {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn assert_no_temp_files(dir: &Path) {
+    let temps: Vec<String> = names(dir)
+        .into_iter()
+        .filter(|n| n.contains("intercept-cni-tmp"))
+        .collect();
+    assert!(
+        temps.is_empty(),
+        "temp files left in {}: {temps:?}",
+        dir.display()
+    );
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn default_entry() -> Value {
+    json!({"type": "intercept-cni", "capabilities": {CAPABILITY: true}})
+}
+
+fn fixture_json(name: &str) -> Value {
+    serde_json::from_slice(&fs::read(testdata(name)).unwrap()).unwrap()
+}
+
+fn keys(value: &Value) -> Vec<String> {
+    value.as_object().unwrap().keys().cloned().collect()
+}
+
+fn is_ours(plugin: &Value) -> bool {
+    plugin["type"] == "intercept-cni"
+}
+
+/// True once `name` is a valid conflist whose last plugin is ours and holds it once.
+fn chained_last(node: &Node, name: &str) -> bool {
+    let Ok(bytes) = fs::read(node.conf.join(name)) else {
+        return false;
+    };
+    let Ok(doc) = serde_json::from_slice::<Value>(&bytes) else {
+        return false;
+    };
+    let Some(plugins) = doc["plugins"].as_array() else {
+        return false;
+    };
+    plugins.iter().filter(|p| is_ours(p)).count() == 1 && plugins.last().is_some_and(is_ours)
+}
+
+/// An agent replacing its file the careful way: temp file, then rename.
+fn agent_writes(node: &Node, name: &str, content: &[u8]) {
+    let temp = node.conf.join(format!("{name}.agent-tmp"));
+    fs::write(&temp, content).unwrap();
+    fs::rename(&temp, node.conf.join(name)).unwrap();
+}
+
+#[test]
+fn single_conf_becomes_a_conflist_with_our_entry() {
+    let node = Node::with(&["10-bridge.conf", "99-loopback.conf"]);
+    fs::set_permissions(
+        node.conf.join("10-bridge.conf"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    node.install(&[]);
+
+    assert_eq!(node.names(), ["10-bridge.conflist", "99-loopback.conf"]);
+    let conf = fixture_json("10-bridge.conf");
+    let list = node.json("10-bridge.conflist");
+    assert_eq!(
+        list,
+        json!({"cniVersion": "1.0.0", "name": "bridge-net", "plugins": [conf, default_entry()]})
+    );
+    let mode = fs::metadata(node.conf.join("10-bridge.conflist"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the .conf's mode is kept");
+    assert_eq!(
+        node.read("99-loopback.conf"),
+        fs::read(testdata("99-loopback.conf")).unwrap()
+    );
+
+    assert_eq!(fs::read(node.binary()).unwrap(), fs::read(BIN).unwrap());
+    let mode = fs::metadata(node.binary()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+}
+
+#[test]
+fn conflist_gets_our_entry_appended_last_in_its_key_order() {
+    let node = Node::with(&["10-calico.conflist"]);
+    node.install(&[]);
+
+    let original = fixture_json("10-calico.conflist");
+    let installed = node.json("10-calico.conflist");
+    assert_eq!(keys(&installed), keys(&original));
+    let mut expected = original["plugins"].as_array().unwrap().clone();
+    expected.push(default_entry());
+    assert_eq!(node.plugins("10-calico.conflist"), expected);
+    for (got, want) in installed["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&expected)
+    {
+        assert_eq!(keys(got), keys(want), "plugin key order kept");
+    }
+}
+
+#[test]
+fn install_twice_leaves_every_file_byte_identical() {
+    for fixtures in [
+        &["10-calico.conflist", "99-loopback.conf"][..],
+        &["10-bridge.conf"][..],
+    ] {
+        let node = Node::with(fixtures);
+        let config = testdata("plugin-config.json");
+        let config = config.to_str().unwrap();
+        node.install(&["--plugin-config", config]);
+        let first = node.snapshot();
+        let inodes: Vec<u64> = first
+            .keys()
+            .map(|p| fs::metadata(p).unwrap().ino())
+            .collect();
+        node.install(&["--plugin-config", config]);
+        assert_eq!(node.snapshot(), first);
+        let again: Vec<u64> = first
+            .keys()
+            .map(|p| fs::metadata(p).unwrap().ino())
+            .collect();
+        assert_eq!(again, inodes, "nothing was even rewritten");
+    }
+}
+
+#[test]
+fn plugin_config_is_our_entry_with_the_capability() {
+    let node = Node::with(&["10-flannel.conflist"]);
+    node.install(&[
+        "--plugin-config",
+        testdata("plugin-config.json").to_str().unwrap(),
+    ]);
+    let entry = node.plugins("10-flannel.conflist").pop().unwrap();
+    let mut expected = json!({"type": "intercept-cni"});
+    for (k, v) in fixture_json("plugin-config.json").as_object().unwrap() {
+        expected[k] = v.clone();
+    }
+    expected["capabilities"] = json!({CAPABILITY: true});
+    assert_eq!(entry, expected);
+    assert_eq!(keys(&entry), keys(&expected));
+}
+
+#[test]
+fn broken_files_are_skipped_and_other_networks_untouched() {
+    let fixtures = [
+        "00-list-in-conf.conf",
+        "05-broken.conflist",
+        "10-flannel.conflist",
+        "10-calico.conflist",
+        "99-loopback.conf",
+    ];
+    let node = Node::with(&fixtures);
+    node.install(&[]);
+    // "10-c" < "10-f": calico is the active network.
+    assert!(chained_last(&node, "10-calico.conflist"));
+    for name in fixtures.iter().filter(|n| **n != "10-calico.conflist") {
+        assert_eq!(
+            node.read(name),
+            fs::read(testdata(name)).unwrap(),
+            "{name} untouched"
+        );
+    }
+    assert_eq!(node.names().len(), fixtures.len());
+}
+
+#[test]
+fn containerd_style_file_choice() {
+    let dir = testdata("choice");
+    let fixtures = names(&dir);
+    let node = Node::with(&[]);
+    for name in &fixtures {
+        fs::copy(dir.join(name), node.conf.join(name)).unwrap();
+    }
+    node.install(&[]);
+    // 00-empty has no plugins, 01-no-type no type, 02-* are not config names, and bytewise
+    // "10-K" sorts before "10-c".
+    for name in &fixtures {
+        let unchanged = fs::read(dir.join(name)).unwrap() == node.read(name);
+        assert_eq!(unchanged, name != "10-Kindnet.conflist", "{name}");
+    }
+    assert!(chained_last(&node, "10-Kindnet.conflist"));
+}
+
+#[test]
+fn uninstall_removes_only_our_entry_and_our_binary() {
+    let node = Node::with(&["10-calico.conflist", "10-bridge.conf", "99-loopback.conf"]);
+    fs::write(node.bin.join("bridge"), "another plugin").unwrap();
+    node.install(&[]);
+    assert!(chained_last(&node, "10-bridge.conflist"));
+    node.uninstall();
+
+    assert!(!node.binary().exists());
+    assert_eq!(names(&node.bin), ["bridge"]);
+    // The converted network stays a conflist, with its primary plugin alone.
+    assert_eq!(
+        node.json("10-bridge.conflist"),
+        json!({"cniVersion": "1.0.0", "name": "bridge-net", "plugins": [fixture_json("10-bridge.conf")]})
+    );
+    for name in ["10-calico.conflist", "99-loopback.conf"] {
+        assert_eq!(node.read(name), fs::read(testdata(name)).unwrap(), "{name}");
+    }
+    // Uninstalling again finds nothing to do.
+    let before = node.snapshot();
+    node.uninstall();
+    assert_eq!(node.snapshot(), before);
+}
+
+#[test]
+fn uninstall_also_cleans_a_network_that_is_no_longer_first() {
+    let node = Node::with(&["10-calico.conflist"]);
+    node.install(&[]);
+    fs::copy(testdata("10-bridge.conf"), node.conf.join("05-bridge.conf")).unwrap();
+    node.install(&[]);
+    assert!(chained_last(&node, "05-bridge.conflist"));
+    assert!(chained_last(&node, "10-calico.conflist"));
+    node.uninstall();
+    assert_eq!(
+        node.json("10-calico.conflist"),
+        fixture_json("10-calico.conflist")
+    );
+    assert!(!node.plugins("05-bridge.conflist").iter().any(is_ours));
+}
+
+#[test]
+fn one_shot_without_a_network_fails_clearly_and_changes_nothing() {
+    let node = Node::with(&["05-broken.conflist"]);
+    let out = node.run("install", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no valid CNI network config"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.read("05-broken.conflist"),
+        fs::read(testdata("05-broken.conflist")).unwrap()
+    );
+}
+
+#[test]
+fn bad_command_lines_and_plugin_configs_are_refused() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let out = node.run("install", &["--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("usage:"));
+    let bad = node.conf.join("../bad-plugin.json");
+    fs::write(&bad, r#"{"type": "bridge"}"#).unwrap();
+    let out = node.run("install", &["--plugin-config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("expected \"intercept-cni\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+    assert!(!node.binary().exists());
+}
+
+#[test]
+fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
+    let node = Node::with(&["10-calico.conflist", "99-loopback.conf"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+
+    // The primary agent restarts and writes its file again, atomically...
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("re-insertion after rename", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    // ...or in place.
+    fs::write(
+        node.conf.join("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap(),
+    )
+    .unwrap();
+    node.eventually("re-insertion after write", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    assert_eq!(
+        node.read("99-loopback.conf"),
+        fs::read(testdata("99-loopback.conf")).unwrap()
+    );
+
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+#[test]
+fn watch_follows_a_new_file_that_becomes_first() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+
+    agent_writes(
+        &node,
+        "05-flannel.conflist",
+        &fs::read(testdata("10-flannel.conflist")).unwrap(),
+    );
+    node.eventually("entry in the new first file", || {
+        chained_last(&node, "05-flannel.conflist")
+    });
+
+    // A single-plugin file that sorts first is converted.
+    agent_writes(
+        &node,
+        "01-bridge.conf",
+        &fs::read(testdata("10-bridge.conf")).unwrap(),
+    );
+    node.eventually("conversion of the new first .conf", || {
+        chained_last(&node, "01-bridge.conflist") && !node.conf.join("01-bridge.conf").exists()
+    });
+    // The agent writes its .conf again next to our conflist: converted again, in place.
+    agent_writes(
+        &node,
+        "01-bridge.conf",
+        &fs::read(testdata("10-bridge.conf")).unwrap(),
+    );
+    node.eventually("second conversion", || {
+        !node.conf.join("01-bridge.conf").exists()
+    });
+    assert!(chained_last(&node, "01-bridge.conflist"));
+
+    assert!(watcher.signal(Signal::SIGTERM).success());
+    for name in [
+        "01-bridge.conflist",
+        "05-flannel.conflist",
+        "10-calico.conflist",
+    ] {
+        assert!(!node.plugins(name).iter().any(is_ours), "{name} cleaned");
+    }
+}
+
+#[test]
+fn watch_ignores_its_own_writes() {
+    let node = Node::with(&["10-bridge.conf"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-bridge.conflist")
+    });
+    let path = node.conf.join("10-bridge.conflist");
+    let before = fs::metadata(&path).unwrap();
+    // Long past the settle time: a watcher reacting to its own write would have rewritten.
+    std::thread::sleep(Duration::from_millis(600));
+    let after = fs::metadata(&path).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime_nsec()),
+        (before.ino(), before.mtime_nsec())
+    );
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+#[test]
+fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
+    let node = Node::with(&["10-calico.conflist", "10-flannel.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    assert!(node.binary().exists());
+
+    let status = watcher.signal(Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.json("10-calico.conflist"),
+        fixture_json("10-calico.conflist")
+    );
+    assert_eq!(
+        node.read("10-flannel.conflist"),
+        fs::read(testdata("10-flannel.conflist")).unwrap()
+    );
+    assert_eq!(node.names(), ["10-calico.conflist", "10-flannel.conflist"]);
+    assert_no_temp_files(&node.conf);
+    assert_no_temp_files(&node.bin);
+}
+
+#[test]
+fn watch_waits_for_a_first_network_and_stops_on_sigint() {
+    let node = Node::with(&["05-broken.conflist"]);
+    let mut watcher = node.spawn_watch();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !node.binary().exists(),
+        "nothing installed without a network"
+    );
+
+    agent_writes(
+        &node,
+        "10-flannel.conflist",
+        &fs::read(testdata("10-flannel.conflist")).unwrap(),
+    );
+    node.eventually("install once a network appears", || {
+        chained_last(&node, "10-flannel.conflist") && node.binary().exists()
+    });
+    assert_eq!(
+        node.read("05-broken.conflist"),
+        fs::read(testdata("05-broken.conflist")).unwrap()
+    );
+
+    assert_eq!(watcher.signal(Signal::SIGINT).code(), Some(0));
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.json("10-flannel.conflist"),
+        fixture_json("10-flannel.conflist")
+    );
+}
+
+#[test]
+fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
+    let node = Node::with(&["10-flannel.conflist"]);
+    // The image's binary path, pointed at the binary under test.
+    let script =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("install/install-cni.sh"))
+            .unwrap()
+            .replace("/usr/local/bin/intercept-cni", BIN);
+    let script_path = node.root.path().join("install-cni.sh");
+    fs::write(&script_path, script).unwrap();
+    let child = Command::new("/bin/sh")
+        .arg(&script_path)
+        .env("CNI_CONF_DIR", &node.conf)
+        .env("CNI_BIN_DIR", &node.bin)
+        .env("PLUGIN_CONFIG", testdata("plugin-config.json"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(node.watch_log()).unwrap())
+        .spawn()
+        .unwrap();
+    let mut watcher = Watcher(Some(child));
+    node.eventually("install through the script", || {
+        chained_last(&node, "10-flannel.conflist")
+    });
+    let entry = node.plugins("10-flannel.conflist").pop().unwrap();
+    assert_eq!(entry["podSelection"], "annotated");
+    // Only an exec'd installer gets the SIGTERM and exits 0 after cleaning up.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.json("10-flannel.conflist"),
+        fixture_json("10-flannel.conflist")
+    );
+}
