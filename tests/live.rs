@@ -28,7 +28,10 @@ const IPTABLES_NFT: Backend = Backend {
 /// The lines of a firewall listing that belong to the plugin (its nft table, its iptables chains).
 /// iptables leaves the shared, empty nat tables behind: those are not ours to delete.
 fn plugin_lines(state: &str) -> Vec<&str> {
-    state.lines().filter(|l| l.contains("intercept") || l.contains("ICNI_")).collect()
+    state
+        .lines()
+        .filter(|l| l.contains("intercept") || l.contains("ICNI_"))
+        .collect()
 }
 
 fn settings(b: &Backend, extra: Value) -> Value {
@@ -260,7 +263,11 @@ fn add_converges_and_del_leaves_nothing(b: &Backend) {
     );
     lab.cni("DEL", &conf).ok();
     let after = lab.pod.firewall_state();
-    assert_eq!(plugin_lines(&after), Vec::<&str>::new(), "DEL left rules behind");
+    assert_eq!(
+        plugin_lines(&after),
+        Vec::<&str>::new(),
+        "DEL left rules behind"
+    );
     if (b.settings)()["backend"] == "nftables" {
         assert_eq!(after, before, "DEL left state behind");
     }

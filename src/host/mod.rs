@@ -699,4 +699,47 @@ pub(crate) mod tests {
             assert!(m.state.usable(), "{}: {}", m.name, m.source);
         }
     }
+
+    /// Root: the iptables rule shapes are programmed and removed in a throwaway netns, in both
+    /// modes and both families, and the host's own tables are left alone.
+    #[test]
+    fn functional_probe_programs_and_removes_the_iptables_rules() {
+        let host_rules = || -> Vec<String> {
+            [
+                "iptables-legacy-save",
+                "iptables-nft-save",
+                "ip6tables-nft-save",
+            ]
+            .iter()
+            .flat_map(|tool| {
+                let out = std::process::Command::new(format!("/usr/sbin/{tool}"))
+                    .output()
+                    .unwrap_or_else(|e| panic!("{tool}: {e}"));
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+        };
+        let before = host_rules();
+        for kind in [LEGACY, IPT_NFT] {
+            functional_probe(kind, true).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        }
+        assert_eq!(host_rules(), before);
+    }
+
+    /// Root: on a host root that cannot decide, the probe of the running kernel does.
+    #[test]
+    fn probe_decides_what_the_files_cannot() {
+        let r = assess_at(&fixture("unverified"), IPT_NFT, false, true);
+        assert_eq!(r.probe, Probe::Passed);
+        assert!(r.ok, "{}", problems(&r));
+        assert!(module(&r, "xt_owner")
+            .source
+            .starts_with("functional probe"));
+        // Found by the files, so not the probe's doing.
+        assert_eq!(state(&r, "nf_tables").0, ModuleState::Loaded);
+    }
 }

@@ -185,7 +185,8 @@ const NFT_NAT_CHAINS: &[Requirement] = &[
 #[rustfmt::skip]
 const NFTABLES: &[Requirement] = &[
     row("nft_nat", "NFT_NAT", Any, Redirect, "dnat to the proxy ports"),
-    row("nft_ct", "NFT_CT", Any, Redirect, "ct expression (connection state)"),
+    row("nft_ct", "NFT_CT", Any, NotUsed,
+        "ct expression: conntrack matches (Istio), not used here"),
     row("nft_redir", "NFT_REDIR", Any, NotUsed,
         "redirect statement (Istio's rules; ours use dnat)"),
     row("nft_socket", "NFT_SOCKET", Any, NotUsed, "TPROXY interception (Istio), not used here"),
