@@ -192,7 +192,10 @@ pub fn functional_probe(kind: BackendKind, ipv6: bool) -> Result<()> {
 
 /// CNI STATUS: code 50 with the problems when the backend cannot work on this host.
 pub fn status(kind: BackendKind, ipv6: bool) -> Result<()> {
-    let report = assess(kind, ipv6);
+    status_of(&assess(kind, ipv6))
+}
+
+fn status_of(report: &Report) -> Result<()> {
     if report.ok {
         return Ok(());
     }
@@ -314,7 +317,7 @@ impl Report {
             modprobe |= m.remedy.contains("modprobe");
             unverified |= m.evidence == Evidence::Unverified;
             problems.push(format!(
-                "{} is missing ({}), needed for {}: {}.",
+                "{} is missing ({}); it is needed for {}. Remedy: {}.",
                 m.name, m.source, m.needed_for, m.remedy
             ));
         }
@@ -741,5 +744,17 @@ pub(crate) mod tests {
             .starts_with("functional probe"));
         // Found by the files, so not the probe's doing.
         assert_eq!(state(&r, "nf_tables").0, ModuleState::Loaded);
+    }
+
+    #[test]
+    fn status_is_code_50_with_the_problems() {
+        let r = check(NFT, false, &fixture("no-nftables"));
+        let e = status_of(&r).unwrap_err();
+        assert_eq!(e.code, Code::PluginNotAvailable);
+        assert_eq!(e.code as u32, 50);
+        assert!(e.msg.contains("nf_tables is missing"), "{}", e.msg);
+        assert!(status_of(&check(LEGACY, false, &fixture("no-nftables"))).is_ok());
+        // This machine can serve the nftables backend.
+        status(NFT, true).unwrap();
     }
 }
