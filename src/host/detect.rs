@@ -166,10 +166,7 @@ impl Sources {
         match config {
             Some(Some(Tristate::Module)) if self.dep_index.is_some() => missing(
                 Evidence::NoModuleFile,
-                format!(
-                    "{config_path}: CONFIG_{symbol}=m, but {}/modules.dep has no {name}",
-                    self.modules_dir
-                ),
+                format!("{config_path}: CONFIG_{symbol}=m, but no {name} in modules.dep"),
             ),
             Some(Some(Tristate::Module)) => present(
                 ModuleState::Loadable,

@@ -258,16 +258,14 @@ fn module_report(
 fn remedy(finding: &Finding, (module, symbol): (&str, &str), release: Option<&str>) -> String {
     let release = release.unwrap_or("$(uname -r)");
     match (finding.state, finding.evidence) {
-        (ModuleState::Loadable, _) => {
-            format!("none: loads on first use (`modprobe {module}` to load it now)")
-        }
+        (ModuleState::Loadable, _) => "none: loads on demand".into(),
         (ModuleState::Loaded | ModuleState::Builtin, _) => String::new(),
         (ModuleState::Missing, Evidence::NotBuilt) => {
-            format!("the kernel was built without it: use a kernel with CONFIG_{symbol}=y or =m")
+            format!("use a kernel built with CONFIG_{symbol}=y or =m")
         }
         (ModuleState::Missing, Evidence::NoModuleFile | Evidence::NotInIndex) => format!(
-            "install the kernel modules package for {release} that ships {module}.ko \
-             (e.g. linux-modules-extra-{release}, kernel-modules-extra), then `modprobe {module}`"
+            "install {module}.ko (linux-modules-extra-{release} or kernel-modules-extra), \
+             then `modprobe {module}`"
         ),
         (ModuleState::Missing, Evidence::Unverified | Evidence::Present) => {
             format!("`modprobe {module}`")
@@ -396,10 +394,7 @@ pub(crate) mod tests {
             state(&r, "nft_nat"),
             (ModuleState::Loadable, format!("{lib}/modules.dep"))
         );
-        assert_eq!(
-            module(&r, "nft_nat").remedy,
-            "none: loads on first use (`modprobe nft_nat` to load it now)"
-        );
+        assert_eq!(module(&r, "nft_nat").remedy, "none: loads on demand");
         // Not required, and its file is not installed: reported, but no problem.
         let tproxy = module(&r, "nft_tproxy");
         assert!(!tproxy.required);
@@ -424,7 +419,7 @@ pub(crate) mod tests {
         assert!(text.contains("ip_tables is missing"), "{text}");
         assert!(text.contains("iptable_nat is missing"), "{text}");
         assert!(
-            text.contains("use a kernel with CONFIG_IP_NF_IPTABLES=y or =m"),
+            text.contains("use a kernel built with CONFIG_IP_NF_IPTABLES=y or =m"),
             "{text}"
         );
         assert!(
