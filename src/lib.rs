@@ -2,8 +2,10 @@
 //! (inbound and outbound TCP to the sidecar proxy) inside each pod's network namespace.
 
 pub mod backend;
+pub mod cmd;
 pub mod cni;
 pub mod host;
 pub mod install;
+pub mod logging;
 pub mod netns;
 pub mod plan;

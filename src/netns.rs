@@ -26,6 +26,13 @@ impl PodNetns {
         }
     }
 
+    /// False for a file that no longer holds a namespace, such as a bind-mount target left
+    /// behind after the runtime unmounted it (DEL treats that as already gone).
+    pub fn is_namespace(&self) -> bool {
+        nix::sys::statfs::fstatfs(self.ns.file())
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+    }
+
     /// True when this is the namespace the plugin itself runs in (the host's): compared by
     /// namespace identity (device and inode), never by path.
     pub fn is_own(&self) -> Result<bool> {

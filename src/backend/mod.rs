@@ -57,3 +57,18 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + S
         BackendKind::Iptables(mode) => Box::new(iptables::Iptables::new(mode, options)),
     }
 }
+
+/// Resolves a config's choice on this host (call it in the host netns): an explicit backend
+/// wins; `auto` probes.
+pub fn resolve(choice: BackendChoice, options: &BackendOptions) -> Result<BackendKind> {
+    Ok(match choice {
+        // nftables is the preferred backend; probing it for `auto` comes with the host checks.
+        BackendChoice::Auto | BackendChoice::Nftables => BackendKind::Nftables,
+        BackendChoice::Iptables(Some(mode)) => BackendKind::Iptables(mode),
+        // Until the host prerequisite checks land, no variant is assumed supported by the
+        // kernel: the choice rests on what the host's tables show.
+        BackendChoice::Iptables(None) => {
+            BackendKind::Iptables(iptables::detect_mode(options, |_| false).0)
+        }
+    })
+}

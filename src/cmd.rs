@@ -1,0 +1,284 @@
+//! The CNI verbs: each parses, builds what it needs, and calls the backend inside the pod netns.
+//!
+//! Choices the spec leaves open, made here:
+//! - ADD/CHECK on a `CNI_NETNS` that does not exist: code 5 (I/O), not 3 ("unknown container"),
+//!   because code 3 tells the runtime to skip DEL, which would leak what earlier plugins made.
+//! - CHECK requires `prevResult` like ADD: the runtime must send it (SPEC.md), and the families
+//!   it lists are part of what ADD would install.
+//! - DEL fails only for protocol errors (env 4, JSON 6, version 1) and for the kernel refusing
+//!   removal with the backend that ADD would use. Invalid plugin keys do not fail DEL: a runtime
+//!   repeats DEL with the config that failed ADD, and refusing it would wedge the pod; such a
+//!   config made ADD fail before it touched the kernel, so removal errors are only logged.
+//!   A missing or vanished netns is success; the host's netns is left alone (ADD never
+//!   programs it).
+//! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
+//!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
+//!   rule they miss lives in the pod netns, which the runtime deletes next.
+
+use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
+use crate::cni::config::{self, Attachment, NetConf, PodSelection};
+use crate::cni::env::{CniEnv, Command};
+use crate::cni::error::{Code, Error, Result};
+use crate::cni::{result, version};
+use crate::logging;
+use crate::netns::PodNetns;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Instant;
+
+/// What an invocation learned along the way, for its error answer and its log line.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The config's `cniVersion`, once known to be one we speak.
+    pub cni_version: Option<String>,
+    /// The backend used, once chosen.
+    pub backend: Option<&'static str>,
+}
+
+/// Runs one verb and logs one line about it. `Ok(Some)` is the JSON to print on stdout.
+pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
+    let started = Instant::now();
+    let outcome = run(env, stdin, trace);
+    let status = match &outcome {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("error {}: {e}", e.code as u32),
+    };
+    let line = format!(
+        "{} pod={} container={} backend={} outcome={} duration={}ms",
+        env.command,
+        env.pod,
+        env.container_id.as_ref().map_or("-", |c| c.as_str()),
+        trace.backend.unwrap_or("-"),
+        status,
+        started.elapsed().as_millis()
+    );
+    match (&outcome, env.command) {
+        (Err(_), _) => log::error!("{line}"),
+        (Ok(_), Command::Version) => log::debug!("{line}"),
+        (Ok(_), _) => log::info!("{line}"),
+    }
+    outcome
+}
+
+fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
+    if env.command == Command::Version {
+        return version_answer(stdin).map(Some);
+    }
+    let obj = config::decode(stdin)?;
+    let declared = config::cni_version(&obj)?;
+    if let Some(v) = declared.filter(|v| version::is_supported(v)) {
+        trace.cni_version = Some(v.to_string());
+    }
+    let cni_version = version::negotiate(declared, env.command)?;
+    let conf = match NetConf::from_object(&obj, cni_version) {
+        Ok(conf) => conf,
+        Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
+            // ADD validates the config before touching the kernel, so with this config it
+            // installed nothing: removal is attempted, and its errors only logged.
+            log::warn!("DEL: removing with every backend despite an invalid config: {e}");
+            let removed = del(env, &BackendChoice::Auto, &BackendOptions::default(), trace);
+            if let Err(e) = removed {
+                log::warn!("DEL: {e}");
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = logging::configure(conf.log_level, conf.log_file.as_deref()) {
+        log::warn!("logging to stderr only: {e}");
+    }
+    for key in config::unknown_keys(&obj) {
+        log::debug!("config: ignoring unknown key {key:?}");
+    }
+    match env.command {
+        Command::Add => add(env, &conf, trace),
+        Command::Del => del(env, &conf.backend, &conf.backend_options, trace),
+        Command::Check => check(env, &conf, trace),
+        Command::Status => status(&conf, trace),
+        Command::Gc => gc(&conf),
+        Command::Version => version_answer(stdin).map(Some),
+    }
+}
+
+/// VERSION needs no environment and tolerates an empty stdin.
+fn version_answer(stdin: &[u8]) -> Result<Value> {
+    if stdin.iter().all(u8::is_ascii_whitespace) {
+        return Ok(version::version_answer(None));
+    }
+    let obj = config::decode(stdin)?;
+    Ok(version::version_answer(config::cni_version(&obj)?))
+}
+
+/// The plan ADD would install now, and CHECK compares against.
+fn plan_for(conf: &NetConf) -> Result<(crate::plan::InterceptPlan, &Value)> {
+    if conf.pod_selection == PodSelection::Annotated {
+        return Err(Error::config("podSelection annotated is not supported yet"));
+    }
+    let prev = result::require(conf.prev_result.as_ref())?;
+    let plan = config::build_plan(&conf.settings, result::families(prev)?)?;
+    Ok((plan, prev))
+}
+
+/// ADD and CHECK need the pod netns to exist, and never accept the host's.
+fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
+    let path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| Error::env("CNI_NETNS", format!("required for {}", env.command)))?;
+    let ns = PodNetns::open(path)?.ok_or_else(|| {
+        Error::new(
+            Code::Io,
+            format!("CNI_NETNS {} does not exist", path.display()),
+        )
+    })?;
+    ns.refuse_own()?;
+    Ok(ns)
+}
+
+fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
+    let (plan, prev) = plan_for(conf)?;
+    let answer = result::passthrough(prev, &conf.cni_version)?;
+    let ns = open_pod_netns(env)?;
+    let backend = backend::build(
+        backend::resolve(conf.backend, &conf.backend_options)?,
+        &conf.backend_options,
+    );
+    trace.backend = Some(backend.name());
+    ns.run(|| backend.apply(&plan))?;
+    Ok(Some(answer))
+}
+
+fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
+    let (plan, _) = plan_for(conf)?;
+    let ns = open_pod_netns(env)?;
+    let backend = backend::build(
+        backend::resolve(conf.backend, &conf.backend_options)?,
+        &conf.backend_options,
+    );
+    trace.backend = Some(backend.name());
+    ns.run(|| backend.check(&plan))?;
+    Ok(None)
+}
+
+/// Every backend a pod's rules could have been installed with (iptables removal covers both
+/// of its variants).
+const ALL_KINDS: [BackendKind; 2] = [
+    BackendKind::Nftables,
+    BackendKind::Iptables(IptablesMode::Nft),
+];
+
+fn del(
+    env: &CniEnv,
+    choice: &BackendChoice,
+    options: &BackendOptions,
+    trace: &mut Trace,
+) -> Result<Option<Value>> {
+    let Some(path) = env.netns.as_deref() else {
+        log::debug!("DEL: no CNI_NETNS, nothing to remove");
+        return Ok(None);
+    };
+    let ns = match PodNetns::open(path)? {
+        Some(ns) if ns.is_namespace() => ns,
+        _ => {
+            log::debug!("DEL: netns {} is gone, nothing to remove", path.display());
+            return Ok(None);
+        }
+    };
+    if ns.is_own()? {
+        log::warn!(
+            "DEL: CNI_NETNS {} is the host's netns, where ADD never installs anything; leaving it alone",
+            path.display()
+        );
+        return Ok(None);
+    }
+    // An unresolvable `auto` still removes with every backend, none of them fatal.
+    let primary = match backend::resolve(*choice, options) {
+        Ok(kind) => Some(kind),
+        Err(e) if *choice == BackendChoice::Auto => {
+            log::debug!("DEL: {e}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let others: &[BackendKind] = if *choice == BackendChoice::Auto {
+        &ALL_KINDS
+    } else {
+        &[]
+    };
+    let mut fatal = Vec::new();
+    let mut tolerated = Vec::new();
+    if let Some(kind) = primary {
+        let backend = backend::build(kind, options);
+        trace.backend = Some(backend.name());
+        if let Err(e) = remove_in(&ns, backend.as_ref()) {
+            fatal.push(e);
+        }
+    }
+    for kind in others.iter().filter(|k| Some(**k) != primary) {
+        if let Err(e) = remove_in(&ns, backend::build(*kind, options).as_ref()) {
+            tolerated.push(e);
+        }
+    }
+    if let Some(e) = Error::collect(tolerated) {
+        log::debug!("DEL: other backends could not remove (ignored): {e}");
+    }
+    match Error::collect(fatal) {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+fn remove_in(ns: &PodNetns, backend: &(dyn Backend + Send + Sync)) -> Result<()> {
+    ns.run(|| backend.remove()).map_err(|e| Error {
+        msg: format!("{}: {}", backend.name(), e.msg),
+        ..e
+    })
+}
+
+fn status(conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
+    let kind = backend::resolve(conf.backend, &conf.backend_options)
+        .map_err(|e| Error::new(Code::PluginNotAvailable, e.to_string()))?;
+    let backend = backend::build(kind, &conf.backend_options);
+    trace.backend = Some(backend.name());
+    backend_ready(kind)?;
+    Ok(None)
+}
+
+/// Whether ADD could be served with `kind` on this host; code 50 when not.
+fn backend_ready(kind: BackendKind) -> Result<()> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+    match kind {
+        BackendKind::Nftables => socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map(drop)
+        .map_err(|e| {
+            Error::new(
+                Code::PluginNotAvailable,
+                format!("nftables: cannot open a netfilter netlink socket: {e}"),
+            )
+        }),
+        // Not probed here yet (the host prerequisite checks will): failing STATUS would mark
+        // the whole node's network not ready, while ADD itself names a missing binary (101).
+        BackendKind::Iptables(_) => Ok(()),
+    }
+}
+
+fn gc(conf: &NetConf) -> Result<Option<Value>> {
+    collect_garbage(&conf.state_dir, &conf.valid_attachments)?;
+    Ok(None)
+}
+
+/// Removes host-side state of attachments not in `valid`. Rules live in the pod netns and die
+/// with it, and nothing per attachment is kept in `state_dir` yet, so there is nothing to remove.
+fn collect_garbage(state_dir: &Path, valid: &[Attachment]) -> Result<()> {
+    log::debug!(
+        "GC: {} valid attachment(s); no per-attachment state in {}",
+        valid.len(),
+        state_dir.display()
+    );
+    Ok(())
+}

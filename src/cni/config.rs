@@ -1,0 +1,760 @@
+//! The plugin's network configuration (its object in the conflist) and the pure step from
+//! validated settings to an `InterceptPlan`.
+//!
+//! Each key is decoded on its own, so an error names the key and the value it had: malformed
+//! JSON is code 6, a wrong type or value is code 7. Unknown keys are ignored (debug log).
+//! CIDRs with host bits set (`10.1.2.3/8`) are refused rather than silently widened or
+//! narrowed: the intent is ambiguous, and the error says which forms would be accepted.
+
+use super::error::{Code, Error, Result};
+use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
+use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use ipnetwork::IpNetwork;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+/// Which pods get interception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSelection {
+    /// Every pod the plugin is called for.
+    All,
+    /// Only pods whose annotations ask for it (the per-pod policy; not served yet).
+    Annotated,
+}
+
+/// What to do when the host lacks a kernel feature the backend needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostPrerequisites {
+    Enforce,
+    Warn,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BackendKey {
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum IptablesModeKey {
+    Legacy,
+    Nft,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogLevelKey {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// One entry of GC's `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The interception knobs, as the config sets them. A per-pod policy overlays its own values on
+/// a copy of these, then `build_plan` validates the combination once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSettings {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub proxy_uid: u32,
+    pub proxy_gid: Option<u32>,
+    pub exclude_inbound_ports: Vec<PortRange>,
+    pub exclude_outbound_ports: Vec<PortRange>,
+    /// `None`: every inbound port; `Some`: only these.
+    pub include_inbound_ports: Option<Vec<PortRange>>,
+    pub exclude_outbound_cidrs: Vec<IpNetwork>,
+    /// `None`: every destination; `Some`: only these.
+    pub include_outbound_cidrs: Option<Vec<IpNetwork>>,
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        PlanSettings {
+            inbound_port: 15006,
+            outbound_port: 15001,
+            proxy_uid: 1337,
+            proxy_gid: None,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_inbound_ports: None,
+            exclude_outbound_cidrs: Vec::new(),
+            include_outbound_cidrs: None,
+        }
+    }
+}
+
+impl PlanSettings {
+    /// Rules that span several keys (each key alone was checked while decoding).
+    fn validate(&self) -> Result<()> {
+        if self.inbound_port == self.outbound_port {
+            return Err(Error::config(format!(
+                "inboundPort and outboundPort must differ (both are {})",
+                self.inbound_port
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration of one invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    /// Already negotiated (see `version::negotiate`).
+    pub cni_version: String,
+    pub name: Value,
+    pub plugin_type: Value,
+    pub prev_result: Option<Value>,
+    pub runtime_config: Option<Value>,
+    pub backend: BackendChoice,
+    pub backend_options: BackendOptions,
+    pub pod_selection: PodSelection,
+    pub settings: PlanSettings,
+    pub state_dir: PathBuf,
+    pub log_level: log::LevelFilter,
+    pub log_file: Option<PathBuf>,
+    pub host_prerequisites: HostPrerequisites,
+    /// GC's attachments still in use, from either spelling of the key. Absent or null reads as
+    /// empty: Go runtimes marshal an empty list as null.
+    pub valid_attachments: Vec<Attachment>,
+}
+
+/// Keys the plugin reads, plus the spec's well-known ones it passes over silently.
+const KNOWN_KEYS: &[&str] = &[
+    "cniVersion",
+    "name",
+    "type",
+    "args",
+    "ipMasq",
+    "ipam",
+    "dns",
+    "capabilities",
+    "prevResult",
+    "runtimeConfig",
+    "cni.dev/valid-attachments",
+    "cni.dev/attachments",
+    "backend",
+    "iptablesMode",
+    "iptablesPath",
+    "podSelection",
+    "inboundPort",
+    "outboundPort",
+    "proxyUID",
+    "proxyGID",
+    "excludeInboundPorts",
+    "excludeOutboundPorts",
+    "includeInboundPorts",
+    "excludeOutboundCIDRs",
+    "includeOutboundCIDRs",
+    "stateDir",
+    "logLevel",
+    "logFile",
+    "hostPrerequisites",
+];
+
+pub const DEFAULT_STATE_DIR: &str = "/var/run/intercept-cni";
+
+/// Parses stdin as a JSON object; anything else is a decode failure (code 6).
+pub fn decode(stdin: &[u8]) -> Result<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(stdin) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(Error::new(
+            Code::Decode,
+            "network configuration is not a JSON object",
+        )),
+        Err(e) => Err(Error::new(
+            Code::Decode,
+            format!("cannot decode network configuration: {e}"),
+        )),
+    }
+}
+
+/// The config's `cniVersion`: `None` when absent; a non-string is invalid config.
+pub fn cni_version(obj: &Map<String, Value>) -> Result<Option<&str>> {
+    match obj.get("cniVersion") {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(invalid("cniVersion", other, "must be a string")),
+    }
+}
+
+fn invalid(key: &str, value: &Value, why: impl std::fmt::Display) -> Error {
+    Error::config(format!("{key}: invalid value {value}: {why}"))
+}
+
+/// Decodes `key` with serde; absent or null means "use the default".
+fn field<T: DeserializeOwned>(obj: &Map<String, Value>, key: &str) -> Result<Option<T>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => T::deserialize(v).map(Some).map_err(|e| invalid(key, v, e)),
+    }
+}
+
+fn port(obj: &Map<String, Value>, key: &str) -> Result<Option<u16>> {
+    let Some(n) = field::<u64>(obj, key)? else {
+        return Ok(None);
+    };
+    match u16::try_from(n) {
+        Ok(p) if p != 0 => Ok(Some(p)),
+        _ => Err(invalid(key, &obj[key], "must be a port in 1-65535")),
+    }
+}
+
+fn port_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<PortRange>>> {
+    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+        return Ok(None);
+    };
+    items
+        .iter()
+        .map(|item| {
+            let parsed = match item {
+                Value::Number(n) => match n.as_u64().and_then(|n| u16::try_from(n).ok()) {
+                    Some(p) => PortRange::single(p),
+                    None => Err("must be a port in 1-65535".to_string()),
+                },
+                Value::String(s) => s.parse::<PortRange>(),
+                _ => Err("must be a port number or an \"a-b\" range string".to_string()),
+            };
+            parsed.map_err(|why| invalid(key, item, why))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork>>> {
+    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+        return Ok(None);
+    };
+    items
+        .iter()
+        .map(|item| {
+            let Value::String(s) = item else {
+                return Err(invalid(key, item, "must be a CIDR string"));
+            };
+            let net: IpNetwork = s.trim().parse().map_err(|e| invalid(key, item, e))?;
+            if net.ip() != net.network() {
+                return Err(invalid(
+                    key,
+                    item,
+                    format!(
+                        "has host bits set (did you mean {}/{} or a single address?)",
+                        net.network(),
+                        net.prefix()
+                    ),
+                ));
+            }
+            Ok(net)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>> {
+    let Some(s) = field::<String>(obj, key)? else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(&s);
+    if !path.is_absolute() {
+        return Err(invalid(key, &obj[key], "must be an absolute path"));
+    }
+    Ok(Some(path))
+}
+
+/// Keys this plugin ignores; logged once logging is configured from the same config.
+pub fn unknown_keys(obj: &Map<String, Value>) -> impl Iterator<Item = &String> {
+    obj.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+}
+
+impl NetConf {
+    /// Validates every key of an already decoded config whose `cniVersion` was negotiated.
+    pub fn from_object(obj: &Map<String, Value>, cni_version: &str) -> Result<NetConf> {
+        let backend_key = field::<BackendKey>(obj, "backend")?.unwrap_or(BackendKey::Auto);
+        let iptables_mode = field::<IptablesModeKey>(obj, "iptablesMode")?;
+        let iptables_path = absolute_path(obj, "iptablesPath")?;
+        if backend_key == BackendKey::Nftables {
+            for (key, set) in [
+                ("iptablesMode", iptables_mode.is_some()),
+                ("iptablesPath", iptables_path.is_some()),
+            ] {
+                if set {
+                    return Err(Error::config(format!(
+                        "{key}: belongs to the other backend (backend is nftables)"
+                    )));
+                }
+            }
+        }
+        let mode = match iptables_mode {
+            Some(IptablesModeKey::Legacy) => Some(IptablesMode::Legacy),
+            Some(IptablesModeKey::Nft) => Some(IptablesMode::Nft),
+            Some(IptablesModeKey::Auto) | None => None,
+        };
+        let backend = match backend_key {
+            BackendKey::Auto => BackendChoice::Auto,
+            BackendKey::Nftables => BackendChoice::Nftables,
+            BackendKey::Iptables => BackendChoice::Iptables(mode),
+        };
+
+        let defaults = PlanSettings::default();
+        let settings = PlanSettings {
+            inbound_port: port(obj, "inboundPort")?.unwrap_or(defaults.inbound_port),
+            outbound_port: port(obj, "outboundPort")?.unwrap_or(defaults.outbound_port),
+            proxy_uid: field(obj, "proxyUID")?.unwrap_or(defaults.proxy_uid),
+            proxy_gid: field(obj, "proxyGID")?,
+            exclude_inbound_ports: port_list(obj, "excludeInboundPorts")?.unwrap_or_default(),
+            exclude_outbound_ports: port_list(obj, "excludeOutboundPorts")?.unwrap_or_default(),
+            include_inbound_ports: port_list(obj, "includeInboundPorts")?,
+            exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?.unwrap_or_default(),
+            include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?,
+        };
+        settings.validate()?;
+
+        let log_level = match field::<LogLevelKey>(obj, "logLevel")?.unwrap_or(LogLevelKey::Info) {
+            LogLevelKey::Error => log::LevelFilter::Error,
+            LogLevelKey::Warn => log::LevelFilter::Warn,
+            LogLevelKey::Info => log::LevelFilter::Info,
+            LogLevelKey::Debug => log::LevelFilter::Debug,
+            LogLevelKey::Trace => log::LevelFilter::Trace,
+        };
+
+        let prev_result = match obj.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(v) => return Err(invalid("prevResult", v, "must be a JSON object")),
+        };
+
+        let valid_attachments = match field(obj, "cni.dev/valid-attachments")? {
+            Some(list) => list,
+            None => field(obj, "cni.dev/attachments")?.unwrap_or_default(),
+        };
+
+        Ok(NetConf {
+            cni_version: cni_version.to_string(),
+            name: obj.get("name").cloned().unwrap_or(Value::Null),
+            plugin_type: obj.get("type").cloned().unwrap_or(Value::Null),
+            prev_result,
+            runtime_config: obj.get("runtimeConfig").cloned(),
+            backend,
+            backend_options: BackendOptions { iptables_path },
+            pod_selection: field(obj, "podSelection")?.unwrap_or(PodSelection::All),
+            settings,
+            state_dir: absolute_path(obj, "stateDir")?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            log_level,
+            log_file: absolute_path(obj, "logFile")?,
+            host_prerequisites: field(obj, "hostPrerequisites")?
+                .unwrap_or(HostPrerequisites::Enforce),
+            valid_attachments,
+        })
+    }
+}
+
+/// Sorted, overlapping and adjacent ranges merged: one canonical form for every backend (and
+/// nftables interval sets refuse overlapping elements).
+fn normalize_ports(ranges: &[PortRange]) -> Vec<PortRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    let mut merged: Vec<PortRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if u32::from(r.start()) <= u32::from(last.end()) + 1 => {
+                if r.end() > last.end() {
+                    *last = PortRange::new(last.start(), r.end()).unwrap_or(*last);
+                }
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// `keep` minus every port in `remove`, normalized.
+fn subtract_ports(keep: &[PortRange], remove: &[PortRange]) -> Vec<PortRange> {
+    let remove = normalize_ports(remove);
+    let mut out = Vec::new();
+    for r in normalize_ports(keep) {
+        let mut start = u32::from(r.start());
+        let end = u32::from(r.end());
+        for cut in remove
+            .iter()
+            .filter(|c| c.end() >= r.start() && c.start() <= r.end())
+        {
+            if u32::from(cut.start()) > start {
+                out.push((start, u32::from(cut.start()) - 1));
+            }
+            start = start.max(u32::from(cut.end()) + 1);
+        }
+        if start <= end {
+            out.push((start, end));
+        }
+    }
+    // Every bound stays inside the original 1..=65535 ranges, so the conversions cannot fail.
+    out.into_iter()
+        .filter_map(|(a, b)| PortRange::new(u16::try_from(a).ok()?, u16::try_from(b).ok()?).ok())
+        .collect()
+}
+
+/// Sorted, without duplicates or networks contained in another listed one.
+fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
+    let mut sorted = cidrs.to_vec();
+    sorted.sort_by_key(|n| (n.is_ipv6(), n.prefix(), n.network()));
+    let mut kept: Vec<IpNetwork> = Vec::new();
+    for net in sorted {
+        let covered = kept
+            .iter()
+            .any(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
+        if !covered {
+            kept.push(net);
+        }
+    }
+    kept.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+    kept
+}
+
+/// The one step from settings (config, possibly overlaid by a per-pod policy) to a plan.
+/// (Every backend itself keeps the proxy's own ports from being redirected to the proxy.)
+pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<InterceptPlan> {
+    settings.validate()?;
+    let inbound_excluded = &settings.exclude_inbound_ports;
+    let inbound_ports = match &settings.include_inbound_ports {
+        None => InboundPorts::AllExcept(normalize_ports(inbound_excluded)),
+        Some(include) => {
+            let only = subtract_ports(include, inbound_excluded);
+            if only.is_empty() {
+                InboundPorts::None
+            } else {
+                InboundPorts::Only(only)
+            }
+        }
+    };
+    let exclude_cidrs = normalize_cidrs(&settings.exclude_outbound_cidrs);
+    let outbound_cidrs = match &settings.include_outbound_cidrs {
+        None => OutboundCidrs::AllExcept(exclude_cidrs),
+        Some(include) => OutboundCidrs::Only {
+            include: normalize_cidrs(include),
+            exclude: exclude_cidrs,
+        },
+    };
+    Ok(InterceptPlan {
+        inbound_port: settings.inbound_port,
+        outbound_port: settings.outbound_port,
+        proxy_uid: settings.proxy_uid,
+        proxy_gid: settings.proxy_gid,
+        inbound_ports,
+        exclude_inbound_sources: Vec::new(),
+        exclude_outbound_ports: normalize_ports(&settings.exclude_outbound_ports),
+        outbound_cidrs,
+        families,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::version::SUPPORTED;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/config")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn parse(bytes: &[u8]) -> Result<NetConf> {
+        let obj = decode(bytes)?;
+        let version = cni_version(&obj)?.unwrap_or("1.1.0").to_string();
+        NetConf::from_object(&obj, &version)
+    }
+
+    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+        list.iter()
+            .map(|&(a, b)| PortRange::new(a, b).unwrap())
+            .collect()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNetwork> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let conf = parse(&fixture("valid-minimal.json")).unwrap();
+        assert_eq!(conf.cni_version, "1.0.0");
+        assert_eq!(conf.name, json!("k8s-pod-network"));
+        assert_eq!(conf.plugin_type, json!("intercept-cni"));
+        assert_eq!(conf.backend, BackendChoice::Auto);
+        assert_eq!(conf.backend_options, BackendOptions::default());
+        assert_eq!(conf.pod_selection, PodSelection::All);
+        assert_eq!(conf.settings, PlanSettings::default());
+        assert_eq!(conf.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(conf.log_level, log::LevelFilter::Info);
+        assert_eq!(conf.log_file, None);
+        assert_eq!(conf.host_prerequisites, HostPrerequisites::Enforce);
+        assert_eq!(conf.prev_result, None);
+        assert!(conf.valid_attachments.is_empty());
+    }
+
+    #[test]
+    fn full_config_sets_every_key() {
+        let bytes = fixture("valid-full.json");
+        let conf = parse(&bytes).unwrap();
+        assert_eq!(
+            conf.backend,
+            BackendChoice::Iptables(Some(IptablesMode::Legacy))
+        );
+        assert_eq!(
+            conf.backend_options.iptables_path,
+            Some(PathBuf::from("/usr/sbin"))
+        );
+        assert_eq!(conf.pod_selection, PodSelection::Annotated);
+        let s = &conf.settings;
+        assert_eq!((s.inbound_port, s.outbound_port), (15106, 15101));
+        assert_eq!((s.proxy_uid, s.proxy_gid), (2000, Some(0)));
+        assert_eq!(s.exclude_inbound_ports, ports(&[(22, 22), (15020, 15021)]));
+        assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
+        assert_eq!(
+            s.include_inbound_ports,
+            Some(ports(&[(8000, 8100), (9090, 9090)]))
+        );
+        assert_eq!(
+            s.exclude_outbound_cidrs,
+            nets(&["169.254.169.254/32", "fd00::/8"])
+        );
+        assert_eq!(
+            s.include_outbound_cidrs,
+            Some(nets(&["10.0.0.0/8", "2001:db8::/32"]))
+        );
+        assert_eq!(conf.state_dir, PathBuf::from("/run/intercept"));
+        assert_eq!(conf.log_level, log::LevelFilter::Debug);
+        assert_eq!(
+            conf.log_file,
+            Some(PathBuf::from("/var/log/intercept-cni.log"))
+        );
+        assert_eq!(conf.host_prerequisites, HostPrerequisites::Warn);
+        assert_eq!(conf.runtime_config, Some(json!({"portMappings": []})));
+        let obj = decode(&bytes).unwrap();
+        assert_eq!(unknown_keys(&obj).collect::<Vec<_>>(), ["someFutureKey"]);
+    }
+
+    #[test]
+    fn iptables_mode_auto_and_backend_auto_with_iptables_keys() {
+        let conf = parse(br#"{"backend": "iptables", "iptablesMode": "auto"}"#).unwrap();
+        assert_eq!(conf.backend, BackendChoice::Iptables(None));
+        // auto may pick iptables, so its keys are accepted there.
+        let conf = parse(br#"{"iptablesMode": "nft", "iptablesPath": "/sbin"}"#).unwrap();
+        assert_eq!(conf.backend, BackendChoice::Auto);
+        let conf = parse(br#"{"inboundPort": null, "proxyGID": null}"#).unwrap();
+        assert_eq!(conf.settings, PlanSettings::default());
+    }
+
+    #[test]
+    fn gc_attachments_from_either_key() {
+        let conf = parse(&fixture("valid-gc.json")).unwrap();
+        assert_eq!(conf.valid_attachments.len(), 2);
+        assert_eq!(conf.valid_attachments[1].container_id, "def456");
+        assert_eq!(conf.valid_attachments[1].ifname, "net1");
+        let old = br#"{"cni.dev/attachments": [{"containerID": "a", "ifname": "eth0"}]}"#;
+        assert_eq!(parse(old).unwrap().valid_attachments.len(), 1);
+        let null = br#"{"cni.dev/valid-attachments": null}"#;
+        assert!(parse(null).unwrap().valid_attachments.is_empty());
+    }
+
+    #[test]
+    fn every_invalid_fixture_is_code_7_naming_its_key() {
+        let cases = [
+            ("backend", "backend"),
+            (
+                "nftables-with-iptables-mode",
+                "iptablesMode: belongs to the other backend",
+            ),
+            (
+                "nftables-with-iptables-path",
+                "iptablesPath: belongs to the other backend",
+            ),
+            ("iptables-path-relative", "iptablesPath"),
+            ("iptables-mode", "iptablesMode"),
+            ("pod-selection", "podSelection"),
+            ("inbound-port-zero", "inboundPort: invalid value 0"),
+            ("outbound-port-too-big", "outboundPort: invalid value 65536"),
+            ("port-as-string", "inboundPort: invalid value \"15006\""),
+            ("same-ports", "inboundPort and outboundPort must differ"),
+            ("proxy-uid-negative", "proxyUID: invalid value -1"),
+            ("proxy-gid-too-big", "proxyGID: invalid value 4294967296"),
+            (
+                "exclude-port-reversed",
+                "excludeInboundPorts: invalid value \"9000-8000\"",
+            ),
+            ("exclude-port-garbage", "excludeOutboundPorts"),
+            ("include-ports-not-list", "includeInboundPorts"),
+            (
+                "cidr-garbage",
+                "excludeOutboundCIDRs: invalid value \"10.0.0.0/33\"",
+            ),
+            (
+                "cidr-host-bits",
+                "includeOutboundCIDRs: invalid value \"10.1.2.3/8\"",
+            ),
+            ("state-dir-relative", "stateDir"),
+            ("log-level", "logLevel: invalid value \"verbose\""),
+            ("log-file-relative", "logFile"),
+            ("host-prerequisites", "hostPrerequisites"),
+            ("prev-result-not-object", "prevResult"),
+            ("gc-attachments-shape", "cni.dev/valid-attachments"),
+        ];
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/config");
+        let on_disk = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("invalid-")
+            })
+            .count();
+        assert_eq!(
+            on_disk,
+            cases.len(),
+            "every invalid fixture is in the table"
+        );
+        for (name, expected) in cases {
+            let e = parse(&fixture(&format!("invalid-{name}.json"))).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{name}: {e}");
+            assert!(e.msg.contains(expected), "{name}: {:?}", e.msg);
+        }
+    }
+
+    #[test]
+    fn decode_failures_are_code_6() {
+        for bad in [
+            fixture("malformed.json"),
+            b"".to_vec(),
+            b"[]".to_vec(),
+            b"\"x\"".to_vec(),
+        ] {
+            assert_eq!(decode(&bad).unwrap_err().code, Code::Decode);
+        }
+    }
+
+    #[test]
+    fn non_string_cni_version_is_code_7() {
+        let obj = decode(br#"{"cniVersion": 1.0}"#).unwrap();
+        assert_eq!(cni_version(&obj).unwrap_err().code, Code::InvalidConfig);
+    }
+
+    #[test]
+    fn every_supported_version_parses_the_same_config() {
+        for v in SUPPORTED {
+            let bytes = format!(r#"{{"cniVersion": "{v}", "inboundPort": 8080}}"#);
+            let conf = parse(bytes.as_bytes()).unwrap();
+            assert_eq!(conf.cni_version, v);
+            assert_eq!(conf.settings.inbound_port, 8080);
+        }
+    }
+
+    #[test]
+    fn default_settings_give_the_default_plan() {
+        let plan = build_plan(&PlanSettings::default(), Families::BOTH).unwrap();
+        assert_eq!(plan, InterceptPlan::with_defaults(Families::BOTH));
+    }
+
+    #[test]
+    fn plan_merges_ranges_and_subtracts_excludes_from_includes() {
+        let settings = PlanSettings {
+            exclude_inbound_ports: ports(&[(8050, 8060), (22, 22), (23, 25)]),
+            include_inbound_ports: Some(ports(&[(8000, 8100), (80, 80), (22, 22), (15000, 15010)])),
+            exclude_outbound_ports: ports(&[(53, 53), (50, 60), (100, 200), (201, 201)]),
+            ..PlanSettings::default()
+        };
+        let v4 = Families {
+            ipv4: true,
+            ipv6: false,
+        };
+        let plan = build_plan(&settings, v4).unwrap();
+        assert_eq!(plan.families, v4);
+        assert_eq!(
+            plan.inbound_ports,
+            InboundPorts::Only(ports(&[
+                (80, 80),
+                (8000, 8049),
+                (8061, 8100),
+                (15000, 15010)
+            ]))
+        );
+        assert_eq!(plan.exclude_outbound_ports, ports(&[(50, 60), (100, 201)]));
+
+        let settings = PlanSettings {
+            exclude_inbound_ports: ports(&[(1, 65535)]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.inbound_ports,
+            InboundPorts::AllExcept(ports(&[(1, 65535)]))
+        );
+    }
+
+    #[test]
+    fn empty_or_fully_excluded_include_list_means_no_inbound_interception() {
+        for include in [vec![], ports(&[(22, 22)])] {
+            let settings = PlanSettings {
+                exclude_inbound_ports: ports(&[(22, 22)]),
+                include_inbound_ports: Some(include.clone()),
+                ..PlanSettings::default()
+            };
+            let plan = build_plan(&settings, Families::BOTH).unwrap();
+            assert_eq!(plan.inbound_ports, InboundPorts::None, "{include:?}");
+        }
+    }
+
+    #[test]
+    fn outbound_cidrs_are_normalized() {
+        let settings = PlanSettings {
+            exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.0.0.0/8", "fd00::/8", "10.0.0.0/8"]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.outbound_cidrs,
+            OutboundCidrs::AllExcept(nets(&["10.0.0.0/8", "fd00::/8"]))
+        );
+        let settings = PlanSettings {
+            include_outbound_cidrs: Some(nets(&["2001:db8::/32", "192.168.0.0/16"])),
+            exclude_outbound_cidrs: nets(&["192.168.1.0/24"]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.outbound_cidrs,
+            OutboundCidrs::Only {
+                include: nets(&["192.168.0.0/16", "2001:db8::/32"]),
+                exclude: nets(&["192.168.1.0/24"]),
+            }
+        );
+    }
+
+    #[test]
+    fn an_overlay_that_makes_the_ports_equal_is_refused() {
+        let settings = PlanSettings {
+            outbound_port: 15006,
+            ..PlanSettings::default()
+        };
+        let e = build_plan(&settings, Families::BOTH).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+    }
+}
