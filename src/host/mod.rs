@@ -19,8 +19,9 @@
 //!
 //! Positive evidence beats negative: a loaded out-of-tree module counts even if the config says
 //! "not set". Modules that newer kernels merged into another one (see `modules`) take their
-//! successor's state from the merge on; before it, they do too when the config does not know
-//! their symbol at all (distributions that backported the merge).
+//! successor's state from the merge on; before it, they do too when they are absent, their
+//! successor is usable and no config says they were left out (distributions that backported
+//! the merge, such as RHEL 8).
 
 mod cache;
 mod detect;
@@ -220,7 +221,8 @@ fn module_report(
         Some(merge) => {
             let successor = Requirement::find(merge.into).map_or(req.config, |s| s.config);
             let merged_here = kernel.is_none_or(|k| k >= merge.since);
-            // A backport: the config never heard of the old symbol, yet the successor is here.
+            // A backport (RHEL 8's 4.18): the old module is absent and no config says it was
+            // left out, yet its successor is here.
             let backported = !merged_here
                 && !own.state.usable()
                 && sources.config_says(req.config) != Some(Some(Tristate::NotSet));
