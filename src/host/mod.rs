@@ -700,10 +700,10 @@ pub(crate) mod tests {
         }
     }
 
-    /// Root: the iptables rule shapes are programmed and removed in a throwaway netns, in both
-    /// modes and both families, and the host's own tables are left alone.
+    /// Root: each backend's rules are programmed and removed in a throwaway netns, both families,
+    /// and the host's own tables are left alone. (Needs the nftables backend from issue 2.)
     #[test]
-    fn functional_probe_programs_and_removes_the_iptables_rules() {
+    fn functional_probe_programs_and_removes_each_backends_rules() {
         let host_rules = || -> Vec<String> {
             [
                 "iptables-legacy-save",
@@ -724,7 +724,7 @@ pub(crate) mod tests {
             .collect()
         };
         let before = host_rules();
-        for kind in [LEGACY, IPT_NFT] {
+        for kind in [NFT, LEGACY, IPT_NFT] {
             functional_probe(kind, true).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
         }
         assert_eq!(host_rules(), before);
@@ -733,13 +733,18 @@ pub(crate) mod tests {
     /// Root: on a host root that cannot decide, the probe of the running kernel does.
     #[test]
     fn probe_decides_what_the_files_cannot() {
-        let r = assess_at(&fixture("unverified"), IPT_NFT, false, true);
-        assert_eq!(r.probe, Probe::Passed);
-        assert!(r.ok, "{}", problems(&r));
-        assert!(module(&r, "xt_owner")
-            .source
-            .starts_with("functional probe"));
+        for (kind, probed) in [
+            (NFT, "nft_nat"),
+            (LEGACY, "iptable_nat"),
+            (IPT_NFT, "xt_owner"),
+        ] {
+            let r = assess_at(&fixture("unverified"), kind, true, true);
+            assert_eq!(r.probe, Probe::Passed, "{}", problems(&r));
+            assert!(r.ok, "{}", problems(&r));
+            assert!(module(&r, probed).source.starts_with("functional probe"));
+        }
         // Found by the files, so not the probe's doing.
+        let r = assess_at(&fixture("unverified"), NFT, false, true);
         assert_eq!(state(&r, "nf_tables").0, ModuleState::Loaded);
     }
 
