@@ -33,7 +33,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Prefix of our own annotations.
-pub const PREFIX: &str = "intercept-cni.io/";
+const PREFIX: &str = "intercept-cni.io/";
 
 const ENABLED: &str = "intercept-cni.io/enabled";
 const INBOUND_PORT: &str = "intercept-cni.io/inbound-port";
