@@ -23,6 +23,7 @@ use crate::cni::{result, version};
 use crate::logging;
 use crate::netns::PodNetns;
 use serde_json::Value;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
 
@@ -33,6 +34,27 @@ pub struct Trace {
     pub cni_version: Option<String>,
     /// The backend used, once chosen.
     pub backend: Option<&'static str>,
+}
+
+/// Runs `invocation`, turning a panic into a code-199 error: `main` runs every CNI invocation
+/// through this, so no panic leaves without an answer (the panic hook logs where it happened).
+pub fn guarded(
+    trace: &mut Trace,
+    invocation: impl FnOnce(&mut Trace) -> Result<Option<Value>>,
+) -> Result<Option<Value>> {
+    panic::catch_unwind(AssertUnwindSafe(|| invocation(trace)))
+        .unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
+/// What `main` prints on stdout (at most one JSON object) and whether it exits with success.
+pub fn final_answer(outcome: Result<Option<Value>>, trace: &Trace) -> (Option<Value>, bool) {
+    match outcome {
+        Ok(answer) => (answer, true),
+        Err(e) => {
+            let version = trace.cni_version.as_deref().unwrap_or(version::LATEST);
+            (Some(e.to_json(version)), false)
+        }
+    }
 }
 
 /// Runs one verb and logs one line about it. `Ok(Some)` is the JSON to print on stdout.
@@ -281,4 +303,49 @@ fn collect_garbage(state_dir: &Path, valid: &[Attachment]) -> Result<()> {
         state_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path `main` takes for a panic anywhere in an invocation, down to the printed text.
+    #[test]
+    fn a_panic_becomes_one_json_error_answer() {
+        let mut trace = Trace::default();
+        let outcome = guarded(&mut trace, |trace| {
+            trace.cni_version = Some("0.4.0".into());
+            panic!("index out of bounds")
+        });
+        let (answer, success) = final_answer(outcome, &trace);
+        assert!(!success);
+        let printed = serde_json::to_string(&answer.expect("an answer")).unwrap();
+        let parsed: Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(parsed["code"], 199);
+        assert_eq!(parsed["cniVersion"], "0.4.0");
+        assert!(parsed["msg"]
+            .as_str()
+            .unwrap()
+            .contains("index out of bounds"));
+    }
+
+    #[test]
+    fn answers_without_a_panic_pass_through() {
+        let mut trace = Trace::default();
+        let ok = guarded(&mut trace, |_| Ok(Some(serde_json::json!({"a": 1}))));
+        assert_eq!(
+            final_answer(ok, &trace),
+            (Some(serde_json::json!({"a": 1})), true)
+        );
+        let silent = guarded(&mut trace, |_| Ok(None));
+        assert_eq!(final_answer(silent, &trace), (None, true));
+        let failed = guarded(&mut trace, |_| Err(Error::config("bad")));
+        let (answer, success) = final_answer(failed, &trace);
+        assert!(!success);
+        let answer = answer.unwrap();
+        assert_eq!(
+            (answer["code"].as_u64(), answer["cniVersion"].as_str()),
+            (Some(7), Some(version::LATEST))
+        );
+    }
 }

@@ -85,15 +85,18 @@ pub fn run_in_new<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
 
 /// A panic on the namespace thread becomes an error answer, never a crash.
 fn join<T>(joined: std::thread::Result<Result<T>>) -> Result<T> {
-    joined.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(Error::new(
-            Code::Internal,
-            format!("internal error in netns thread: {what}"),
-        ))
-    })
+    joined.unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root: a panic inside the namespace thread comes back as a code-199 error, not a crash.
+    #[test]
+    fn a_panic_in_the_netns_thread_is_an_error() {
+        let e = run_in_new(|| -> Result<()> { panic!("rule rendering bug") }).unwrap_err();
+        assert_eq!(e.code, Code::Internal);
+        assert!(e.msg.contains("rule rendering bug"), "{}", e.msg);
+    }
 }
