@@ -22,7 +22,7 @@ use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
 use crate::logging;
 use crate::netns::PodNetns;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
@@ -86,13 +86,8 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     if env.command == Command::Version {
         return version_answer(stdin).map(Some);
     }
-    let obj = config::decode(stdin)?;
-    let declared = config::cni_version(&obj)?;
-    if let Some(v) = declared.filter(|v| version::is_supported(v)) {
-        trace.cni_version = Some(v.to_string());
-    }
-    let cni_version = version::negotiate(declared, env.command)?;
-    let conf = match NetConf::from_object(&obj, cni_version) {
+    let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
+    let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
             // ADD validates the config before touching the kernel, so with this config it
@@ -122,8 +117,24 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     }
 }
 
+/// The decoded config object and the version negotiated for `command`. Pure, like everything
+/// up to `plan_for`: the fuzz target (fuzz/) drives these steps without a kernel.
+pub fn negotiate(
+    command: Command,
+    stdin: &[u8],
+    trace: &mut Trace,
+) -> Result<(Map<String, Value>, String)> {
+    let obj = config::decode(stdin)?;
+    let declared = config::cni_version(&obj)?;
+    if let Some(v) = declared.filter(|v| version::is_supported(v)) {
+        trace.cni_version = Some(v.to_string());
+    }
+    let cni_version = version::negotiate(declared, command)?.to_string();
+    Ok((obj, cni_version))
+}
+
 /// VERSION needs no environment and tolerates an empty stdin.
-fn version_answer(stdin: &[u8]) -> Result<Value> {
+pub fn version_answer(stdin: &[u8]) -> Result<Value> {
     if stdin.iter().all(u8::is_ascii_whitespace) {
         return Ok(version::version_answer(None));
     }
@@ -132,7 +143,7 @@ fn version_answer(stdin: &[u8]) -> Result<Value> {
 }
 
 /// The plan ADD would install now, and CHECK compares against.
-fn plan_for(conf: &NetConf) -> Result<(crate::plan::InterceptPlan, &Value)> {
+pub fn plan_for(conf: &NetConf) -> Result<(crate::plan::InterceptPlan, &Value)> {
     if conf.pod_selection == PodSelection::Annotated {
         return Err(Error::config("podSelection annotated is not supported yet"));
     }
