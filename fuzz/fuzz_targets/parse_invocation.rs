@@ -70,7 +70,10 @@ fn invocation(
         Command::Add | Command::Check => {
             let (_plan, prev) = cmd::plan_for(&conf)?;
             let answer = result::passthrough(prev, &conf.cni_version)?;
-            assert_eq!(answer["cniVersion"], Value::String(conf.cni_version.clone()));
+            assert_eq!(
+                answer["cniVersion"],
+                Value::String(conf.cni_version.clone())
+            );
             Ok(Some(answer))
         }
         _ => Ok(None),
