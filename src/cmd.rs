@@ -66,13 +66,13 @@ pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<V
         Err(e) => format!("error {}: {e}", e.code as u32),
     };
     let line = format!(
-        "{} pod={} container={} backend={} outcome={} duration={}ms",
+        "{} pod={} container={} backend={} outcome={} duration={:.3}ms",
         env.command,
         env.pod,
         env.container_id.as_ref().map_or("-", |c| c.as_str()),
         trace.backend.unwrap_or("-"),
         status,
-        started.elapsed().as_millis()
+        started.elapsed().as_secs_f64() * 1000.0
     );
     match (&outcome, env.command) {
         (Err(_), _) => log::error!("{line}"),
@@ -101,7 +101,11 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         }
         Err(e) => return Err(e),
     };
-    if let Err(e) = logging::configure(conf.log_level, conf.log_file.as_deref()) {
+    if let Err(e) = logging::configure(
+        conf.log_level,
+        conf.log_file.as_deref(),
+        conf.log_file_max_bytes,
+    ) {
         log::warn!("logging to stderr only: {e}");
     }
     for key in config::unknown_keys(&obj) {

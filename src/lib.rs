@@ -9,3 +9,4 @@ pub mod install;
 pub mod logging;
 pub mod netns;
 pub mod plan;
+pub mod trusted_path;
