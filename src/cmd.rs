@@ -168,6 +168,15 @@ fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
             format!("CNI_NETNS {} does not exist", path.display()),
         )
     })?;
+    if !ns.is_namespace() {
+        return Err(Error::new(
+            Code::Io,
+            format!(
+                "CNI_NETNS {} is not a network namespace (a mount point whose namespace is gone, or another kind of file)",
+                path.display()
+            ),
+        ));
+    }
     ns.refuse_own()?;
     Ok(ns)
 }

@@ -3,6 +3,8 @@
 
 use crate::cni::error::{Code, Error, Result};
 use nix::sched::{unshare, CloneFlags};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// An opened pod namespace. Holding the file keeps the identity stable between the host-netns
@@ -26,11 +28,13 @@ impl PodNetns {
         }
     }
 
-    /// False for a file that no longer holds a namespace, such as a bind-mount target left
-    /// behind after the runtime unmounted it (DEL treats that as already gone).
+    /// False for a file that is not a network namespace: a bind-mount target left behind after
+    /// the runtime unmounted it (DEL treats that as already gone), or another namespace type.
     pub fn is_namespace(&self) -> bool {
-        nix::sys::statfs::fstatfs(self.ns.file())
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        // The kernel names an open namespace file `net:[inode]`, whatever path it was opened by.
+        let link = format!("/proc/self/fd/{}", self.ns.file().as_raw_fd());
+        std::fs::read_link(link)
+            .is_ok_and(|target| target.as_os_str().as_bytes().starts_with(b"net:["))
     }
 
     /// True when this is the namespace the plugin itself runs in (the host's): compared by

@@ -142,6 +142,9 @@ impl Backend for Iptables {
                 }
             }
         }
+        if let Err(e) = tools::remove_lock_file() {
+            errors.push(e);
+        }
         Error::collect(errors).map_or(Ok(()), Err)
     }
 }
