@@ -3,8 +3,6 @@
 
 use crate::cni::error::{Code, Error, Result};
 use nix::sched::{unshare, CloneFlags};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// An opened pod namespace. Holding the file keeps the identity stable between the host-netns
@@ -28,13 +26,12 @@ impl PodNetns {
         }
     }
 
-    /// False for a file that is not a network namespace: a bind-mount target left behind after
-    /// the runtime unmounted it (DEL treats that as already gone), or another namespace type.
+    /// False for a file that no longer holds a namespace, such as a bind-mount target left
+    /// behind after the runtime unmounted it (DEL treats that as already gone). Another kind
+    /// of namespace passes; entering it fails with a clear error (see `run`).
     pub fn is_namespace(&self) -> bool {
-        // The kernel names an open namespace file `net:[inode]`, whatever path it was opened by.
-        let link = format!("/proc/self/fd/{}", self.ns.file().as_raw_fd());
-        std::fs::read_link(link)
-            .is_ok_and(|target| target.as_os_str().as_bytes().starts_with(b"net:["))
+        nix::sys::statfs::fstatfs(self.ns.file())
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
     }
 
     /// True when this is the namespace the plugin itself runs in (the host's): compared by
@@ -65,8 +62,13 @@ impl PodNetns {
         let path = ns.path().display().to_string();
         join(std::thread::scope(|s| {
             s.spawn(|| {
-                ns.enter()
-                    .map_err(|e| Error::io(format!("cannot enter netns {path}"), e))?;
+                ns.enter().map_err(|e| match e {
+                    netns_rs::Error::SetnsError(nix::Error::EINVAL) => Error::new(
+                        Code::Io,
+                        format!("cannot enter {path}: not a network namespace"),
+                    ),
+                    e => Error::io(format!("cannot enter netns {path}"), e),
+                })?;
                 f()
             })
             .join()
