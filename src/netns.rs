@@ -5,6 +5,11 @@ use crate::cni::error::{Code, Error, Result};
 use nix::sched::{unshare, CloneFlags};
 use std::path::Path;
 
+mod nsfs {
+    // NS_GET_NSTYPE, from <linux/nsfs.h>: _IO(0xb7, 0x3).
+    nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
+}
+
 /// An opened pod namespace. Holding the file keeps the identity stable between the host-netns
 /// check and the setns, even if the path is re-mounted in between.
 pub struct PodNetns {
@@ -26,12 +31,18 @@ impl PodNetns {
         }
     }
 
-    /// False for a file that no longer holds a namespace, such as a bind-mount target left
-    /// behind after the runtime unmounted it (DEL treats that as already gone). Another kind
-    /// of namespace passes; entering it fails with a clear error (see `run`).
+    /// False for a file that is not a network namespace: a bind-mount target left behind after
+    /// the runtime unmounted it (DEL treats that as already gone), or another namespace type.
     pub fn is_namespace(&self) -> bool {
-        nix::sys::statfs::fstatfs(self.ns.file())
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        use std::os::fd::AsRawFd;
+        let on_nsfs = nix::sys::statfs::fstatfs(self.ns.file())
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+        // SAFETY: NS_GET_NSTYPE reads nothing from user memory; the fd is open for the call.
+        match unsafe { nsfs::ns_get_nstype(self.ns.file().as_raw_fd()) } {
+            Ok(kind) => on_nsfs && kind == CloneFlags::CLONE_NEWNET.bits(),
+            // Kernels before 4.11 cannot tell the type; entering names a wrong one (see `run`).
+            Err(_) => on_nsfs,
+        }
     }
 
     /// True when this is the namespace the plugin itself runs in (the host's): compared by

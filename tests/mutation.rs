@@ -9,14 +9,11 @@
 
 mod common;
 
-use common::{Lab, INBOUND_PORT};
+use common::{run_plugin, Lab, INBOUND_PORT};
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_intercept-cni");
 const DEFAULT_SEED: u64 = 0x1CE_C0DE;
 const DEFAULT_MUTATIONS: usize = 400;
 /// CNI error codes for input the plugin refuses before touching the kernel.
@@ -229,76 +226,6 @@ fn stays_inside(bytes: &[u8], dir: &Path) -> bool {
         })
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(command: &str, netns: &str, stdin: &[u8]) -> Run {
-    let mut child = Command::new(BIN)
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "mutant-0")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_NETNS", netns)
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=fuzz;K8S_POD_NAME=mutant")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the plugin");
-    let written = child.stdin.take().expect("stdin").write_all(stdin);
-    if let Err(e) = written {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
-    }
-    let out = child.wait_with_output().expect("wait for the plugin");
-    Run {
-        code: out
-            .status
-            .code()
-            .unwrap_or_else(|| panic!("killed by a signal: {:?}", out.status)),
-        stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// The protocol's promises about one answer; returns the error code, if any.
-fn check_answer(command: &str, r: &Run, context: &str) -> Option<u64> {
-    assert!(
-        !r.stderr.contains("panicked"),
-        "{context}: a panic: {}",
-        r.stderr
-    );
-    assert!(r.code == 0 || r.code == 1, "{context}: exit {}", r.code);
-    let silent_success = matches!(command, "DEL" | "CHECK" | "STATUS" | "GC");
-    if r.code == 0 && silent_success {
-        assert_eq!(r.stdout, "", "{context}: {command} printed on success");
-        return None;
-    }
-    let mut lines = r.stdout.lines();
-    let line = lines
-        .next()
-        .unwrap_or_else(|| panic!("{context}: no answer; stderr: {}", r.stderr));
-    assert_eq!(lines.next(), None, "{context}: more than one line");
-    let answer: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("{context}: answer is not JSON ({e}): {line}"));
-    assert!(answer.is_object(), "{context}: answer is not an object");
-    assert!(answer["cniVersion"].is_string(), "{context}: {answer}");
-    if r.code == 0 {
-        return None;
-    }
-    let code = answer["code"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{context}: error without a code: {answer}"));
-    assert_ne!(code, 199, "{context}: a panic was caught: {answer}");
-    assert!(
-        answer["msg"].as_str().is_some_and(|m| !m.is_empty()),
-        "{context}: error without a msg: {answer}"
-    );
-    Some(code)
-}
-
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -326,7 +253,7 @@ fn mutated_configs_get_an_answer_and_refused_ones_change_nothing() {
         }),
     );
     let restore_rules = || {
-        let r = run("ADD", &netns, base.to_string().as_bytes());
+        let r = run_plugin("ADD", Some(&netns), base.to_string().as_bytes());
         assert_eq!(r.code, 0, "base ADD failed: {} {}", r.stdout, r.stderr);
     };
     restore_rules();
@@ -348,12 +275,12 @@ fn mutated_configs_get_an_answer_and_refused_ones_change_nothing() {
         let command = *rng.pick(&[
             "ADD", "ADD", "ADD", "ADD", "ADD", "CHECK", "CHECK", "DEL", "STATUS", "GC", "VERSION",
         ]);
-        let r = run(command, &netns, &bytes);
+        let r = run_plugin(command, Some(&netns), &bytes);
         let context = format!(
             "seed {seed} mutation {ran} {command} {}",
             String::from_utf8_lossy(&bytes)
         );
-        let code = check_answer(command, &r, &context);
+        let code = r.protocol(command, &context);
         let now = lab.pod.firewall_state();
         *outcomes
             .entry(code.map_or(format!("{command} ok"), |c| format!("{command} {c}")))
