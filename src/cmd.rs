@@ -14,6 +14,8 @@
 //! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
+//! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
+//!   xtables lock file), so pods that come and go leave nothing behind; GC has none to remove.
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
 use crate::cni::config::{self, Attachment, NetConf, PodSelection};

@@ -12,12 +12,13 @@ use crate::trusted_path;
 use log::{LevelFilter, Log, Metadata, Record};
 use nix::fcntl::{Flock, FlockArg};
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `logFileMaxBytes` when the config sets none.
@@ -169,6 +170,26 @@ fn one_line(message: &str) -> Cow<'_, str> {
     )
 }
 
+thread_local! {
+    static WRITING_FILE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as writing the log file. A panic in there reaches the panic hook, which
+/// logs again: that record goes to stderr only, instead of deadlocking on the file's lock.
+struct WritingFile;
+
+impl WritingFile {
+    fn enter() -> Option<WritingFile> {
+        (!WRITING_FILE.with(|w| w.replace(true))).then_some(WritingFile)
+    }
+}
+
+impl Drop for WritingFile {
+    fn drop(&mut self) {
+        WRITING_FILE.with(|w| w.set(false));
+    }
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= log::max_level()
@@ -188,11 +209,14 @@ impl Log for Logger {
         );
         // A log that cannot be written must not turn into a failed CNI call.
         let _ = std::io::stderr().write_all(line.as_bytes());
-        if let Ok(mut slot) = self.file.lock() {
-            if let Some(file) = slot.as_mut() {
-                if let Err(e) = file.append(line.as_bytes()) {
-                    let _ = writeln!(std::io::stderr(), "intercept-cni: logFile: {e}");
-                }
+        let Some(_writing) = WritingFile::enter() else {
+            return;
+        };
+        // A panic elsewhere while the lock was held must not end file logging.
+        let mut slot = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(file) = slot.as_mut() {
+            if let Err(e) = file.append(line.as_bytes()) {
+                let _ = writeln!(std::io::stderr(), "intercept-cni: logFile: {e}");
             }
         }
     }
@@ -289,6 +313,14 @@ mod tests {
         let mode = std::fs::metadata(&loose).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's\n");
+    }
+
+    #[test]
+    fn a_record_logged_while_writing_the_file_skips_the_file() {
+        let outer = WritingFile::enter().expect("first entry");
+        assert!(WritingFile::enter().is_none(), "re-entry from a panic hook");
+        drop(outer);
+        assert!(WritingFile::enter().is_some());
     }
 
     #[test]
