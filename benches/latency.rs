@@ -132,6 +132,7 @@ fn plugin_config(backend: &str, ns: &str) -> String {
         "cniVersion": "1.0.0",
         "name": "bench",
         "type": "intercept-cni",
+        "podSelection": "all",
         "stateDir": STATE_DIR,
         "prevResult": {
             "cniVersion": "1.0.0",

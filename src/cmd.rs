@@ -18,12 +18,14 @@
 //!   xtables lock file), so pods that come and go leave nothing behind; GC has none to remove.
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
-use crate::cni::config::{self, Attachment, NetConf, PodSelection};
+use crate::cni::config::{self, Attachment, NetConf};
 use crate::cni::env::{CniEnv, Command};
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
 use crate::logging;
 use crate::netns::PodNetns;
+use crate::plan::InterceptPlan;
+use crate::policy::{self, Decision};
 use serde_json::{Map, Value};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -36,6 +38,8 @@ pub struct Trace {
     pub cni_version: Option<String>,
     /// The backend used, once chosen.
     pub backend: Option<&'static str>,
+    /// ADD and CHECK: whether the pod is intercepted, and what decided it.
+    pub policy: Option<String>,
 }
 
 /// Runs `invocation`, turning a panic into a code-199 error: `main` runs every CNI invocation
@@ -67,8 +71,12 @@ pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<V
         Ok(_) => "ok".to_string(),
         Err(e) => format!("error {}: {e}", e.code as u32),
     };
+    let policy = trace
+        .policy
+        .as_ref()
+        .map_or(String::new(), |p| format!(" policy=({p})"));
     let line = format!(
-        "{} pod={} container={} backend={} outcome={} duration={:.3}ms",
+        "{} pod={} container={}{policy} backend={} outcome={} duration={:.3}ms",
         env.command,
         env.pod,
         env.container_id.as_ref().map_or("-", |c| c.as_str()),
@@ -148,13 +156,25 @@ pub fn version_answer(stdin: &[u8]) -> Result<Value> {
     Ok(version::version_answer(config::cni_version(&obj)?))
 }
 
-/// The plan ADD would install now, and CHECK compares against.
-pub fn plan_for(conf: &NetConf) -> Result<(crate::plan::InterceptPlan, &Value)> {
-    if conf.pod_selection == PodSelection::Annotated {
-        return Err(Error::config("podSelection annotated is not supported yet"));
-    }
+/// The plan ADD would install now, and CHECK compares against; `None` when the pod policy
+/// leaves the pod alone.
+pub fn plan_for<'a>(
+    env: &CniEnv,
+    conf: &'a NetConf,
+    trace: &mut Trace,
+) -> Result<(Option<InterceptPlan>, &'a Value)> {
     let prev = result::require(conf.prev_result.as_ref())?;
-    let plan = config::build_plan(&conf.settings, result::families(prev)?)?;
+    let families = result::families(prev)?;
+    let plan = match policy::decide(conf, env.pod.namespace.as_deref())? {
+        Decision::Skip { reason } => {
+            trace.policy = Some(format!("not intercepted: {reason}"));
+            None
+        }
+        Decision::Intercept { settings, reason } => {
+            trace.policy = Some(format!("intercepted: {reason}"));
+            Some(config::build_plan(&settings, families)?)
+        }
+    };
     Ok((plan, prev))
 }
 
@@ -184,8 +204,11 @@ fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
 }
 
 fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
-    let (plan, prev) = plan_for(conf)?;
+    let (plan, prev) = plan_for(env, conf, trace)?;
     let answer = result::passthrough(prev, &conf.cni_version)?;
+    let Some(plan) = plan else {
+        return Ok(Some(answer));
+    };
     let ns = open_pod_netns(env)?;
     let backend = backend::build(
         backend::resolve(conf.backend, &conf.backend_options)?,
@@ -197,7 +220,10 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
 }
 
 fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
-    let (plan, _) = plan_for(conf)?;
+    let (plan, _) = plan_for(env, conf, trace)?;
+    let Some(plan) = plan else {
+        return Ok(None);
+    };
     let ns = open_pod_netns(env)?;
     let backend = backend::build(
         backend::resolve(conf.backend, &conf.backend_options)?,

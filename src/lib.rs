@@ -9,4 +9,5 @@ pub mod install;
 pub mod logging;
 pub mod netns;
 pub mod plan;
+pub mod policy;
 pub mod trusted_path;

@@ -39,10 +39,7 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> ExitCode {
         }
         Some("install") => intercept_cni::install::install_main(&words),
         Some("uninstall") => intercept_cni::install::uninstall_main(&words),
-        Some("doctor") => {
-            eprintln!("intercept-cni: doctor is not available in this build yet");
-            2
-        }
+        Some("doctor") => intercept_cni::host::doctor_main(&words),
         _ => {
             eprintln!("{USAGE}");
             2

@@ -103,12 +103,14 @@ fn without<'a>(mut vars: Vec<(&'a str, &'a str)>, name: &str) -> Vec<(&'a str, &
     vars
 }
 
-/// A chained plugin's config with a prevResult, plus `extra` keys.
+/// A chained plugin's config with a prevResult, plus `extra` keys. It intercepts every pod
+/// (`podSelection: all`): these tests are about the protocol, not the per-pod policy.
 fn config(version: &str, extra: Value) -> String {
     let mut conf = json!({
         "cniVersion": version,
         "name": "k8s-pod-network",
         "type": "intercept-cni",
+        "podSelection": "all",
         "prevResult": {
             "cniVersion": version,
             "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
@@ -258,11 +260,14 @@ fn add_with_invalid_config_is_code_7_naming_the_key() {
 }
 
 #[test]
-fn add_with_annotated_pod_selection_is_code_7() {
+fn add_with_annotated_pod_selection_and_no_annotations_is_code_7() {
     let conf = config("1.0.0", json!({"podSelection": "annotated"}));
     let out = run(&pod_env("ADD", "/proc/self/ns/net"), &conf);
     assert_eq!(out.error_code(), 7);
     assert!(out.error_msg().contains("annotated"));
+    assert!(out
+        .error_msg()
+        .contains("io.kubernetes.cri.pod-annotations"));
 }
 
 /// Needs root only in that the host netns must be openable; it never programs anything.

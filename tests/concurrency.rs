@@ -33,6 +33,7 @@ fn config(settings: &Value, netns: &Netns, dir: &Path) -> Value {
         "cniVersion": "1.1.0",
         "name": "mesh",
         "type": "intercept-cni",
+        "podSelection": "all",
         "stateDir": dir.join("state"),
         "logFile": dir.join("cni.log"),
         "logFileMaxBytes": LOG_MAX_BYTES,

@@ -68,7 +68,7 @@ fn invocation(
     let conf = NetConf::from_object(&obj, &cni_version)?;
     match env.command {
         Command::Add | Command::Check => {
-            let (_plan, prev) = cmd::plan_for(&conf)?;
+            let (_plan, prev) = cmd::plan_for(&env, &conf, trace)?;
             let answer = result::passthrough(prev, &conf.cni_version)?;
             assert_eq!(
                 answer["cniVersion"],

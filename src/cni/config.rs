@@ -16,13 +16,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
-/// Which pods get interception.
+/// Which pods get interception (see `crate::policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PodSelection {
-    /// Every pod the plugin is called for.
+    /// Every pod the plugin is called for, unless its annotations opt out.
     All,
-    /// Only pods whose annotations ask for it (the per-pod policy; not served yet).
+    /// Only pods whose annotations opt in or show an injected sidecar: the default, because
+    /// intercepting a pod that has no proxy cuts off all its TCP traffic.
     Annotated,
 }
 
@@ -78,6 +79,8 @@ pub struct PlanSettings {
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
     pub exclude_inbound_ports: Vec<PortRange>,
+    /// Inbound connections from these sources are not redirected (Linkerd's skip-subnets).
+    pub exclude_inbound_sources: Vec<IpNetwork>,
     pub exclude_outbound_ports: Vec<PortRange>,
     /// `None`: every inbound port; `Some`: only these.
     pub include_inbound_ports: Option<Vec<PortRange>>,
@@ -94,6 +97,7 @@ impl Default for PlanSettings {
             proxy_uid: 1337,
             proxy_gid: None,
             exclude_inbound_ports: Vec::new(),
+            exclude_inbound_sources: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             include_inbound_ports: None,
             exclude_outbound_cidrs: Vec::new(),
@@ -104,7 +108,7 @@ impl Default for PlanSettings {
 
 impl PlanSettings {
     /// Rules that span several keys (each key alone was checked while decoding).
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.inbound_port == self.outbound_port {
             return Err(Error::config(format!(
                 "inboundPort and outboundPort must differ (both are {})",
@@ -112,6 +116,50 @@ impl PlanSettings {
             )));
         }
         Ok(())
+    }
+}
+
+/// The knobs one layer of configuration sets (the netconf, a mesh's defaults, a pod's
+/// annotations); `None` keeps the value of the layer below. A list replaces the one below, as
+/// Istio's and Linkerd's annotations replace their installation defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsOverlay {
+    pub inbound_port: Option<u16>,
+    pub outbound_port: Option<u16>,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub exclude_inbound_ports: Option<Vec<PortRange>>,
+    pub exclude_inbound_sources: Option<Vec<IpNetwork>>,
+    pub exclude_outbound_ports: Option<Vec<PortRange>>,
+    /// `Some(None)`: every inbound port again (Istio's `*`).
+    pub include_inbound_ports: Option<Option<Vec<PortRange>>>,
+    pub exclude_outbound_cidrs: Option<Vec<IpNetwork>>,
+    /// `Some(None)`: every destination again (Istio's `*`).
+    pub include_outbound_cidrs: Option<Option<Vec<IpNetwork>>>,
+}
+
+impl SettingsOverlay {
+    pub fn apply_to(&self, s: &mut PlanSettings) {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        set(&mut s.inbound_port, &self.inbound_port);
+        set(&mut s.outbound_port, &self.outbound_port);
+        set(&mut s.proxy_uid, &self.proxy_uid);
+        if let Some(gid) = self.proxy_gid {
+            s.proxy_gid = Some(gid);
+        }
+        set(&mut s.exclude_inbound_ports, &self.exclude_inbound_ports);
+        set(
+            &mut s.exclude_inbound_sources,
+            &self.exclude_inbound_sources,
+        );
+        set(&mut s.exclude_outbound_ports, &self.exclude_outbound_ports);
+        set(&mut s.include_inbound_ports, &self.include_inbound_ports);
+        set(&mut s.exclude_outbound_cidrs, &self.exclude_outbound_cidrs);
+        set(&mut s.include_outbound_cidrs, &self.include_outbound_cidrs);
     }
 }
 
@@ -127,7 +175,15 @@ pub struct NetConf {
     pub backend: BackendChoice,
     pub backend_options: BackendOptions,
     pub pod_selection: PodSelection,
+    /// Whether pods may tune their interception with annotations (selection applies regardless).
+    pub pod_overrides: bool,
+    /// Namespaces (DNS-1123 labels) whose pods are never intercepted.
+    pub exclude_namespaces: Vec<String>,
+    /// The built-in defaults with `netconf_settings` applied.
     pub settings: PlanSettings,
+    /// Only the knobs the netconf sets itself: a pod of a known mesh gets that mesh's defaults
+    /// under these.
+    pub netconf_settings: SettingsOverlay,
     pub state_dir: PathBuf,
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
@@ -157,11 +213,14 @@ const KNOWN_KEYS: &[&str] = &[
     "iptablesMode",
     "iptablesPath",
     "podSelection",
+    "podOverrides",
+    "excludeNamespaces",
     "inboundPort",
     "outboundPort",
     "proxyUID",
     "proxyGID",
     "excludeInboundPorts",
+    "excludeInboundSourceCIDRs",
     "excludeOutboundPorts",
     "includeInboundPorts",
     "excludeOutboundCIDRs",
@@ -242,6 +301,20 @@ fn port_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<PortRange
         .map(Some)
 }
 
+/// A network in CIDR notation (a bare address is a single host). Host bits set (`10.1.2.3/8`)
+/// are refused: the intent is ambiguous.
+fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
+    let net: IpNetwork = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if net.ip() != net.network() {
+        return Err(format!(
+            "has host bits set (did you mean {}/{} or a single address?)",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    Ok(net)
+}
+
 fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork>>> {
     let Some(items) = field::<Vec<Value>>(obj, key)? else {
         return Ok(None);
@@ -252,22 +325,37 @@ fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork
             let Value::String(s) = item else {
                 return Err(invalid(key, item, "must be a CIDR string"));
             };
-            let net: IpNetwork = s.trim().parse().map_err(|e| invalid(key, item, e))?;
-            if net.ip() != net.network() {
-                return Err(invalid(
-                    key,
-                    item,
-                    format!(
-                        "has host bits set (did you mean {}/{} or a single address?)",
-                        net.network(),
-                        net.prefix()
-                    ),
-                ));
-            }
-            Ok(net)
+            parse_cidr(s).map_err(|why| invalid(key, item, why))
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
+}
+
+/// A Kubernetes namespace name: a DNS-1123 label.
+fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    s.len() <= 63
+        && edge_ok(bytes.first())
+        && edge_ok(bytes.last())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn namespace_list(obj: &Map<String, Value>, key: &str) -> Result<Vec<String>> {
+    let items = field::<Vec<Value>>(obj, key)?.unwrap_or_default();
+    items
+        .iter()
+        .map(|item| match item {
+            Value::String(s) if is_dns_label(s) => Ok(s.clone()),
+            _ => Err(invalid(
+                key,
+                item,
+                "must be a namespace name (lowercase letters, digits and '-', at most 63)",
+            )),
+        })
+        .collect()
 }
 
 fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>> {
@@ -327,18 +415,20 @@ impl NetConf {
             BackendKey::Iptables => BackendChoice::Iptables(mode),
         };
 
-        let defaults = PlanSettings::default();
-        let settings = PlanSettings {
-            inbound_port: port(obj, "inboundPort")?.unwrap_or(defaults.inbound_port),
-            outbound_port: port(obj, "outboundPort")?.unwrap_or(defaults.outbound_port),
-            proxy_uid: field(obj, "proxyUID")?.unwrap_or(defaults.proxy_uid),
+        let netconf_settings = SettingsOverlay {
+            inbound_port: port(obj, "inboundPort")?,
+            outbound_port: port(obj, "outboundPort")?,
+            proxy_uid: field(obj, "proxyUID")?,
             proxy_gid: field(obj, "proxyGID")?,
-            exclude_inbound_ports: port_list(obj, "excludeInboundPorts")?.unwrap_or_default(),
-            exclude_outbound_ports: port_list(obj, "excludeOutboundPorts")?.unwrap_or_default(),
-            include_inbound_ports: port_list(obj, "includeInboundPorts")?,
-            exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?.unwrap_or_default(),
-            include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?,
+            exclude_inbound_ports: port_list(obj, "excludeInboundPorts")?,
+            exclude_inbound_sources: cidr_list(obj, "excludeInboundSourceCIDRs")?,
+            exclude_outbound_ports: port_list(obj, "excludeOutboundPorts")?,
+            include_inbound_ports: port_list(obj, "includeInboundPorts")?.map(Some),
+            exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?,
+            include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?.map(Some),
         };
+        let mut settings = PlanSettings::default();
+        netconf_settings.apply_to(&mut settings);
         settings.validate()?;
 
         let log_level = match field::<LogLevelKey>(obj, "logLevel")?.unwrap_or(LogLevelKey::Info) {
@@ -368,8 +458,11 @@ impl NetConf {
             runtime_config: obj.get("runtimeConfig").cloned(),
             backend,
             backend_options: BackendOptions { iptables_path },
-            pod_selection: field(obj, "podSelection")?.unwrap_or(PodSelection::All),
+            pod_selection: field(obj, "podSelection")?.unwrap_or(PodSelection::Annotated),
+            pod_overrides: field(obj, "podOverrides")?.unwrap_or(true),
+            exclude_namespaces: namespace_list(obj, "excludeNamespaces")?,
             settings,
+            netconf_settings,
             state_dir: absolute_path(obj, "stateDir")?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             log_level,
@@ -474,7 +567,7 @@ pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<Interce
         proxy_uid: settings.proxy_uid,
         proxy_gid: settings.proxy_gid,
         inbound_ports,
-        exclude_inbound_sources: Vec::new(),
+        exclude_inbound_sources: normalize_cidrs(&settings.exclude_inbound_sources),
         exclude_outbound_ports: normalize_ports(&settings.exclude_outbound_ports),
         outbound_cidrs,
         families,
@@ -519,8 +612,11 @@ mod tests {
         assert_eq!(conf.plugin_type, json!("intercept-cni"));
         assert_eq!(conf.backend, BackendChoice::Auto);
         assert_eq!(conf.backend_options, BackendOptions::default());
-        assert_eq!(conf.pod_selection, PodSelection::All);
+        assert_eq!(conf.pod_selection, PodSelection::Annotated);
+        assert!(conf.pod_overrides);
+        assert!(conf.exclude_namespaces.is_empty());
         assert_eq!(conf.settings, PlanSettings::default());
+        assert_eq!(conf.netconf_settings, SettingsOverlay::default());
         assert_eq!(conf.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(conf.log_level, log::LevelFilter::Info);
         assert_eq!(conf.log_file, None);
@@ -542,11 +638,14 @@ mod tests {
             conf.backend_options.iptables_path,
             Some(PathBuf::from("/usr/sbin"))
         );
-        assert_eq!(conf.pod_selection, PodSelection::Annotated);
+        assert_eq!(conf.pod_selection, PodSelection::All);
+        assert!(!conf.pod_overrides);
+        assert_eq!(conf.exclude_namespaces, ["kube-system", "istio-system"]);
         let s = &conf.settings;
         assert_eq!((s.inbound_port, s.outbound_port), (15106, 15101));
         assert_eq!((s.proxy_uid, s.proxy_gid), (2000, Some(0)));
         assert_eq!(s.exclude_inbound_ports, ports(&[(22, 22), (15020, 15021)]));
+        assert_eq!(s.exclude_inbound_sources, nets(&["10.96.0.0/12"]));
         assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
         assert_eq!(
             s.include_inbound_ports,
@@ -567,6 +666,10 @@ mod tests {
             Some(PathBuf::from("/var/log/intercept-cni.log"))
         );
         assert_eq!(conf.host_prerequisites, HostPrerequisites::Warn);
+        // Every knob is set, so the netconf's own layer gives the same settings.
+        let mut layered = PlanSettings::default();
+        conf.netconf_settings.apply_to(&mut layered);
+        assert_eq!(&layered, s);
         assert_eq!(conf.runtime_config, Some(json!({"portMappings": []})));
         let obj = decode(&bytes).unwrap();
         assert_eq!(unknown_keys(&obj).collect::<Vec<_>>(), ["someFutureKey"]);
@@ -621,6 +724,15 @@ mod tests {
             ("iptables-path-relative", "iptablesPath"),
             ("iptables-mode", "iptablesMode"),
             ("pod-selection", "podSelection"),
+            ("pod-overrides", "podOverrides: invalid value \"no\""),
+            (
+                "exclude-namespaces",
+                "excludeNamespaces: invalid value \"Bad_NS\"",
+            ),
+            (
+                "inbound-source-host-bits",
+                "excludeInboundSourceCIDRs: invalid value \"10.96.0.1/12\"",
+            ),
             ("inbound-port-zero", "inboundPort: invalid value 0"),
             ("outbound-port-too-big", "outboundPort: invalid value 65536"),
             ("port-as-string", "inboundPort: invalid value \"15006\""),
@@ -774,6 +886,58 @@ mod tests {
                 include: nets(&["192.168.0.0/16", "2001:db8::/32"]),
                 exclude: nets(&["192.168.1.0/24"]),
             }
+        );
+    }
+
+    #[test]
+    fn namespace_names_are_dns_labels() {
+        let ok = parse(br#"{"excludeNamespaces": ["kube-system", "a", "0-x-9"]}"#).unwrap();
+        assert_eq!(ok.exclude_namespaces, ["kube-system", "a", "0-x-9"]);
+        let long = "a".repeat(64);
+        for bad in ["", "-a", "a-", "A", "a.b", "a_b", "a b", long.as_str()] {
+            let conf = format!(r#"{{"excludeNamespaces": [{bad:?}]}}"#);
+            let e = parse(conf.as_bytes()).unwrap_err();
+            assert!(e.msg.starts_with("excludeNamespaces"), "{bad:?}: {e}");
+        }
+        assert!(parse(br#"{"excludeNamespaces": "kube-system"}"#).is_err());
+    }
+
+    #[test]
+    fn an_overlay_keeps_what_it_does_not_set() {
+        let mut s = PlanSettings {
+            proxy_gid: Some(7),
+            include_inbound_ports: Some(ports(&[(80, 80)])),
+            exclude_outbound_ports: ports(&[(53, 53)]),
+            ..PlanSettings::default()
+        };
+        SettingsOverlay::default().apply_to(&mut s);
+        assert_eq!(s.proxy_gid, Some(7));
+        let overlay = SettingsOverlay {
+            outbound_port: Some(4140),
+            include_inbound_ports: Some(None),
+            exclude_outbound_ports: Some(vec![]),
+            exclude_inbound_sources: Some(nets(&["10.0.0.0/8"])),
+            ..SettingsOverlay::default()
+        };
+        overlay.apply_to(&mut s);
+        assert_eq!(s.outbound_port, 4140);
+        assert_eq!(s.inbound_port, 15006);
+        assert_eq!(s.include_inbound_ports, None);
+        assert!(s.exclude_outbound_ports.is_empty());
+        assert_eq!(s.exclude_inbound_sources, nets(&["10.0.0.0/8"]));
+        assert_eq!(s.proxy_gid, Some(7));
+    }
+
+    #[test]
+    fn inbound_sources_are_normalized_into_the_plan() {
+        let settings = PlanSettings {
+            exclude_inbound_sources: nets(&["10.1.0.0/16", "fd00::/8", "10.0.0.0/8"]),
+            ..PlanSettings::default()
+        };
+        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        assert_eq!(
+            plan.exclude_inbound_sources,
+            nets(&["10.0.0.0/8", "fd00::/8"])
         );
     }
 

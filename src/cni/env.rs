@@ -116,7 +116,8 @@ impl fmt::Display for IfName {
     }
 }
 
-/// The pod identity runtimes pass in `CNI_ARGS` (CONVENTIONS.md); used for logs only.
+/// The pod identity runtimes pass in `CNI_ARGS` (CONVENTIONS.md): for logs, and the namespace
+/// for `excludeNamespaces`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodRef {
     pub namespace: Option<String>,

@@ -195,12 +195,14 @@ impl Lab {
         })
     }
 
-    /// A complete plugin config (the runtime's view: name, cniVersion, prevResult added).
+    /// A complete plugin config (the runtime's view: name, cniVersion, prevResult added). It
+    /// intercepts every pod unless `plugin` sets another `podSelection`.
     pub fn config(&self, version: &str, plugin: Value) -> Value {
         let mut conf = json!({
             "cniVersion": version,
             "name": "mesh",
             "type": "intercept-cni",
+            "podSelection": "all",
             "prevResult": self.prev_result(version),
         });
         for (k, v) in plugin.as_object().expect("plugin settings are an object") {
