@@ -17,11 +17,13 @@
 //! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
 //!   xtables lock file), so pods that come and go leave nothing behind; GC has none to remove.
 
+use crate::backend::iptables;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
 use crate::cni::config::{self, Attachment, NetConf};
 use crate::cni::env::{CniEnv, Command};
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
+use crate::host;
 use crate::logging;
 use crate::netns::PodNetns;
 use crate::plan::InterceptPlan;
@@ -103,7 +105,14 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
             // ADD validates the config before touching the kernel, so with this config it
             // installed nothing: removal is attempted, and its errors only logged.
             log::warn!("DEL: removing with every backend despite an invalid config: {e}");
-            let removed = del(env, &BackendChoice::Auto, &BackendOptions::default(), trace);
+            let state_dir = Path::new(config::DEFAULT_STATE_DIR);
+            let removed = del(
+                env,
+                &BackendChoice::Auto,
+                &BackendOptions::default(),
+                state_dir,
+                trace,
+            );
             if let Err(e) = removed {
                 log::warn!("DEL: {e}");
             }
@@ -123,7 +132,13 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     }
     match env.command {
         Command::Add => add(env, &conf, trace),
-        Command::Del => del(env, &conf.backend, &conf.backend_options, trace),
+        Command::Del => del(
+            env,
+            &conf.backend,
+            &conf.backend_options,
+            &conf.state_dir,
+            trace,
+        ),
         Command::Check => check(env, &conf, trace),
         Command::Status => status(&conf, trace),
         Command::Gc => gc(&conf),
@@ -210,11 +225,15 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
         return Ok(Some(answer));
     };
     let ns = open_pod_netns(env)?;
-    let backend = backend::build(
-        backend::resolve(conf.backend, &conf.backend_options)?,
-        &conf.backend_options,
-    );
+    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
+    host::first_run(
+        kind,
+        plan.families.ipv6,
+        &conf.state_dir,
+        conf.host_prerequisites,
+    )?;
     ns.run(|| backend.apply(&plan))?;
     Ok(Some(answer))
 }
@@ -225,10 +244,8 @@ fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value
         return Ok(None);
     };
     let ns = open_pod_netns(env)?;
-    let backend = backend::build(
-        backend::resolve(conf.backend, &conf.backend_options)?,
-        &conf.backend_options,
-    );
+    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     ns.run(|| backend.check(&plan))?;
     Ok(None)
@@ -245,6 +262,7 @@ fn del(
     env: &CniEnv,
     choice: &BackendChoice,
     options: &BackendOptions,
+    state_dir: &Path,
     trace: &mut Trace,
 ) -> Result<Option<Value>> {
     let Some(path) = env.netns.as_deref() else {
@@ -266,7 +284,7 @@ fn del(
         return Ok(None);
     }
     // An unresolvable `auto` still removes with every backend, none of them fatal.
-    let primary = match backend::resolve(*choice, options) {
+    let primary = match backend::resolve(*choice, options, state_dir) {
         Ok(kind) => Some(kind),
         Err(e) if *choice == BackendChoice::Auto => {
             log::debug!("DEL: {e}");
@@ -310,16 +328,20 @@ fn remove_in(ns: &PodNetns, backend: &(dyn Backend + Send + Sync)) -> Result<()>
 }
 
 fn status(conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
-    let kind = backend::resolve(conf.backend, &conf.backend_options)
+    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)
         .map_err(|e| Error::new(Code::PluginNotAvailable, e.to_string()))?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
-    backend_ready(kind)?;
+    backend_ready(kind, &conf.backend_options)?;
+    // IPv4 only: STATUS knows no pod's families, and an IPv6 gap fails that pod's ADD (101).
+    if conf.host_prerequisites != host::Policy::Skip {
+        host::status(kind, false, &conf.state_dir)?;
+    }
     Ok(None)
 }
 
 /// Whether ADD could be served with `kind` on this host; code 50 when not.
-fn backend_ready(kind: BackendKind) -> Result<()> {
+fn backend_ready(kind: BackendKind, options: &BackendOptions) -> Result<()> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
     match kind {
         BackendKind::Nftables => socket(
@@ -335,9 +357,8 @@ fn backend_ready(kind: BackendKind) -> Result<()> {
                 format!("nftables: cannot open a netfilter netlink socket: {e}"),
             )
         }),
-        // Not probed here yet (the host prerequisite checks will): failing STATUS would mark
-        // the whole node's network not ready, while ADD itself names a missing binary (101).
-        BackendKind::Iptables(_) => Ok(()),
+        // The kernel side is the host check's; here, the binaries ADD will spawn.
+        BackendKind::Iptables(mode) => iptables::restore_binaries_present(mode, options),
     }
 }
 

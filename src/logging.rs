@@ -192,7 +192,13 @@ impl Drop for WritingFile {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        // rustables logs every attribute it does not decode at info: noise unless debugging.
+        let ceiling = if metadata.target().starts_with("rustables") {
+            log::max_level().min(log::LevelFilter::Warn)
+        } else {
+            log::max_level()
+        };
+        metadata.level() <= ceiling
     }
 
     fn log(&self, record: &Record) {

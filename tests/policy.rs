@@ -12,6 +12,10 @@ const LOCALHOST_V4: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const LINKERD_INBOUND: u16 = 4143;
 const LINKERD_OUTBOUND: u16 = 4140;
 
+fn nftables() -> Value {
+    json!({"backend": "nftables"})
+}
+
 fn iptables_legacy() -> Value {
     json!({"backend": "iptables", "iptablesMode": "legacy"})
 }
@@ -400,6 +404,7 @@ macro_rules! every_backend {
 }
 
 every_backend! {
+    nftables => super::nftables,
     iptables_legacy => super::iptables_legacy,
     iptables_nft => super::iptables_nft,
 }

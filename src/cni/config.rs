@@ -8,6 +8,7 @@
 
 use super::error::{Code, Error, Result};
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
+use crate::host::Policy as HostPolicy;
 use crate::logging;
 use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
@@ -25,15 +26,6 @@ pub enum PodSelection {
     /// Only pods whose annotations opt in or show an injected sidecar: the default, because
     /// intercepting a pod that has no proxy cuts off all its TCP traffic.
     Annotated,
-}
-
-/// What to do when the host lacks a kernel feature the backend needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HostPrerequisites {
-    Enforce,
-    Warn,
-    Skip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -189,7 +181,7 @@ pub struct NetConf {
     pub log_file: Option<PathBuf>,
     /// The log file's bound before it is rotated to `<logFile>.1`.
     pub log_file_max_bytes: u64,
-    pub host_prerequisites: HostPrerequisites,
+    pub host_prerequisites: HostPolicy,
     /// GC's attachments still in use, from either spelling of the key. Absent or null reads as
     /// empty: Go runtimes marshal an empty list as null.
     pub valid_attachments: Vec<Attachment>,
@@ -468,8 +460,7 @@ impl NetConf {
             log_level,
             log_file: absolute_path(obj, "logFile")?,
             log_file_max_bytes: log_file_max_bytes(obj)?,
-            host_prerequisites: field(obj, "hostPrerequisites")?
-                .unwrap_or(HostPrerequisites::Enforce),
+            host_prerequisites: field(obj, "hostPrerequisites")?.unwrap_or(HostPolicy::Enforce),
             valid_attachments,
         })
     }
@@ -621,7 +612,7 @@ mod tests {
         assert_eq!(conf.log_level, log::LevelFilter::Info);
         assert_eq!(conf.log_file, None);
         assert_eq!(conf.log_file_max_bytes, 10 << 20);
-        assert_eq!(conf.host_prerequisites, HostPrerequisites::Enforce);
+        assert_eq!(conf.host_prerequisites, HostPolicy::Enforce);
         assert_eq!(conf.prev_result, None);
         assert!(conf.valid_attachments.is_empty());
     }
@@ -665,7 +656,7 @@ mod tests {
             conf.log_file,
             Some(PathBuf::from("/var/log/intercept-cni.log"))
         );
-        assert_eq!(conf.host_prerequisites, HostPrerequisites::Warn);
+        assert_eq!(conf.host_prerequisites, HostPolicy::Warn);
         // Every knob is set, so the netconf's own layer gives the same settings.
         let mut layered = PlanSettings::default();
         conf.netconf_settings.apply_to(&mut layered);

@@ -76,6 +76,22 @@ pub fn first_run(kind: BackendKind, ipv6: bool, state_dir: &Path, policy: Policy
     apply(policy, &verdict)
 }
 
+/// Whether `kind` can work on this host, from the once-per-boot verdict (for `auto` choices).
+pub fn usable(kind: BackendKind, ipv6: bool, state_dir: &Path) -> bool {
+    match cached_verdict(kind, ipv6, state_dir) {
+        Ok(verdict) => verdict.ok,
+        Err(e) => {
+            log::warn!("host check for {} failed: {e}", backend_name(kind));
+            false
+        }
+    }
+}
+
+/// This boot's verdict for `kind`, computed once and cached.
+pub(crate) fn cached_verdict(kind: BackendKind, ipv6: bool, state_dir: &Path) -> Result<Verdict> {
+    verdict_at(&HostRoot::real(), kind, ipv6, state_dir, true).map(|(v, _)| v)
+}
+
 fn apply(policy: Policy, verdict: &Verdict) -> Result<()> {
     if verdict.ok || policy == Policy::Skip {
         return Ok(());
