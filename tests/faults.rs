@@ -18,6 +18,15 @@ fn iptables(mode: &str) -> Value {
     json!({"backend": "iptables", "iptablesMode": mode})
 }
 
+/// Every backend, by the name its log lines use, with its config settings.
+fn backends() -> [(&'static str, Value); 3] {
+    [
+        ("nftables", json!({"backend": "nftables"})),
+        ("iptables-nft", iptables("nft")),
+        ("iptables-legacy", iptables("legacy")),
+    ]
+}
+
 /// Deterministic delays (xorshift64*).
 struct Rng(u64);
 
@@ -82,10 +91,11 @@ fn wait_for_group(pgid: i32) {
 #[test]
 fn a_file_that_is_not_a_network_namespace_is_a_clear_error() {
     let lab = Lab::new();
-    let conf = lab.config("1.0.0", iptables("nft"));
     let plain = tempfile::NamedTempFile::new().expect("temp file");
     // A plain file (as a bind-mount target is once unmounted) and a namespace of another kind.
-    for path in [plain.path().to_str().expect("utf-8"), "/proc/self/ns/mnt"] {
+    let paths = [plain.path().to_str().expect("utf-8"), "/proc/self/ns/mnt"];
+    for (path, (_, settings)) in paths.iter().flat_map(|p| backends().map(|b| (*p, b))) {
+        let conf = lab.config("1.0.0", settings);
         for command in ["ADD", "CHECK"] {
             let r = run_plugin(command, Some(path), conf.to_string().as_bytes());
             let e = r.error(command, 5);
@@ -103,14 +113,18 @@ fn a_file_that_is_not_a_network_namespace_is_a_clear_error() {
 #[test]
 fn the_netns_vanishing_during_add_is_survived() {
     let mut rng = Rng(0x5EED_0001);
-    let conf = {
+    let confs: Vec<(&str, Value)> = {
         let lab = Lab::new();
-        lab.config("1.0.0", iptables("nft"))
+        backends()
+            .into_iter()
+            .map(|(name, settings)| (name, lab.config("1.0.0", settings)))
+            .collect()
     };
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for round in 0..30 {
+        let (name, conf) = &confs[round % confs.len()];
         let ns = Netns::new("vanish");
-        let child = spawn_add(&ns.path(), &conf);
+        let child = spawn_add(&ns.path(), conf);
         std::thread::sleep(Duration::from_micros(rng.below(4_000)));
         must("ip", &["netns", "del", &ns.name]);
         // Deleted already: the guard has nothing left to do.
@@ -122,14 +136,14 @@ fn the_netns_vanishing_during_add_is_survived() {
             stdout: String::from_utf8(out.stdout).expect("utf-8"),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
-        let code = r.protocol("ADD", &format!("round {round}"));
+        let code = r.protocol("ADD", &format!("{name} round {round}"));
         assert!(
             matches!(code, None | Some(5)),
             "round {round}: {} {}",
             r.stdout,
             r.stderr
         );
-        *outcomes.entry(format!("{code:?}")).or_default() += 1;
+        *outcomes.entry(format!("{name} {code:?}")).or_default() += 1;
         assert!(!std::path::Path::new(&ns_path).exists());
     }
     eprintln!("vanishing netns outcomes: {outcomes:?}");
@@ -193,6 +207,46 @@ fn a_rule_the_kernel_refuses_leaves_the_netns_untouched() {
     assert_eq!(native_table(), native_before);
 }
 
+/// A table the kernel will not let the plugin touch: its own table name, created by another
+/// netlink socket as that socket's own (`flags owner`). The one-batch ADD is refused whole:
+/// nothing in the netns changes, and once the owner is gone ADD succeeds.
+#[test]
+fn an_nftables_batch_the_kernel_refuses_changes_nothing() {
+    let lab = Lab::new();
+    lab.pod.exec(&[
+        "nft",
+        "add",
+        "table ip other { chain c { type filter hook input priority 0; tcp dport 22 accept; }; }",
+    ]);
+    let mut owner = Command::new("ip")
+        .args(["netns", "exec", &lab.pod.name, "nft", "-i"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nft -i");
+    let mut owner_input = owner.stdin.take().expect("stdin");
+    owner_input
+        .write_all(b"add table inet intercept-cni { flags owner; }\n")
+        .expect("write to nft");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.pod.nft_ruleset().contains("intercept-cni") {
+        assert!(Instant::now() < deadline, "the owned table never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = lab.pod.firewall_state();
+    let conf = lab.config("1.0.0", json!({"backend": "nftables"}));
+    let r = run_plugin("ADD", Some(&lab.pod.path()), conf.to_string().as_bytes());
+    r.error("ADD", 100);
+    assert_eq!(lab.pod.firewall_state(), before);
+
+    drop(owner_input);
+    owner.wait().expect("nft -i exits");
+    lab.cni("ADD", &conf).ok();
+    lab.cni("CHECK", &conf).ok();
+    assert!(lab.pod.firewall_state().contains("table ip other"));
+}
+
 /// The lines that would redirect anything: the plugin's chains and any jump or redirect.
 fn plugin_lines(state: &str) -> Vec<&str> {
     state
@@ -206,15 +260,15 @@ fn plugin_lines(state: &str) -> Vec<&str> {
         .collect()
 }
 
-/// SIGKILL at random moments of ADD (its iptables tools run on to their end), then a new ADD:
-/// the netns ends up exactly as after one clean ADD.
+/// SIGKILL at random moments of ADD (the iptables tools it started run on to their end), then
+/// a new ADD: the netns ends up exactly as after one clean ADD, for every backend.
 #[test]
 fn add_after_a_sigkilled_add_converges() {
     nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
     let mut rng = Rng(0x5EED_0002);
-    for mode in MODES {
+    for (mode, settings) in backends() {
         let lab = Lab::new();
-        let conf = lab.config("1.0.0", iptables(mode));
+        let conf = lab.config("1.0.0", settings);
         // Each round starts after a DEL, which leaves iptables's shared nat tables (empty)
         // behind; the reference has the same history, so chains list in the same order.
         let reference = {
@@ -244,15 +298,8 @@ fn add_after_a_sigkilled_add_converges() {
             if out.status.code().is_none() {
                 interrupted += 1;
             }
-            let t = Instant::now();
             wait_for_group(pgid);
-            let waited = t.elapsed();
-            let t = Instant::now();
             lab.cni("ADD", &conf).ok();
-            eprintln!(
-                "DEBUG {mode} {round} waited {waited:?} add {:?}",
-                t.elapsed()
-            );
             assert_eq!(
                 lab.pod.firewall_state(),
                 reference,
