@@ -239,26 +239,44 @@ fn mutated_configs_get_an_answer_and_refused_ones_change_nothing() {
     let lab = Lab::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let netns = lab.pod.path();
-    let base = lab.config(
-        "1.0.0",
-        json!({
-            "backend": "iptables",
-            "iptablesMode": "nft",
+    // The preferred backend and an iptables variant, both programmed in the netns from the
+    // start; each mutation starts from one of them.
+    let bases: Vec<Value> = [
+        json!({"backend": "nftables"}),
+        json!({"backend": "iptables", "iptablesMode": "nft"}),
+    ]
+    .into_iter()
+    .map(|backend| {
+        let mut settings = json!({
             "inboundPort": INBOUND_PORT,
             "excludeInboundPorts": [22, "15020-15021"],
             "excludeOutboundCIDRs": ["169.254.169.254/32"],
             "stateDir": dir.path().join("state"),
             "logFile": dir.path().join("cni.log"),
             "logFileMaxBytes": 65536,
-        }),
-    );
+        });
+        for (k, v) in backend.as_object().expect("object") {
+            settings[k] = v.clone();
+        }
+        lab.config("1.0.0", settings)
+    })
+    .collect();
     let restore_rules = || {
-        let r = run_plugin("ADD", Some(&netns), base.to_string().as_bytes());
-        assert_eq!(r.code, 0, "base ADD failed: {} {}", r.stdout, r.stderr);
+        for base in &bases {
+            let r = run_plugin("ADD", Some(&netns), base.to_string().as_bytes());
+            assert_eq!(r.code, 0, "base ADD failed: {} {}", r.stdout, r.stderr);
+        }
     };
     restore_rules();
     let mut state = lab.pod.firewall_state();
-    assert!(state.contains("ICNI_"), "the base ADD installed rules");
+    assert!(
+        state.contains("ICNI_"),
+        "the iptables base ADD installed rules"
+    );
+    assert!(
+        state.contains("intercept-cni"),
+        "the nftables base ADD installed rules"
+    );
 
     let seed = env_number("ICNI_MUTATION_SEED", DEFAULT_SEED);
     let count = env_number("ICNI_MUTATIONS", DEFAULT_MUTATIONS as u64) as usize;
@@ -267,7 +285,7 @@ fn mutated_configs_get_an_answer_and_refused_ones_change_nothing() {
     let mut ran = 0;
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     while ran < count {
-        let bytes = mutate(&mut rng, &base);
+        let bytes = mutate(&mut rng, &bases[ran % bases.len()]);
         if !stays_inside(&bytes, dir.path()) {
             continue;
         }
@@ -296,7 +314,20 @@ fn mutated_configs_get_an_answer_and_refused_ones_change_nothing() {
             // DEL removes despite an invalid config (a runtime retries DEL with the config
             // that failed ADD); put the rules back for the next mutation.
             None if command == "DEL" => {
-                assert!(!now.contains("ICNI_"), "{context}: DEL left rules");
+                let backend_kept = |key: &str, value: &str| {
+                    serde_json::from_slice::<Value>(&bytes)
+                        .is_ok_and(|c| c.get(key).and_then(Value::as_str) == Some(value))
+                };
+                // DEL removes what its backend installed (an invalid config: every backend's).
+                if !backend_kept("backend", "nftables") {
+                    assert!(!now.contains("ICNI_"), "{context}: DEL left iptables rules");
+                }
+                if !backend_kept("backend", "iptables") {
+                    assert!(
+                        !now.contains("intercept-cni"),
+                        "{context}: DEL left the nftables table"
+                    );
+                }
                 restore_rules();
                 state = lab.pod.firewall_state();
             }
