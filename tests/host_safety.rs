@@ -151,6 +151,39 @@ fn the_log_file_never_lands_in_another_owners_file() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// ADD keeps its once-per-boot host check in `stateDir`: a symlink planted there, or a path
+/// through another owner's directory, is refused before anything is written or programmed.
+#[test]
+fn the_state_dir_never_leads_into_another_owners_files() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let theirs = dir.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let link = dir.path().join("state-link");
+    symlink(&theirs, &link).unwrap();
+    let before = lab.pod.firewall_state();
+    for state_dir in [link.clone(), theirs.join("state"), link.join("state")] {
+        let conf = lab.config(
+            "1.0.0",
+            json!({"backend": "nftables", "stateDir": state_dir}),
+        );
+        let r = run_plugin("ADD", Some(&lab.pod.path()), conf.to_string().as_bytes());
+        let e = r.error("ADD", 5);
+        assert!(
+            e["msg"].as_str().unwrap_or_default().contains("refusing"),
+            "{}: {e}",
+            state_dir.display()
+        );
+        assert_eq!(lab.pod.firewall_state(), before, "{}", state_dir.display());
+    }
+    assert_eq!(
+        fs::read_dir(&theirs).unwrap().count(),
+        0,
+        "written into theirs"
+    );
+}
+
 /// Many plugin processes writing and rotating one log at once: the log and one rotated file,
 /// each within the bound plus the lines in flight, and every line whole.
 #[test]
