@@ -237,7 +237,14 @@ fn an_nftables_batch_the_kernel_refuses_changes_nothing() {
     let before = lab.pod.firewall_state();
     let conf = lab.config("1.0.0", json!({"backend": "nftables"}));
     let r = run_plugin("ADD", Some(&lab.pod.path()), conf.to_string().as_bytes());
-    r.error("ADD", 100);
+    let e = r.error("ADD", 100);
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("owns the table"),
+        "{e}"
+    );
     assert_eq!(lab.pod.firewall_state(), before);
 
     drop(owner_input);
