@@ -585,15 +585,7 @@ mod tests {
         NetConf::from_object(&obj, &version)
     }
 
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(a, b)| PortRange::new(a, b).unwrap())
-            .collect()
-    }
-
-    fn nets(list: &[&str]) -> Vec<IpNetwork> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
+    use crate::plan::test_support::{nets, ports};
 
     #[test]
     fn minimal_config_gets_the_defaults() {

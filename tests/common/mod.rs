@@ -259,31 +259,11 @@ impl CniAnswer {
 
 /// Runs the plugin binary exactly as a runtime does: CNI_* environment, config on stdin.
 pub fn cni(command: &str, netns: Option<&str>, conf: &Value) -> CniAnswer {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intercept-cni"));
-    cmd.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "ctr-0123456789abcdef")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=lab")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(ns) = netns {
-        cmd.env("CNI_NETNS", ns);
-    }
-    let mut child = cmd.spawn().expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let run = run_plugin(command, netns, conf.to_string().as_bytes());
     CniAnswer {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        success: run.code == 0,
+        stdout: run.stdout,
+        stderr: run.stderr,
     }
 }
 
