@@ -481,3 +481,21 @@ fn nft_rejection_is_reported_and_nothing_is_half_applied() {
     assert!(!ns.save_both(IptablesMode::Nft).contains("ICNI_"));
     assert_eq!(native_table(), before);
 }
+
+/// iptables-legacy-restore creates the per-netns lock file; DEL's removal deletes it again, so
+/// pods that come and go leave no files in /run/intercept-cni.
+#[test]
+fn remove_deletes_the_netns_lock_file() {
+    use std::os::unix::fs::MetadataExt;
+    let ns = TestNetns::new();
+    let ino = std::fs::metadata(Path::new("/run/netns").join(&ns.name))
+        .unwrap()
+        .ino();
+    let lock = PathBuf::from(format!("/run/intercept-cni/xtables-{ino}.lock"));
+    let b = backend(IptablesMode::Legacy);
+    ns.pod.run(|| b.apply(&defaults())).unwrap();
+    assert!(lock.exists(), "{} after apply", lock.display());
+    ns.pod.run(|| b.remove()).unwrap();
+    assert!(!lock.exists(), "{} after remove", lock.display());
+    ns.pod.run(|| b.remove()).unwrap();
+}

@@ -16,6 +16,19 @@ use crate::plan::InterceptPlan;
 use render::Family;
 use tools::{binary_name, Tool, Tools};
 
+/// For STATUS: the IPv4 save/restore pair ADD would spawn exists (code 50 naming it otherwise).
+pub fn restore_binaries_present(mode: IptablesMode, options: &BackendOptions) -> Result<()> {
+    let tools = Tools {
+        dir: options.iptables_path.as_deref(),
+    };
+    for tool in [Tool::Save, Tool::Restore] {
+        tools
+            .require(mode, Family::V4, tool)
+            .map_err(|e| Error::new(Code::PluginNotAvailable, e.msg))?;
+    }
+    Ok(())
+}
+
 /// Drives `iptables-{legacy,nft}-restore`/`-save` (and the ip6tables pair) inside the pod netns.
 pub struct Iptables {
     mode: IptablesMode,
@@ -141,6 +154,9 @@ impl Backend for Iptables {
                     errors.push(e);
                 }
             }
+        }
+        if let Err(e) = tools::remove_lock_file() {
+            errors.push(e);
         }
         Error::collect(errors).map_or(Ok(()), Err)
     }

@@ -4,6 +4,7 @@
 
 use crate::cni::error::Result;
 use crate::plan::InterceptPlan;
+use std::path::Path;
 
 pub mod iptables;
 pub mod nftables;
@@ -60,15 +61,31 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + S
 
 /// Resolves a config's choice on this host (call it in the host netns): an explicit backend
 /// wins; `auto` probes.
-pub fn resolve(choice: BackendChoice, options: &BackendOptions) -> Result<BackendKind> {
+/// An explicit choice always wins. `auto` takes nftables when this host's kernel supports it,
+/// else iptables; `iptablesMode: auto` asks `iptables::detect_mode`, with the kernel's support
+/// for each variant from the once-per-boot host check cached in `state_dir`.
+pub fn resolve(
+    choice: BackendChoice,
+    options: &BackendOptions,
+    state_dir: &Path,
+) -> Result<BackendKind> {
+    let iptables_auto = || {
+        let (mode, why) = iptables::detect_mode(options, |mode| {
+            crate::host::usable(BackendKind::Iptables(mode), false, state_dir)
+        });
+        log::debug!("iptablesMode auto: {why}");
+        BackendKind::Iptables(mode)
+    };
     Ok(match choice {
-        // nftables is the preferred backend; probing it for `auto` comes with the host checks.
-        BackendChoice::Auto | BackendChoice::Nftables => BackendKind::Nftables,
+        BackendChoice::Nftables => BackendKind::Nftables,
         BackendChoice::Iptables(Some(mode)) => BackendKind::Iptables(mode),
-        // Until the host prerequisite checks land, no variant is assumed supported by the
-        // kernel: the choice rests on what the host's tables show.
-        BackendChoice::Iptables(None) => {
-            BackendKind::Iptables(iptables::detect_mode(options, |_| false).0)
+        BackendChoice::Iptables(None) => iptables_auto(),
+        BackendChoice::Auto if crate::host::usable(BackendKind::Nftables, false, state_dir) => {
+            BackendKind::Nftables
+        }
+        BackendChoice::Auto => {
+            log::info!("backend auto: the kernel cannot serve nftables; using iptables");
+            iptables_auto()
         }
     })
 }

@@ -28,7 +28,7 @@ mod detect;
 mod doctor;
 mod modules;
 
-pub use cache::{first_run, Policy};
+pub use cache::{first_run, usable, Policy};
 pub use detect::HostRoot;
 pub use doctor::doctor_main;
 
@@ -191,21 +191,22 @@ pub fn functional_probe(kind: BackendKind, ipv6: bool) -> Result<()> {
     })
 }
 
-/// CNI STATUS: code 50 with the problems when the backend cannot work on this host.
-pub fn status(kind: BackendKind, ipv6: bool) -> Result<()> {
-    status_of(&assess(kind, ipv6))
+/// CNI STATUS: code 50 with the problems when the backend cannot work on this host (from the
+/// once-per-boot verdict, so STATUS stays cheap).
+pub fn status(kind: BackendKind, ipv6: bool, state_dir: &std::path::Path) -> Result<()> {
+    let verdict = cache::cached_verdict(kind, ipv6, state_dir)?;
+    status_of(verdict.ok, &verdict.backend, &verdict.problems)
 }
 
-fn status_of(report: &Report) -> Result<()> {
-    if report.ok {
+fn status_of(ok: bool, backend: &str, problems: &[String]) -> Result<()> {
+    if ok {
         return Ok(());
     }
     Err(Error::new(
         Code::PluginNotAvailable,
         format!(
-            "the {} backend cannot work on this host: {}",
-            report.backend,
-            report.problems.join(" ")
+            "the {backend} backend cannot work on this host: {}",
+            problems.join(" ")
         ),
     ))
 }
@@ -751,12 +752,14 @@ pub(crate) mod tests {
     #[test]
     fn status_is_code_50_with_the_problems() {
         let r = check(NFT, false, &fixture("no-nftables"));
-        let e = status_of(&r).unwrap_err();
+        let e = status_of(r.ok, &r.backend, &r.problems).unwrap_err();
         assert_eq!(e.code, Code::PluginNotAvailable);
         assert_eq!(e.code as u32, 50);
         assert!(e.msg.contains("nf_tables is missing"), "{}", e.msg);
-        assert!(status_of(&check(LEGACY, false, &fixture("no-nftables"))).is_ok());
+        let legacy = check(LEGACY, false, &fixture("no-nftables"));
+        assert!(status_of(legacy.ok, &legacy.backend, &legacy.problems).is_ok());
         // This machine can serve the nftables backend.
-        status(NFT, true).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        status(NFT, true, state.path()).unwrap();
     }
 }
