@@ -46,40 +46,16 @@ fn outbound_redirected_with_original_destination(b: &Backend) {
     let lab = Lab::new();
     let conf = lab.config("1.0.0", settings(b, json!({})));
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(0x7f000001.into(), OUTBOUND_PORT),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.pod,
-        v6(std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.outbound_to_proxy(v6(PEER_V6, 8080), None, OUTBOUND_PORT);
 }
 
 fn inbound_redirected_with_original_destination(b: &Backend) {
     let lab = Lab::new();
     let conf = lab.config("1.0.0", settings(b, json!({})));
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, INBOUND_PORT),
-    );
-    assert_lands(
-        &lab.peer,
-        v6(POD_V6, 9080),
-        None,
-        &lab.pod,
-        v6(POD_V6, INBOUND_PORT),
-    );
+    lab.inbound_to_proxy(v4(POD_V4, 9080), INBOUND_PORT);
+    lab.inbound_to_proxy(v6(POD_V6, 9080), INBOUND_PORT);
 }
 
 fn proxy_uid_and_gid_bypass(b: &Backend) {
@@ -88,37 +64,13 @@ fn proxy_uid_and_gid_bypass(b: &Backend) {
     lab.cni("ADD", &conf).ok();
     let proxy = Some((PROXY_UID, 1000));
     // The proxy's own outbound connection reaches the real destination.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        proxy,
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        proxy,
-        &lab.peer,
-        v6(PEER_V6, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), proxy);
+    lab.outbound_direct(v6(PEER_V6, 8080), proxy);
     // So does anything running with the proxy's group.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        Some((1000, 1338)),
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), Some((1000, 1338)));
     // Any other user is still redirected.
     let app = Some((1000, 1000));
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        app,
-        &lab.pod,
-        v4(0x7f000001.into(), OUTBOUND_PORT),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), app, OUTBOUND_PORT);
 }
 
 fn excluded_ports_and_cidrs_bypass(b: &Backend) {
@@ -130,42 +82,12 @@ fn excluded_ports_and_cidrs_bypass(b: &Backend) {
     });
     let conf = lab.config("1.0.0", settings(b, extra));
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8081),
-        None,
-        &lab.peer,
-        v4(PEER_V4, 8081),
-    );
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9082),
-        None,
-        &lab.pod,
-        v4(POD_V4, 9082),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.peer,
-        v6(PEER_V6, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8081), None);
+    lab.inbound_direct(v4(POD_V4, 9082));
+    lab.outbound_direct(v6(PEER_V6, 8080), None);
     // What is not excluded is still intercepted.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(0x7f000001.into(), OUTBOUND_PORT),
-    );
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, INBOUND_PORT),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.inbound_to_proxy(v4(POD_V4, 9080), INBOUND_PORT);
 }
 
 fn include_lists_limit_interception(b: &Backend) {
@@ -176,34 +98,10 @@ fn include_lists_limit_interception(b: &Backend) {
     });
     let conf = lab.config("1.0.0", settings(b, extra));
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, INBOUND_PORT),
-    );
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9090),
-        None,
-        &lab.pod,
-        v4(POD_V4, 9090),
-    );
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(0x7f000001.into(), OUTBOUND_PORT),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.peer,
-        v6(PEER_V6, 8080),
-    );
+    lab.inbound_to_proxy(v4(POD_V4, 9080), INBOUND_PORT);
+    lab.inbound_direct(v4(POD_V4, 9090));
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.outbound_direct(v6(PEER_V6, 8080), None);
 }
 
 fn only_the_pods_families_get_rules(b: &Backend) {
@@ -212,20 +110,8 @@ fn only_the_pods_families_get_rules(b: &Backend) {
     let ips = conf["prevResult"]["ips"].as_array_mut().unwrap();
     ips.retain(|ip| !ip["address"].as_str().unwrap().contains(':'));
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(0x7f000001.into(), OUTBOUND_PORT),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.peer,
-        v6(PEER_V6, 8080),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.outbound_direct(v6(PEER_V6, 8080), None);
 }
 
 fn check_passes_then_detects_drift(b: &Backend) {
@@ -272,13 +158,7 @@ fn add_converges_and_del_leaves_nothing(b: &Backend) {
         assert_eq!(after, before, "DEL left state behind");
     }
     // Traffic flows untouched again.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), None);
     lab.cni("DEL", &conf).ok();
     let mut no_prev = conf.clone();
     no_prev.as_object_mut().unwrap().remove("prevResult");

@@ -6,9 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
 
-const LOCALHOST_V4: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const LINKERD_INBOUND: u16 = 4143;
 const LINKERD_OUTBOUND: u16 = 4140;
 
@@ -38,27 +36,9 @@ fn pod_config(lab: &Lab, backend: fn() -> Value, keys: Value, annotations: Value
 
 /// The pod's own traffic reaches the peer, and the peer's reaches the pod, untouched.
 fn assert_untouched(lab: &Lab) {
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.peer,
-        v6(PEER_V6, 8080),
-    );
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, 9080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), None);
+    lab.outbound_direct(v6(PEER_V6, 8080), None);
+    lab.inbound_direct(v4(POD_V4, 9080));
 }
 
 /// ADD leaves the pod alone: prevResult passed through, not a rule added, traffic untouched;
@@ -101,20 +81,8 @@ fn opted_in_pod_intercepted(backend: fn() -> Value) {
     );
     lab.cni("ADD", &conf).ok();
     lab.cni("CHECK", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(LOCALHOST_V4, OUTBOUND_PORT),
-    );
-    assert_lands(
-        &lab.peer,
-        v6(POD_V6, 9080),
-        None,
-        &lab.pod,
-        v6(POD_V6, INBOUND_PORT),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.inbound_to_proxy(v6(POD_V6, 9080), INBOUND_PORT);
     lab.cni("DEL", &conf).ok();
     assert_untouched(&lab);
 }
@@ -129,50 +97,14 @@ fn istio_pod_with_excluded_outbound_port(backend: fn() -> Value) {
     let conf = pod_config(&lab, backend, json!({}), annotations);
     lab.cni("ADD", &conf).ok();
     lab.cni("CHECK", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 5432),
-        None,
-        &lab.peer,
-        v4(PEER_V4, 5432),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 6379),
-        None,
-        &lab.peer,
-        v6(PEER_V6, 6379),
-    );
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(LOCALHOST_V4, OUTBOUND_PORT),
-    );
+    lab.outbound_direct(v4(PEER_V4, 5432), None);
+    lab.outbound_direct(v6(PEER_V6, 6379), None);
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
     // Istio's health port is the proxy's own: never redirected to its inbound port.
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 15021),
-        None,
-        &lab.pod,
-        v4(POD_V4, 15021),
-    );
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, INBOUND_PORT),
-    );
+    lab.inbound_direct(v4(POD_V4, 15021));
+    lab.inbound_to_proxy(v4(POD_V4, 9080), INBOUND_PORT);
     // Istio's proxy runs with group 1337 too: that bypasses as well.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        Some((1000, 1337)),
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), Some((1000, 1337)));
 }
 
 fn outbound_cidr_exclusion(backend: fn() -> Value) {
@@ -183,20 +115,8 @@ fn outbound_cidr_exclusion(backend: fn() -> Value) {
     });
     let conf = pod_config(&lab, backend, json!({}), annotations);
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
-    assert_lands(
-        &lab.pod,
-        v6(PEER_V6, 8080),
-        None,
-        &lab.pod,
-        v6(std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), None);
+    lab.outbound_to_proxy(v6(PEER_V6, 8080), None, OUTBOUND_PORT);
 }
 
 fn explicit_opt_out(backend: fn() -> Value) {
@@ -232,37 +152,13 @@ fn linkerd_skip_subnets_exempts_inbound_sources(backend: fn() -> Value) {
     lab.cni("ADD", &conf).ok();
     lab.cni("CHECK", &conf).ok();
     // From the skipped subnet: straight to the application.
-    assert_lands(
-        &lab.peer,
-        v4(POD_V4, 9080),
-        None,
-        &lab.pod,
-        v4(POD_V4, 9080),
-    );
+    lab.inbound_direct(v4(POD_V4, 9080));
     // From elsewhere: to Linkerd's inbound port.
-    assert_lands(
-        &lab.peer,
-        v6(POD_V6, 9080),
-        None,
-        &lab.pod,
-        v6(POD_V6, LINKERD_INBOUND),
-    );
+    lab.inbound_to_proxy(v6(POD_V6, 9080), LINKERD_INBOUND);
     // skip-subnets is inbound only: the pod's connections to that subnet still go to the proxy.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        None,
-        &lab.pod,
-        v4(LOCALHOST_V4, LINKERD_OUTBOUND),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, LINKERD_OUTBOUND);
     // Linkerd's proxy UID bypasses.
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        Some((2102, 2102)),
-        &lab.peer,
-        v4(PEER_V4, 8080),
-    );
+    lab.outbound_direct(v4(PEER_V4, 8080), Some((2102, 2102)));
 }
 
 fn pod_overrides_off_ignores_tuning(backend: fn() -> Value) {
@@ -274,13 +170,7 @@ fn pod_overrides_off_ignores_tuning(backend: fn() -> Value) {
     });
     let conf = pod_config(&lab, backend, json!({"podOverrides": false}), annotations);
     lab.cni("ADD", &conf).ok();
-    assert_lands(
-        &lab.pod,
-        v4(PEER_V4, 8080),
-        Some((1000, 1000)),
-        &lab.pod,
-        v4(LOCALHOST_V4, OUTBOUND_PORT),
-    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), Some((1000, 1000)), OUTBOUND_PORT);
 }
 
 fn hostile_values_rejected_without_change(backend: fn() -> Value) {

@@ -399,3 +399,42 @@ pub fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
 pub fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(ip), port)
 }
+
+impl Lab {
+    /// The pod's outbound connection to `to` (as `user`) lands on the proxy's loopback listener
+    /// at `proxy_port`, which reads `to` as the original destination.
+    pub fn outbound_to_proxy(&self, to: SocketAddr, user: User, proxy_port: u16) {
+        let loopback = match to {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        assert_lands(
+            &self.pod,
+            to,
+            user,
+            &self.pod,
+            SocketAddr::new(loopback, proxy_port),
+        );
+    }
+
+    /// The pod's outbound connection to `to` (as `user`) reaches the peer untouched.
+    pub fn outbound_direct(&self, to: SocketAddr, user: User) {
+        assert_lands(&self.pod, to, user, &self.peer, to);
+    }
+
+    /// The peer's connection to the pod at `to` lands on the proxy at `proxy_port`, same address.
+    pub fn inbound_to_proxy(&self, to: SocketAddr, proxy_port: u16) {
+        assert_lands(
+            &self.peer,
+            to,
+            None,
+            &self.pod,
+            SocketAddr::new(to.ip(), proxy_port),
+        );
+    }
+
+    /// The peer's connection to the pod at `to` reaches the app untouched.
+    pub fn inbound_direct(&self, to: SocketAddr) {
+        assert_lands(&self.peer, to, None, &self.pod, to);
+    }
+}
