@@ -65,6 +65,33 @@ impl Iptables {
         }
     }
 
+    /// Removes one family's rules of both variants: the mode may have changed since ADD.
+    fn remove_both_modes(&self, family: Family) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for mode in [self.mode, self.other_mode()] {
+            if !self.tools().present(mode, family) {
+                if mode == self.mode {
+                    // The configured variant must be there; name what is missing.
+                    for tool in [Tool::Save, Tool::Restore] {
+                        if let Err(e) = self.tools().require(mode, family, tool) {
+                            errors.push(e);
+                        }
+                    }
+                } else {
+                    log::debug!(
+                        "{} not installed; nothing of ours can be there",
+                        binary_name(mode, family, Tool::Save)
+                    );
+                }
+                continue;
+            }
+            if let Err(e) = self.remove_family(mode, family) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
     fn other_mode(&self) -> IptablesMode {
         match self.mode {
             IptablesMode::Legacy => IptablesMode::Nft,
@@ -147,31 +174,22 @@ impl Backend for Iptables {
     }
 
     fn remove(&self) -> Result<()> {
-        let mut errors = Vec::new();
-        // The other variant too: the mode may have changed since ADD.
-        for mode in [self.mode, self.other_mode()] {
-            for family in Family::ALL {
-                if !self.tools().present(mode, family) {
-                    if mode == self.mode {
-                        // The configured variant must be there; name what is missing.
-                        for tool in [Tool::Save, Tool::Restore] {
-                            if let Err(e) = self.tools().require(mode, family, tool) {
-                                errors.push(e);
-                            }
-                        }
-                    } else {
-                        log::debug!(
-                            "{} not installed; nothing of ours can be there",
-                            binary_name(mode, family, Tool::Save)
-                        );
-                    }
-                    continue;
-                }
-                if let Err(e) = self.remove_family(mode, family) {
-                    errors.push(e);
-                }
-            }
-        }
+        // The families' tables are separate, so each is cleaned on its own thread (a thread
+        // starts in its creator's netns): DEL waits for one family's save and restore, not two.
+        let errors: Vec<Error> = std::thread::scope(|s| {
+            let workers = Family::ALL.map(|family| s.spawn(move || self.remove_both_modes(family)));
+            workers
+                .into_iter()
+                .flat_map(|worker| {
+                    worker.join().unwrap_or_else(|_| {
+                        vec![Error::new(
+                            Code::Internal,
+                            "internal error while removing iptables rules",
+                        )]
+                    })
+                })
+                .collect()
+        });
         Error::collect(errors).map_or(Ok(()), Err)
     }
 }
