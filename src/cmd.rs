@@ -14,6 +14,8 @@
 //! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
+//! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
+//!   xtables lock file), so pods that come and go leave nothing behind; GC has none to remove.
 
 use crate::backend::iptables;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
@@ -26,7 +28,8 @@ use crate::logging;
 use crate::netns::PodNetns;
 use crate::plan::InterceptPlan;
 use crate::policy::{self, Decision};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Instant;
 
@@ -39,6 +42,27 @@ pub struct Trace {
     pub backend: Option<&'static str>,
     /// ADD and CHECK: whether the pod is intercepted, and what decided it.
     pub policy: Option<String>,
+}
+
+/// Runs `invocation`, turning a panic into a code-199 error: `main` runs every CNI invocation
+/// through this, so no panic leaves without an answer (the panic hook logs where it happened).
+pub fn guarded(
+    trace: &mut Trace,
+    invocation: impl FnOnce(&mut Trace) -> Result<Option<Value>>,
+) -> Result<Option<Value>> {
+    panic::catch_unwind(AssertUnwindSafe(|| invocation(trace)))
+        .unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
+/// What `main` prints on stdout (at most one JSON object) and whether it exits with success.
+pub fn final_answer(outcome: Result<Option<Value>>, trace: &Trace) -> (Option<Value>, bool) {
+    match outcome {
+        Ok(answer) => (answer, true),
+        Err(e) => {
+            let version = trace.cni_version.as_deref().unwrap_or(version::LATEST);
+            (Some(e.to_json(version)), false)
+        }
+    }
 }
 
 /// Runs one verb and logs one line about it. `Ok(Some)` is the JSON to print on stdout.
@@ -54,13 +78,13 @@ pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<V
         .as_ref()
         .map_or(String::new(), |p| format!(" policy=({p})"));
     let line = format!(
-        "{} pod={} container={}{policy} backend={} outcome={} duration={}ms",
+        "{} pod={} container={}{policy} backend={} outcome={} duration={:.3}ms",
         env.command,
         env.pod,
         env.container_id.as_ref().map_or("-", |c| c.as_str()),
         trace.backend.unwrap_or("-"),
         status,
-        started.elapsed().as_millis()
+        started.elapsed().as_secs_f64() * 1000.0
     );
     match (&outcome, env.command) {
         (Err(_), _) => log::error!("{line}"),
@@ -74,13 +98,8 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     if env.command == Command::Version {
         return version_answer(stdin).map(Some);
     }
-    let obj = config::decode(stdin)?;
-    let declared = config::cni_version(&obj)?;
-    if let Some(v) = declared.filter(|v| version::is_supported(v)) {
-        trace.cni_version = Some(v.to_string());
-    }
-    let cni_version = version::negotiate(declared, env.command)?;
-    let conf = match NetConf::from_object(&obj, cni_version) {
+    let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
+    let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
             // ADD validates the config before touching the kernel, so with this config it
@@ -101,7 +120,11 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         }
         Err(e) => return Err(e),
     };
-    if let Err(e) = logging::configure(conf.log_level, conf.log_file.as_deref()) {
+    if let Err(e) = logging::configure(
+        conf.log_level,
+        conf.log_file.as_deref(),
+        conf.log_file_max_bytes,
+    ) {
         log::warn!("logging to stderr only: {e}");
     }
     for key in config::unknown_keys(&obj) {
@@ -123,8 +146,24 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     }
 }
 
+/// The decoded config object and the version negotiated for `command`. Pure, like everything
+/// up to `plan_for`: the fuzz target (fuzz/) drives these steps without a kernel.
+pub fn negotiate(
+    command: Command,
+    stdin: &[u8],
+    trace: &mut Trace,
+) -> Result<(Map<String, Value>, String)> {
+    let obj = config::decode(stdin)?;
+    let declared = config::cni_version(&obj)?;
+    if let Some(v) = declared.filter(|v| version::is_supported(v)) {
+        trace.cni_version = Some(v.to_string());
+    }
+    let cni_version = version::negotiate(declared, command)?.to_string();
+    Ok((obj, cni_version))
+}
+
 /// VERSION needs no environment and tolerates an empty stdin.
-fn version_answer(stdin: &[u8]) -> Result<Value> {
+pub fn version_answer(stdin: &[u8]) -> Result<Value> {
     if stdin.iter().all(u8::is_ascii_whitespace) {
         return Ok(version::version_answer(None));
     }
@@ -134,7 +173,7 @@ fn version_answer(stdin: &[u8]) -> Result<Value> {
 
 /// The plan ADD would install now, and CHECK compares against; `None` when the pod policy
 /// leaves the pod alone.
-fn plan_for<'a>(
+pub fn plan_for<'a>(
     env: &CniEnv,
     conf: &'a NetConf,
     trace: &mut Trace,
@@ -166,6 +205,15 @@ fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
             format!("CNI_NETNS {} does not exist", path.display()),
         )
     })?;
+    if !ns.is_namespace() {
+        return Err(Error::new(
+            Code::Io,
+            format!(
+                "CNI_NETNS {} is not a network namespace (a mount point whose namespace is gone, or another kind of file)",
+                path.display()
+            ),
+        ));
+    }
     ns.refuse_own()?;
     Ok(ns)
 }
@@ -328,4 +376,49 @@ fn collect_garbage(state_dir: &Path, valid: &[Attachment]) -> Result<()> {
         state_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path `main` takes for a panic anywhere in an invocation, down to the printed text.
+    #[test]
+    fn a_panic_becomes_one_json_error_answer() {
+        let mut trace = Trace::default();
+        let outcome = guarded(&mut trace, |trace| {
+            trace.cni_version = Some("0.4.0".into());
+            panic!("index out of bounds")
+        });
+        let (answer, success) = final_answer(outcome, &trace);
+        assert!(!success);
+        let printed = serde_json::to_string(&answer.expect("an answer")).unwrap();
+        let parsed: Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(parsed["code"], 199);
+        assert_eq!(parsed["cniVersion"], "0.4.0");
+        assert!(parsed["msg"]
+            .as_str()
+            .unwrap()
+            .contains("index out of bounds"));
+    }
+
+    #[test]
+    fn answers_without_a_panic_pass_through() {
+        let mut trace = Trace::default();
+        let ok = guarded(&mut trace, |_| Ok(Some(serde_json::json!({"a": 1}))));
+        assert_eq!(
+            final_answer(ok, &trace),
+            (Some(serde_json::json!({"a": 1})), true)
+        );
+        let silent = guarded(&mut trace, |_| Ok(None));
+        assert_eq!(final_answer(silent, &trace), (None, true));
+        let failed = guarded(&mut trace, |_| Err(Error::config("bad")));
+        let (answer, success) = final_answer(failed, &trace);
+        assert!(!success);
+        let answer = answer.unwrap();
+        assert_eq!(
+            (answer["code"].as_u64(), answer["cniVersion"].as_str()),
+            (Some(7), Some(version::LATEST))
+        );
+    }
 }

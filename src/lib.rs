@@ -10,3 +10,4 @@ pub mod logging;
 pub mod netns;
 pub mod plan;
 pub mod policy;
+pub mod trusted_path;

@@ -3,12 +3,12 @@
 
 use intercept_cni::cmd::{self, Trace};
 use intercept_cni::cni::env::{CniEnv, Command};
-use intercept_cni::cni::error::{Code, Error, Result};
+use intercept_cni::cni::error::{Error, Result};
 use intercept_cni::cni::version;
 use intercept_cni::logging;
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
-use std::panic::{self, AssertUnwindSafe};
+use std::panic;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: intercept-cni [doctor | install | uninstall | version]\n\
@@ -54,21 +54,13 @@ fn cni_mode() -> ExitCode {
     // stdout stays reserved for the single JSON answer.
     panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     let mut trace = Trace::default();
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| cni_invocation(&mut trace)))
-        .unwrap_or_else(|_| {
-            Err(Error::new(
-                Code::Internal,
-                "internal error (a bug); see the plugin's log",
-            ))
-        });
-    match outcome {
-        Ok(None) => ExitCode::SUCCESS,
-        Ok(Some(answer)) => print_answer(&answer),
-        Err(e) => {
-            let version = trace.cni_version.as_deref().unwrap_or(version::LATEST);
-            print_answer(&e.to_json(version));
-            ExitCode::FAILURE
-        }
+    let outcome = cmd::guarded(&mut trace, cni_invocation);
+    let (answer, success) = cmd::final_answer(outcome, &trace);
+    let printed = answer.as_ref().is_none_or(print_answer);
+    if success && printed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -106,17 +98,14 @@ fn read_invocation() -> Result<Option<(CniEnv, Vec<u8>)>> {
     Ok(Some((env, stdin)))
 }
 
-fn print_answer(answer: &serde_json::Value) -> ExitCode {
+/// Prints the one JSON answer; false when stdout cannot take it.
+fn print_answer(answer: &serde_json::Value) -> bool {
     let mut out = std::io::stdout().lock();
     let written = serde_json::to_writer(&mut out, answer)
         .map_err(std::io::Error::from)
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush());
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("cannot write the answer to stdout: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    written
+        .inspect_err(|e| log::error!("cannot write the answer to stdout: {e}"))
+        .is_ok()
 }

@@ -5,6 +5,11 @@ use crate::cni::error::{Code, Error, Result};
 use nix::sched::{unshare, CloneFlags};
 use std::path::Path;
 
+mod nsfs {
+    // NS_GET_NSTYPE, from <linux/nsfs.h>: _IO(0xb7, 0x3).
+    nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
+}
+
 /// An opened pod namespace. Holding the file keeps the identity stable between the host-netns
 /// check and the setns, even if the path is re-mounted in between.
 pub struct PodNetns {
@@ -26,11 +31,18 @@ impl PodNetns {
         }
     }
 
-    /// False for a file that no longer holds a namespace, such as a bind-mount target left
-    /// behind after the runtime unmounted it (DEL treats that as already gone).
+    /// False for a file that is not a network namespace: a bind-mount target left behind after
+    /// the runtime unmounted it (DEL treats that as already gone), or another namespace type.
     pub fn is_namespace(&self) -> bool {
-        nix::sys::statfs::fstatfs(self.ns.file())
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        use std::os::fd::AsRawFd;
+        let on_nsfs = nix::sys::statfs::fstatfs(self.ns.file())
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+        // SAFETY: NS_GET_NSTYPE reads nothing from user memory; the fd is open for the call.
+        match unsafe { nsfs::ns_get_nstype(self.ns.file().as_raw_fd()) } {
+            Ok(kind) => on_nsfs && kind == CloneFlags::CLONE_NEWNET.bits(),
+            // Kernels before 4.11 cannot tell the type; entering names a wrong one (see `run`).
+            Err(_) => on_nsfs,
+        }
     }
 
     /// True when this is the namespace the plugin itself runs in (the host's): compared by
@@ -61,8 +73,13 @@ impl PodNetns {
         let path = ns.path().display().to_string();
         join(std::thread::scope(|s| {
             s.spawn(|| {
-                ns.enter()
-                    .map_err(|e| Error::io(format!("cannot enter netns {path}"), e))?;
+                ns.enter().map_err(|e| match e {
+                    netns_rs::Error::SetnsError(nix::Error::EINVAL) => Error::new(
+                        Code::Io,
+                        format!("cannot enter {path}: not a network namespace"),
+                    ),
+                    e => Error::io(format!("cannot enter netns {path}"), e),
+                })?;
                 f()
             })
             .join()
@@ -85,15 +102,18 @@ pub fn run_in_new<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
 
 /// A panic on the namespace thread becomes an error answer, never a crash.
 fn join<T>(joined: std::thread::Result<Result<T>>) -> Result<T> {
-    joined.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(Error::new(
-            Code::Internal,
-            format!("internal error in netns thread: {what}"),
-        ))
-    })
+    joined.unwrap_or_else(|payload| Err(Error::from_panic(payload.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root: a panic inside the namespace thread comes back as a code-199 error, not a crash.
+    #[test]
+    fn a_panic_in_the_netns_thread_is_an_error() {
+        let e = run_in_new(|| -> Result<()> { panic!("rule rendering bug") }).unwrap_err();
+        assert_eq!(e.code, Code::Internal);
+        assert!(e.msg.contains("rule rendering bug"), "{}", e.msg);
+    }
 }

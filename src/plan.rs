@@ -150,6 +150,23 @@ impl InterceptPlan {
     }
 }
 
+/// Literal ports and networks for the tests of every module that builds plans.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::PortRange;
+    use ipnetwork::IpNetwork;
+
+    pub fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
+        list.iter()
+            .map(|&(a, b)| PortRange::new(a, b).unwrap())
+            .collect()
+    }
+
+    pub fn nets(list: &[&str]) -> Vec<IpNetwork> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -625,15 +625,7 @@ mod tests {
         e
     }
 
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(a, b)| PortRange::new(a, b).unwrap())
-            .collect()
-    }
-
-    fn nets(list: &[&str]) -> Vec<IpNetwork> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
+    use crate::plan::test_support::{nets, ports};
 
     const ISTIO_OWN: [(u16, u16); 3] = [(15020, 15020), (15021, 15021), (15090, 15090)];
     const LINKERD_OWN: [(u16, u16); 2] = [(4190, 4190), (4191, 4191)];

@@ -514,3 +514,27 @@ fn nft_rejection_is_reported_and_nothing_is_half_applied() {
     assert!(!ns.save_both(IptablesMode::Nft).contains("ICNI_"));
     assert_eq!(native_table(), before);
 }
+
+/// iptables-legacy-restore creates the per-netns lock files; DEL's removal deletes them, so
+/// pods that come and go leave no files in /run/intercept-cni.
+#[test]
+fn remove_deletes_the_netns_lock_file() {
+    use std::os::unix::fs::MetadataExt;
+    let ns = TestNetns::new();
+    let ino = std::fs::metadata(Path::new("/run/netns").join(&ns.name))
+        .unwrap()
+        .ino();
+    // One per family, so the two restores do not wait for each other.
+    let locks = ["xtables", "xtables6"]
+        .map(|name| PathBuf::from(format!("/run/intercept-cni/{name}-{ino}.lock")));
+    let b = backend(IptablesMode::Legacy);
+    ns.pod.run(|| b.apply(&defaults())).unwrap();
+    for lock in &locks {
+        assert!(lock.exists(), "{} after apply", lock.display());
+    }
+    ns.pod.run(|| b.remove()).unwrap();
+    for lock in &locks {
+        assert!(!lock.exists(), "{} after remove", lock.display());
+    }
+    ns.pod.run(|| b.remove()).unwrap();
+}

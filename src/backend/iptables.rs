@@ -176,7 +176,7 @@ impl Backend for Iptables {
     fn remove(&self) -> Result<()> {
         // The families' tables are separate, so each is cleaned on its own thread (a thread
         // starts in its creator's netns): DEL waits for one family's save and restore, not two.
-        let errors: Vec<Error> = std::thread::scope(|s| {
+        let mut errors: Vec<Error> = std::thread::scope(|s| {
             let workers = Family::ALL.map(|family| s.spawn(move || self.remove_both_modes(family)));
             workers
                 .into_iter()
@@ -190,6 +190,10 @@ impl Backend for Iptables {
                 })
                 .collect()
         });
+        // The lock files go once the rules are gone (after both families are done).
+        if let Err(e) = tools::remove_lock_file() {
+            errors.push(e);
+        }
         Error::collect(errors).map_or(Ok(()), Err)
     }
 }

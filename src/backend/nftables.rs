@@ -826,7 +826,9 @@ fn kernel_error(what: &str, err: QueryError, steps: &[Step]) -> Error {
         .checked_sub(1)
         .and_then(|i| steps.get(i));
     let hint = match (errno, step) {
-        (Errno::EPERM, _) => "CAP_NET_ADMIN in the pod's network namespace is needed",
+        (Errno::EPERM, _) => {
+            "CAP_NET_ADMIN in the pod's network namespace is needed, or another program owns the table (flags owner)"
+        }
         (Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
             "nat chains in inet tables need Linux >= 5.2 with nft_chain_nat"
         }

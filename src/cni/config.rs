@@ -9,6 +9,7 @@
 use super::error::{Code, Error, Result};
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use crate::host::Policy as HostPolicy;
+use crate::logging;
 use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
 use serde::de::DeserializeOwned;
@@ -178,6 +179,8 @@ pub struct NetConf {
     pub state_dir: PathBuf,
     pub log_level: log::LevelFilter,
     pub log_file: Option<PathBuf>,
+    /// The log file's bound before it is rotated to `<logFile>.1`.
+    pub log_file_max_bytes: u64,
     pub host_prerequisites: HostPolicy,
     /// GC's attachments still in use, from either spelling of the key. Absent or null reads as
     /// empty: Go runtimes marshal an empty list as null.
@@ -217,6 +220,7 @@ const KNOWN_KEYS: &[&str] = &[
     "stateDir",
     "logLevel",
     "logFile",
+    "logFileMaxBytes",
     "hostPrerequisites",
 ];
 
@@ -357,6 +361,18 @@ fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>>
     Ok(Some(path))
 }
 
+fn log_file_max_bytes(obj: &Map<String, Value>) -> Result<u64> {
+    match field::<u64>(obj, "logFileMaxBytes")? {
+        None => Ok(logging::DEFAULT_MAX_BYTES),
+        Some(n) if n >= logging::MIN_MAX_BYTES => Ok(n),
+        Some(_) => Err(invalid(
+            "logFileMaxBytes",
+            &obj["logFileMaxBytes"],
+            format!("must be at least {}", logging::MIN_MAX_BYTES),
+        )),
+    }
+}
+
 /// Keys this plugin ignores; logged once logging is configured from the same config.
 pub fn unknown_keys(obj: &Map<String, Value>) -> impl Iterator<Item = &String> {
     obj.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
@@ -443,6 +459,7 @@ impl NetConf {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             log_level,
             log_file: absolute_path(obj, "logFile")?,
+            log_file_max_bytes: log_file_max_bytes(obj)?,
             host_prerequisites: field(obj, "hostPrerequisites")?.unwrap_or(HostPolicy::Enforce),
             valid_attachments,
         })
@@ -568,15 +585,7 @@ mod tests {
         NetConf::from_object(&obj, &version)
     }
 
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(a, b)| PortRange::new(a, b).unwrap())
-            .collect()
-    }
-
-    fn nets(list: &[&str]) -> Vec<IpNetwork> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
+    use crate::plan::test_support::{nets, ports};
 
     #[test]
     fn minimal_config_gets_the_defaults() {
@@ -594,6 +603,7 @@ mod tests {
         assert_eq!(conf.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(conf.log_level, log::LevelFilter::Info);
         assert_eq!(conf.log_file, None);
+        assert_eq!(conf.log_file_max_bytes, 10 << 20);
         assert_eq!(conf.host_prerequisites, HostPolicy::Enforce);
         assert_eq!(conf.prev_result, None);
         assert!(conf.valid_attachments.is_empty());
@@ -657,6 +667,17 @@ mod tests {
         assert_eq!(conf.backend, BackendChoice::Auto);
         let conf = parse(br#"{"inboundPort": null, "proxyGID": null}"#).unwrap();
         assert_eq!(conf.settings, PlanSettings::default());
+    }
+
+    #[test]
+    fn log_file_max_bytes_has_a_floor() {
+        let conf = parse(br#"{"logFileMaxBytes": 4096}"#).unwrap();
+        assert_eq!(conf.log_file_max_bytes, 4096);
+        for bad in ["4095", "0", "-1", "\"1M\"", "1.5e6"] {
+            let e = parse(format!(r#"{{"logFileMaxBytes": {bad}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{bad}");
+            assert!(e.msg.contains("logFileMaxBytes"), "{}", e.msg);
+        }
     }
 
     #[test]

@@ -70,6 +70,20 @@ impl Error {
         Error::new(Code::Backend, what)
     }
 
+    /// A caught panic: always a bug. The payload's message (a `&str` or `String` in practice)
+    /// is kept so the answer says what broke; the panic hook has logged where.
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        Error::new(
+            Code::Internal,
+            format!("internal error (a bug; see the plugin's log): {what}"),
+        )
+    }
+
     /// Several failures from best-effort work (DEL, GC): all are reported, the first decides the code.
     pub fn collect(errors: Vec<Error>) -> Option<Self> {
         let mut iter = errors.into_iter();
@@ -125,6 +139,23 @@ mod tests {
         assert!(j.get("details").is_none());
         let j = e.with_details("inboundPort=0").to_json("1.1.0");
         assert_eq!(j["details"], "inboundPort=0");
+    }
+
+    #[test]
+    fn panic_payloads_become_code_199() {
+        let str_payload = std::panic::catch_unwind(|| panic!("boom")).unwrap_err();
+        let e = Error::from_panic(str_payload.as_ref());
+        assert_eq!(e.code, Code::Internal);
+        assert!(e.msg.ends_with(": boom"), "{}", e.msg);
+        let n = 7;
+        let string_payload = std::panic::catch_unwind(|| panic!("bad {n}")).unwrap_err();
+        assert!(Error::from_panic(string_payload.as_ref())
+            .msg
+            .ends_with(": bad 7"));
+        let odd_payload = std::panic::catch_unwind(|| std::panic::panic_any(42u8)).unwrap_err();
+        assert!(Error::from_panic(odd_payload.as_ref())
+            .msg
+            .ends_with("unknown panic"));
     }
 
     #[test]

@@ -9,11 +9,12 @@
 use super::{assess_at, backend_name, HostRoot};
 use crate::backend::BackendKind;
 use crate::cni::error::{Code, Error, Result};
+use crate::trusted_path;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -147,7 +148,8 @@ pub(crate) fn verdict_at(
     if let Some(v) = read_current(&path, &boot_id).filter(wanted) {
         return Ok((v, false));
     }
-    prepare_dir(state_dir)?;
+    // 0700, ours, and reached only through root-owned paths: see `trusted_path`.
+    trusted_path::private_dir(state_dir)?;
     let lock_path = state_dir.join(LOCK_FILE);
     let lock_file = open_nofollow(&lock_path, true)
         .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
@@ -188,24 +190,6 @@ fn read_current(path: &Path, boot_id: &str) -> Option<Verdict> {
         }
     }
     Some(verdict)
-}
-
-/// Creates the state dir 0700 when absent; refuses a symlink in its place.
-fn prepare_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io(format!("cannot create state dir {}", dir.display()), e))?;
-    let meta = fs::symlink_metadata(dir)
-        .map_err(|e| Error::io(format!("cannot stat state dir {}", dir.display()), e))?;
-    if !meta.is_dir() {
-        return Err(Error::io(
-            format!("state dir {}", dir.display()),
-            "is not a directory (a symlink is refused)",
-        ));
-    }
-    Ok(())
 }
 
 /// Opens `path` read-only, or read-write and created 0600 when `create`; never via a symlink.

@@ -259,31 +259,11 @@ impl CniAnswer {
 
 /// Runs the plugin binary exactly as a runtime does: CNI_* environment, config on stdin.
 pub fn cni(command: &str, netns: Option<&str>, conf: &Value) -> CniAnswer {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intercept-cni"));
-    cmd.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "ctr-0123456789abcdef")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=lab")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(ns) = netns {
-        cmd.env("CNI_NETNS", ns);
-    }
-    let mut child = cmd.spawn().expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let run = run_plugin(command, netns, conf.to_string().as_bytes());
     CniAnswer {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        success: run.code == 0,
+        stdout: run.stdout,
+        stderr: run.stderr,
     }
 }
 
@@ -436,5 +416,113 @@ impl Lab {
     /// The peer's connection to the pod at `to` reaches the app untouched.
     pub fn inbound_direct(&self, to: SocketAddr) {
         assert_lands(&self.peer, to, None, &self.pod, to);
+    }
+}
+
+/// One plugin run with its exit status, for the suites that check the protocol's promises.
+#[derive(Debug)]
+pub struct PluginRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the plugin as a runtime does, with raw config bytes (which may be anything).
+pub fn run_plugin(command: &str, netns: Option<&str>, stdin: &[u8]) -> PluginRun {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intercept-cni"));
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "ctr-0123456789abcdef")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=lab")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let mut child = cmd.spawn().expect("spawn the plugin");
+    // The plugin may answer before reading stdin (bad environment); runtimes ignore EPIPE too.
+    let written = child.stdin.take().expect("stdin").write_all(stdin);
+    if let Err(e) = written {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
+    let out = child.wait_with_output().expect("wait for the plugin");
+    PluginRun {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("plugin killed by a signal: {:?}", out.status)),
+        stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl PluginRun {
+    /// Asserts the protocol's promises for `command`: exit 0 or 1; no panic, caught (code 199)
+    /// or printed; on success nothing on stdout for DEL/CHECK/STATUS/GC and one JSON object
+    /// otherwise; on failure one JSON error object with cniVersion, code and msg. Returns the
+    /// error code when it failed.
+    pub fn protocol(&self, command: &str, context: &str) -> Option<u64> {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "{context}: a panic: {}",
+            self.stderr
+        );
+        assert!(
+            self.code == 0 || self.code == 1,
+            "{context}: exit {}",
+            self.code
+        );
+        if self.code == 0 && matches!(command, "DEL" | "CHECK" | "STATUS" | "GC") {
+            assert_eq!(self.stdout, "", "{context}: {command} printed on success");
+            return None;
+        }
+        let mut lines = self.stdout.lines();
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{context}: no answer; stderr: {}", self.stderr));
+        assert_eq!(lines.next(), None, "{context}: more than one line");
+        let answer: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{context}: answer is not JSON ({e}): {line}"));
+        assert!(answer.is_object(), "{context}: answer is not an object");
+        assert!(answer["cniVersion"].is_string(), "{context}: {answer}");
+        if self.code == 0 {
+            return None;
+        }
+        let code = answer["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{context}: error without a code: {answer}"));
+        assert_ne!(code, 199, "{context}: a panic was caught: {answer}");
+        assert!(
+            answer["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{context}: error without a msg: {answer}"
+        );
+        Some(code)
+    }
+
+    /// The error's JSON, asserting it failed with `code`.
+    pub fn error(&self, command: &str, code: u64) -> Value {
+        assert_eq!(
+            self.protocol(command, command),
+            Some(code),
+            "stdout={} stderr={}",
+            self.stdout,
+            self.stderr
+        );
+        serde_json::from_str(self.stdout.trim()).expect("JSON error")
+    }
+
+    /// Asserts success.
+    pub fn ok(&self, command: &str) -> &Self {
+        assert_eq!(
+            self.protocol(command, command),
+            None,
+            "stdout={} stderr={}",
+            self.stdout,
+            self.stderr
+        );
+        self
     }
 }

@@ -5,8 +5,9 @@ use super::render::Family;
 use super::save::NatTable;
 use crate::backend::IptablesMode;
 use crate::cni::error::{Code, Error, Result};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -224,22 +225,63 @@ fn nft_nat_exists(family: Family) -> bool {
 /// The lock file for the netns the calling thread is in, named by the namespace's inode. The
 /// IPv4 and IPv6 tables are separate in the kernel, so each family has its own lock and their
 /// restores do not wait for each other.
-fn lock_file(family: Family) -> Result<PathBuf> {
+fn lock_path(family: Family) -> Result<PathBuf> {
     let ino = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(|e| Error::io("cannot identify the current network namespace", e))?
         .ino();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(LOCK_DIR)
-        .map_err(|e| Error::io(format!("cannot create {LOCK_DIR}"), e))?;
-    // Files are not removed: another run may be waiting on this one, and namespace inode
-    // numbers are recycled, so their number stays bounded (and /run is a tmpfs).
     let name = match family {
         Family::V4 => format!("xtables-{ino}.lock"),
         Family::V6 => format!("xtables6-{ino}.lock"),
     };
     Ok(Path::new(LOCK_DIR).join(name))
+}
+
+/// `lock_path`, with its directory made. Only the legacy tools create the file itself.
+fn lock_file(family: Family) -> Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(LOCK_DIR)
+        .map_err(|e| Error::io(format!("cannot create {LOCK_DIR}"), e))?;
+    lock_path(family)
+}
+
+/// Removes the current netns's lock files (one per family); DEL calls this once the rules are
+/// gone, so pods that come and go leave no files behind. Unlinking a lock file is safe only when nobody waits on
+/// it: the runtime runs no other operation on the same container meanwhile (SPEC.md), and one
+/// that holds the lock right now keeps it, file and all. If DEL never runs in the namespace
+/// (it vanished first), the file stays; namespace inode numbers are recycled, so such files
+/// stay few and are reused.
+pub fn remove_lock_file() -> Result<()> {
+    let errors = Family::ALL
+        .into_iter()
+        .filter_map(|family| lock_path(family).and_then(|path| remove_lock(&path)).err())
+        .collect();
+    Error::collect(errors).map_or(Ok(()), Err)
+}
+
+fn remove_lock(path: &Path) -> Result<()> {
+    let what = || format!("cannot remove {}", path.display());
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(what(), e)),
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(_held) => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(what(), e)),
+            _ => Ok(()),
+        },
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            log::debug!("{} is in use; left in place", path.display());
+            Ok(())
+        }
+        Err((_, e)) => Err(Error::io(what(), e)),
+    }
 }
 
 fn run(
