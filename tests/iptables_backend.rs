@@ -403,6 +403,38 @@ fn missing_binaries_are_named(mode: IptablesMode) {
     );
 }
 
+/// A netns with no nat table yet holds nothing of ours, so ADD goes straight to restore: with
+/// `-save` standing in as `false`, the first ADD succeeds; once the table exists, -save runs.
+fn fresh_netns_add_skips_save(mode: IptablesMode) {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["iptables", "ip6tables"] {
+        let restore = format!("{family}-{}-restore", mode_name(mode));
+        std::os::unix::fs::symlink(
+            Path::new("/usr/sbin").join(&restore),
+            dir.path().join(&restore),
+        )
+        .unwrap();
+        let save = format!("{family}-{}-save", mode_name(mode));
+        std::os::unix::fs::symlink("/usr/bin/false", dir.path().join(save)).unwrap();
+    }
+    let b = Iptables::new(
+        mode,
+        &BackendOptions {
+            iptables_path: Some(dir.path().to_path_buf()),
+        },
+    );
+    let ns = TestNetns::new();
+    ns.pod.run(|| b.apply(&defaults())).unwrap();
+    let installed = ns.save_both(mode);
+    assert_eq!(
+        count_lines(&installed, "-A OUTPUT -p tcp -j ICNI_OUTBOUND"),
+        2,
+        "{installed}"
+    );
+    let err = ns.pod.run(|| b.apply(&defaults())).unwrap_err();
+    assert!(err.msg.contains("-save -t nat failed"), "{}", err.msg);
+}
+
 macro_rules! for_both_modes {
     ($($name:ident),* $(,)?) => {
         mod legacy {
@@ -423,6 +455,7 @@ for_both_modes!(
     families_follow_the_plan,
     live_outbound_redirect,
     missing_binaries_are_named,
+    fresh_netns_add_skips_save,
 );
 
 /// `iptablesMode: auto` follows the rules already in the namespace it runs in (the host's in
@@ -477,12 +510,12 @@ fn nft_rejection_is_reported_and_nothing_is_half_applied() {
     assert!(err.msg.contains("ip6tables-nft-restore"), "{}", err.msg);
     assert!(err.msg.contains("nft_chain_nat"), "{}", err.msg);
     assert!(err.details.contains("PREROUTING"), "{}", err.details);
-    // IPv4 went first and succeeded; it was undone. The refused table is as it was.
+    // IPv4 succeeded alongside; it was undone. The refused table is as it was.
     assert!(!ns.save_both(IptablesMode::Nft).contains("ICNI_"));
     assert_eq!(native_table(), before);
 }
 
-/// iptables-legacy-restore creates the per-netns lock file; DEL's removal deletes it again, so
+/// iptables-legacy-restore creates the per-netns lock files; DEL's removal deletes them, so
 /// pods that come and go leave no files in /run/intercept-cni.
 #[test]
 fn remove_deletes_the_netns_lock_file() {
@@ -491,11 +524,17 @@ fn remove_deletes_the_netns_lock_file() {
     let ino = std::fs::metadata(Path::new("/run/netns").join(&ns.name))
         .unwrap()
         .ino();
-    let lock = PathBuf::from(format!("/run/intercept-cni/xtables-{ino}.lock"));
+    // One per family, so the two restores do not wait for each other.
+    let locks = ["xtables", "xtables6"]
+        .map(|name| PathBuf::from(format!("/run/intercept-cni/{name}-{ino}.lock")));
     let b = backend(IptablesMode::Legacy);
     ns.pod.run(|| b.apply(&defaults())).unwrap();
-    assert!(lock.exists(), "{} after apply", lock.display());
+    for lock in &locks {
+        assert!(lock.exists(), "{} after apply", lock.display());
+    }
     ns.pod.run(|| b.remove()).unwrap();
-    assert!(!lock.exists(), "{} after remove", lock.display());
+    for lock in &locks {
+        assert!(!lock.exists(), "{} after remove", lock.display());
+    }
     ns.pod.run(|| b.remove()).unwrap();
 }

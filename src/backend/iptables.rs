@@ -49,11 +49,10 @@ impl Iptables {
         }
     }
 
-    fn apply_family(&self, plan: &InterceptPlan, family: Family) -> Result<()> {
-        let tools = self.tools();
-        let existing = tools.read_nat(self.mode, family)?;
-        let input = render::apply_input(plan, family, &existing)?;
-        tools.restore(self.mode, family, &input)
+    /// The restore input that installs `plan` for one family over what is there now.
+    fn apply_input(&self, plan: &InterceptPlan, family: Family) -> Result<String> {
+        let existing = self.tools().read_nat(self.mode, family)?;
+        render::apply_input(plan, family, &existing)
     }
 
     /// Removes our chains and jumps of one mode and family, if there are any.
@@ -64,6 +63,33 @@ impl Iptables {
             Some(input) => tools.restore(mode, family, &input),
             None => Ok(()),
         }
+    }
+
+    /// Removes one family's rules of both variants: the mode may have changed since ADD.
+    fn remove_both_modes(&self, family: Family) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for mode in [self.mode, self.other_mode()] {
+            if !self.tools().present(mode, family) {
+                if mode == self.mode {
+                    // The configured variant must be there; name what is missing.
+                    for tool in [Tool::Save, Tool::Restore] {
+                        if let Err(e) = self.tools().require(mode, family, tool) {
+                            errors.push(e);
+                        }
+                    }
+                } else {
+                    log::debug!(
+                        "{} not installed; nothing of ours can be there",
+                        binary_name(mode, family, Tool::Save)
+                    );
+                }
+                continue;
+            }
+            if let Err(e) = self.remove_family(mode, family) {
+                errors.push(e);
+            }
+        }
+        errors
     }
 
     fn other_mode(&self) -> IptablesMode {
@@ -83,26 +109,44 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
-        let mut applied = Vec::new();
-        for family in Family::ALL {
-            // A family the pod no longer has keeps nothing from an earlier ADD.
-            let result = if family.enabled_in(plan) {
-                self.apply_family(plan, family)
-            } else {
-                self.remove_family(self.mode, family)
-            };
-            if let Err(e) = result {
-                // Each restore is atomic; undo the families already done so ADD is all or nothing.
-                for &done in &applied {
-                    if let Err(undo) = self.remove_family(self.mode, done) {
-                        log::warn!("cannot undo {} rules: {undo}", done.label());
-                    }
+        let (enabled, disabled): (Vec<Family>, Vec<Family>) =
+            Family::ALL.into_iter().partition(|f| f.enabled_in(plan));
+        // A family the pod no longer has keeps nothing from an earlier ADD.
+        for &family in &disabled {
+            self.remove_family(self.mode, family)?;
+        }
+        let inputs = enabled
+            .iter()
+            .map(|&family| Ok((family, self.apply_input(plan, family)?)))
+            .collect::<Result<Vec<_>>>()?;
+        // The families' tables are separate, so their restores run side by side: a dual-stack
+        // ADD waits for one restore, not two.
+        let mut started = Vec::new();
+        let mut failed = Vec::new();
+        for (family, input) in &inputs {
+            match self.tools().start_restore(self.mode, *family, input) {
+                Ok(restore) => started.push((*family, restore)),
+                Err(e) => {
+                    failed.push(e);
+                    break;
                 }
-                return Err(e);
             }
-            if family.enabled_in(plan) {
-                applied.push(family);
+        }
+        let mut applied = Vec::new();
+        for (family, restore) in started {
+            match restore.finish() {
+                Ok(()) => applied.push(family),
+                Err(e) => failed.push(e),
             }
+        }
+        if let Some(e) = Error::collect(failed) {
+            // Each restore is atomic; undo the families done so ADD is all or nothing.
+            for &done in &applied {
+                if let Err(undo) = self.remove_family(self.mode, done) {
+                    log::warn!("cannot undo {} rules: {undo}", done.label());
+                }
+            }
+            return Err(e);
         }
         log::debug!("{}: interception rules applied", self.name());
         Ok(())
@@ -130,31 +174,23 @@ impl Backend for Iptables {
     }
 
     fn remove(&self) -> Result<()> {
-        let mut errors = Vec::new();
-        // The other variant too: the mode may have changed since ADD.
-        for mode in [self.mode, self.other_mode()] {
-            for family in Family::ALL {
-                if !self.tools().present(mode, family) {
-                    if mode == self.mode {
-                        // The configured variant must be there; name what is missing.
-                        for tool in [Tool::Save, Tool::Restore] {
-                            if let Err(e) = self.tools().require(mode, family, tool) {
-                                errors.push(e);
-                            }
-                        }
-                    } else {
-                        log::debug!(
-                            "{} not installed; nothing of ours can be there",
-                            binary_name(mode, family, Tool::Save)
-                        );
-                    }
-                    continue;
-                }
-                if let Err(e) = self.remove_family(mode, family) {
-                    errors.push(e);
-                }
-            }
-        }
+        // The families' tables are separate, so each is cleaned on its own thread (a thread
+        // starts in its creator's netns): DEL waits for one family's save and restore, not two.
+        let mut errors: Vec<Error> = std::thread::scope(|s| {
+            let workers = Family::ALL.map(|family| s.spawn(move || self.remove_both_modes(family)));
+            workers
+                .into_iter()
+                .flat_map(|worker| {
+                    worker.join().unwrap_or_else(|_| {
+                        vec![Error::new(
+                            Code::Internal,
+                            "internal error while removing iptables rules",
+                        )]
+                    })
+                })
+                .collect()
+        });
+        // The lock files go once the rules are gone (after both families are done).
         if let Err(e) = tools::remove_lock_file() {
             errors.push(e);
         }

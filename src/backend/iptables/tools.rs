@@ -9,7 +9,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 /// Where the binaries are looked for when `iptablesPath` is not set.
 const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
@@ -96,12 +96,16 @@ impl Tools<'_> {
     /// The current netns's nat table for this mode and family.
     pub fn read_nat(&self, mode: IptablesMode, family: Family) -> Result<NatTable> {
         let save = self.require(mode, family, Tool::Save)?;
-        // Listing a legacy table instantiates it in the netns; when the kernel has none yet,
-        // there is nothing of ours and nothing should be created.
-        if mode == IptablesMode::Legacy && !legacy_nat_exists(family) {
+        // Without a nat table there is nothing of ours, and spawning -save (a few ms) would
+        // tell no more. Listing a legacy table would also instantiate it in the netns.
+        let exists = match mode {
+            IptablesMode::Legacy => legacy_nat_exists(family),
+            IptablesMode::Nft => nft_nat_exists(family),
+        };
+        if !exists {
             return Ok(NatTable::default());
         }
-        let out = run(&save, &["-t", "nat"], None)?;
+        let out = run(&save, &["-t", "nat"], None, family)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
                 "{} -t nat failed ({})",
@@ -116,7 +120,7 @@ impl Tools<'_> {
     /// `*-save` of every table, for the mode detection in the host netns.
     pub fn save_all(&self, mode: IptablesMode, family: Family) -> Result<String> {
         let save = self.require(mode, family, Tool::Save)?;
-        let out = run(&save, &[], None)?;
+        let out = run(&save, &[], None, family)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
                 "{} failed ({})",
@@ -129,6 +133,16 @@ impl Tools<'_> {
 
     /// Feeds `input` to `*-restore --noflush`: the whole table changes at once or not at all.
     pub fn restore(&self, mode: IptablesMode, family: Family, input: &str) -> Result<()> {
+        self.start_restore(mode, family, input)?.finish()
+    }
+
+    /// Starts `restore` without waiting for it, so the families' restores can run side by side.
+    pub fn start_restore<'i>(
+        &self,
+        mode: IptablesMode,
+        family: Family,
+        input: &'i str,
+    ) -> Result<Restore<'i>> {
         let restore = self.require(mode, family, Tool::Restore)?;
         let wait = format!("--wait={LOCK_WAIT_SECONDS}");
         let mut args = vec!["--noflush"];
@@ -136,12 +150,38 @@ impl Tools<'_> {
         if mode == IptablesMode::Legacy {
             args.push(&wait);
         }
-        let out = run(&restore, &args, Some(input))?;
+        let child = start(&restore, &args, Some(input), family)?;
+        Ok(Restore {
+            child,
+            binary: restore,
+            mode,
+            family,
+            input,
+        })
+    }
+}
+
+/// A running `*-restore`.
+pub struct Restore<'i> {
+    child: Child,
+    binary: PathBuf,
+    mode: IptablesMode,
+    family: Family,
+    input: &'i str,
+}
+
+impl Restore<'_> {
+    /// Waits for the restore; a refusal names the rule and the module it likely needs.
+    pub fn finish(self) -> Result<()> {
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| Error::io(format!("cannot run {}", self.binary.display()), e))?;
         if out.status.success() {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(rejection(mode, family, input, &stderr).with_details(stderr))
+        Err(rejection(self.mode, self.family, self.input, &stderr).with_details(stderr))
     }
 }
 
@@ -154,44 +194,85 @@ fn legacy_nat_exists(family: Family) -> bool {
     std::fs::read_to_string(names).is_ok_and(|s| s.lines().any(|l| l.trim() == "nat"))
 }
 
-/// The lock file for the netns the calling thread is in, named by the namespace's inode.
-fn lock_path() -> Result<PathBuf> {
+/// Whether the current netns has the `ip nat` (or `ip6 nat`) nftables table that iptables-nft
+/// writes to. One netlink dump, far cheaper than spawning -save; when the listing fails, -save
+/// decides (true).
+fn nft_nat_exists(family: Family) -> bool {
+    let nfproto = match family {
+        Family::V4 => rustables::ProtocolFamily::Ipv4,
+        Family::V6 => rustables::ProtocolFamily::Ipv6,
+    };
+    let tables = match rustables::list_tables() {
+        Ok(tables) => tables,
+        Err(e) => {
+            log::debug!("cannot list nftables tables, asking -save instead: {e}");
+            return true;
+        }
+    };
+    // rustables keeps a table's family private: compare with a probe built in that family.
+    tables.iter().any(|listed| {
+        let mut probe = rustables::Table::new(nfproto).with_name("nat");
+        if let Some(flags) = listed.get_flags() {
+            probe.set_flags(*flags);
+        }
+        if let Some(userdata) = listed.get_userdata() {
+            probe.set_userdata(userdata.clone());
+        }
+        *listed == probe
+    })
+}
+
+/// The lock file for the netns the calling thread is in, named by the namespace's inode. The
+/// IPv4 and IPv6 tables are separate in the kernel, so each family has its own lock and their
+/// restores do not wait for each other.
+fn lock_path(family: Family) -> Result<PathBuf> {
     let ino = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(|e| Error::io("cannot identify the current network namespace", e))?
         .ino();
-    Ok(Path::new(LOCK_DIR).join(format!("xtables-{ino}.lock")))
+    let name = match family {
+        Family::V4 => format!("xtables-{ino}.lock"),
+        Family::V6 => format!("xtables6-{ino}.lock"),
+    };
+    Ok(Path::new(LOCK_DIR).join(name))
 }
 
 /// `lock_path`, with its directory made. Only the legacy tools create the file itself.
-fn lock_file() -> Result<PathBuf> {
+fn lock_file(family: Family) -> Result<PathBuf> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(LOCK_DIR)
         .map_err(|e| Error::io(format!("cannot create {LOCK_DIR}"), e))?;
-    lock_path()
+    lock_path(family)
 }
 
-/// Removes the current netns's lock file; DEL calls this once the rules are gone, so pods that
-/// come and go leave no files behind. Unlinking a lock file is safe only when nobody waits on
+/// Removes the current netns's lock files (one per family); DEL calls this once the rules are
+/// gone, so pods that come and go leave no files behind. Unlinking a lock file is safe only when nobody waits on
 /// it: the runtime runs no other operation on the same container meanwhile (SPEC.md), and one
 /// that holds the lock right now keeps it, file and all. If DEL never runs in the namespace
 /// (it vanished first), the file stays; namespace inode numbers are recycled, so such files
 /// stay few and are reused.
 pub fn remove_lock_file() -> Result<()> {
-    let path = lock_path()?;
+    let errors = Family::ALL
+        .into_iter()
+        .filter_map(|family| lock_path(family).and_then(|path| remove_lock(&path)).err())
+        .collect();
+    Error::collect(errors).map_or(Ok(()), Err)
+}
+
+fn remove_lock(path: &Path) -> Result<()> {
     let what = || format!("cannot remove {}", path.display());
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-        .open(&path)
+        .open(path)
     {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(what(), e)),
     };
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(_held) => match std::fs::remove_file(&path) {
+        Ok(_held) => match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(what(), e)),
             _ => Ok(()),
         },
@@ -203,14 +284,27 @@ pub fn remove_lock_file() -> Result<()> {
     }
 }
 
-fn run(binary: &Path, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> {
+fn run(
+    binary: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    family: Family,
+) -> Result<std::process::Output> {
+    start(binary, args, stdin, family)?
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("cannot run {}", binary.display()), e))
+}
+
+/// Spawns `binary` with `stdin` written and closed; its output stays in the pipes until waited
+/// for (restore and save print little, far below a pipe's capacity, while restore runs).
+fn start(binary: &Path, args: &[&str], stdin: Option<&str>, family: Family) -> Result<Child> {
     let what = || format!("cannot run {}", binary.display());
     let mut child = Command::new(binary)
         .args(args)
         .env_clear()
         .env("PATH", SEARCH_DIRS.join(":"))
         .env("LC_ALL", "C")
-        .env("XTABLES_LOCKFILE", lock_file()?)
+        .env("XTABLES_LOCKFILE", lock_file(family)?)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -225,7 +319,7 @@ fn run(binary: &Path, args: &[&str], stdin: Option<&str>) -> Result<std::process
         pipe.write_all(input.as_bytes())
             .map_err(|e| Error::io(what(), e))?;
     }
-    child.wait_with_output().map_err(|e| Error::io(what(), e))
+    Ok(child)
 }
 
 /// Turns a refused restore into an error naming the rule and the kernel module it likely needs.
