@@ -91,6 +91,7 @@ impl Netns {
     }
 
     /// `nft list ruleset` inside the namespace.
+    /// `nft list ruleset` inside the namespace, as nft prints it.
     pub fn nft_ruleset(&self) -> String {
         let out = self.exec(&["nft", "list", "ruleset"]);
         assert!(
@@ -101,11 +102,48 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Everything any packet filter holds in this namespace: nftables (which also shows
-    /// iptables-nft rules) and the legacy iptables nat tables.
+    /// The nftables ruleset with tables, and chains within a table, sorted: nft lists them in
+    /// creation order, which depends on history (the iptables backend creates its IPv4 and IPv6
+    /// tables concurrently, and iptables keeps its nat tables across DEL). Rules keep their
+    /// order: it matters.
+    pub fn nft_ruleset_sorted(&self) -> String {
+        let text = self.nft_ruleset();
+        let mut tables: Vec<String> = blocks(text.lines(), "table ")
+            .into_iter()
+            .map(|table| {
+                let lines: Vec<&str> = table.lines().collect();
+                let (head, body) = (lines[0], &lines[1..lines.len().saturating_sub(1)]);
+                let mut chains = blocks(body.iter().copied().filter(|l| !l.is_empty()), "\t");
+                chains.sort();
+                format!("{head}\n{}}}\n", chains.concat())
+            })
+            .collect();
+        tables.sort();
+        tables.concat()
+    }
+
+    /// Everything any packet filter holds in this namespace: nftables, and the iptables view of
+    /// both variants. nft renders iptables-nft's xtables targets inconsistently (a REDIRECT shows
+    /// as `redirect to :PORT` in one table and as nothing in another, depending on history), so
+    /// that rendering is dropped from the nft listing; the `-save` output carries the targets.
     pub fn firewall_state(&self) -> String {
-        let mut state = self.nft_ruleset();
-        for tool in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+        let mut state: String = self
+            .nft_ruleset_sorted()
+            .lines()
+            .map(|l| match l.rfind(" redirect to :") {
+                Some(at) if l[at + 14..].bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("{}\n", &l[..at + 1])
+                }
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let tools = [
+            "iptables-legacy-save",
+            "ip6tables-legacy-save",
+            "iptables-nft-save",
+            "ip6tables-nft-save",
+        ];
+        for tool in tools {
             let out = self.exec(&[tool]);
             // Only rule lines matter: -save prints timestamps in comments.
             let text = String::from_utf8_lossy(&out.stdout);
@@ -134,6 +172,25 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Splits a listing into blocks, each starting at a line that begins with `opener` followed by a
+/// non-blank character (a table, or a chain/set one tab deep).
+fn blocks<'a>(lines: impl Iterator<Item = &'a str>, opener: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in lines {
+        let opens = line.strip_prefix(opener).is_some_and(|rest| {
+            rest.starts_with(|c: char| !c.is_whitespace()) && line.ends_with('{')
+        });
+        match out.last_mut() {
+            Some(block) if !opens => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            _ => out.push(format!("{line}\n")),
+        }
+    }
+    out
 }
 
 /// A pod netns (`eth0`) and a peer netns (`veth0`) joined by veth, dual-stack.
