@@ -80,10 +80,7 @@ impl Backend for Nftables {
         // ~10-15 ms, even inside a batch that then aborts; a table dump costs tens of
         // microseconds. So a first ADD only creates, and only a repeated ADD replaces. CNI
         // runtimes never run two ADDs for one container at once, so nothing races the dump.
-        let exists = rustables::list_tables()
-            .map_err(|e| kernel_error("cannot list nftables tables", e, &[]))?
-            .iter()
-            .any(is_our_table);
+        let exists = our_table_exists()?;
         let (batch, steps) = ruleset.apply_batch(exists)?;
         log::debug!(
             "nftables: {} table inet {TABLE_NAME} in one batch of {} messages",
@@ -110,6 +107,10 @@ impl Backend for Nftables {
     }
 
     fn remove(&self) -> Result<()> {
+        // An aborted delete waits for the same grace period as a real one: look first.
+        if !our_table_exists()? {
+            return Ok(());
+        }
         let mut batch = Batch::new();
         batch.add(&table(), MsgType::Del);
         match batch.send() {
@@ -123,6 +124,16 @@ impl Backend for Nftables {
             )),
         }
     }
+}
+
+/// Whether the plugin's table is in the current netns: a table dump costs tens of
+/// microseconds, while a batch touching a hooked table waits ~10-15 ms for the kernel even when
+/// it aborts.
+fn our_table_exists() -> Result<bool> {
+    Ok(rustables::list_tables()
+        .map_err(|e| kernel_error("cannot list nftables tables", e, &[]))?
+        .iter()
+        .any(is_our_table))
 }
 
 /// The nft-syntax text of the table `apply(plan)` installs, as `nft list table` prints it.
