@@ -276,7 +276,7 @@ fn del(
             return Ok(None);
         }
     };
-    if ns.is_own()? {
+    if ns.is_own() {
         log::warn!(
             "DEL: CNI_NETNS {} is the host's netns, where ADD never installs anything; leaving it alone",
             path.display()
@@ -320,7 +320,7 @@ fn del(
     }
 }
 
-fn remove_in(ns: &PodNetns, backend: &(dyn Backend + Send + Sync)) -> Result<()> {
+fn remove_in(ns: &PodNetns, backend: &dyn Backend) -> Result<()> {
     ns.run(|| backend.remove()).map_err(|e| Error {
         msg: format!("{}: {}", backend.name(), e.msg),
         ..e

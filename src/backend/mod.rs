@@ -1,5 +1,5 @@
 //! The backend boundary: one trait named by its verbs, one implementation per file, and the
-//! choice of backend. Backends run inside the pod netns (see `netns::run_in`); they never choose
+//! choice of backend. Backends run inside the pod netns (see `netns::PodNetns::run`); they never choose
 //! the namespace themselves.
 
 use crate::cni::error::Result;
@@ -52,7 +52,7 @@ pub struct BackendOptions {
 }
 
 /// The concrete backend for a resolved kind.
-pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend + Send + Sync> {
+pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend> {
     match kind {
         BackendKind::Nftables => Box::new(nftables::Nftables),
         BackendKind::Iptables(mode) => Box::new(iptables::Iptables::new(mode, options)),
