@@ -142,7 +142,9 @@ mod tests {
         let path = format!("/proc/self/task/{tid}/ns/net");
         let current = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         let home = current();
-        let pod = PodNetns::open(Path::new(&path)).unwrap().expect("the pod netns");
+        let pod = PodNetns::open(Path::new(&path))
+            .unwrap()
+            .expect("the pod netns");
         assert!(pod.is_namespace() && !pod.is_own());
         let pod_link = std::fs::read_link(&path).unwrap();
         assert_ne!(pod_link, home);
@@ -153,7 +155,9 @@ mod tests {
             .run(|| -> Result<()> { Err(Error::config("refused")) })
             .unwrap_err();
         assert_eq!((e.code, current()), (Code::InvalidConfig, home.clone()));
-        let e = pod.run(|| -> Result<()> { panic!("rendering bug") }).unwrap_err();
+        let e = pod
+            .run(|| -> Result<()> { panic!("rendering bug") })
+            .unwrap_err();
         assert_eq!((e.code, current()), (Code::Internal, home));
 
         done_tx.send(()).unwrap();
