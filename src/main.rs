@@ -1,36 +1,67 @@
 //! Entry point. With a subcommand it is the node tool; without one it is the CNI plugin, reading
 //! the environment and stdin and printing exactly one JSON answer (or nothing) on stdout.
+//!
+//! The binary provides the C `main` itself (`no_main`): Rust's start-up glue would first read
+//! /proc/self/maps to place a stack-overflow guard, about a tenth of an ADD. A stack overflow is
+//! then a plain SIGSEGV, which it is for the runtime either way; the rest of that glue (SIGPIPE
+//! ignored, fds 0-2 kept open) is done here.
+#![no_main]
 
 use intercept_cni::cmd::{self, Trace};
 use intercept_cni::cni::env::{CniEnv, Command};
 use intercept_cni::cni::error::{Error, Result};
 use intercept_cni::cni::version;
 use intercept_cni::logging;
+use nix::libc::{c_char, c_int};
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::panic;
-use std::process::ExitCode;
 
 const USAGE: &str = "usage: intercept-cni [doctor | install | uninstall | version]\n\
                      Without arguments it runs as a CNI plugin (CNI_COMMAND and stdin).";
 
-fn main() -> ExitCode {
+const SUCCESS: c_int = 0;
+const FAILURE: c_int = 1;
+
+#[no_mangle]
+pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
+    start_like_std();
     let mut args = std::env::args_os().skip(1);
-    match args.next() {
+    let status = match args.next() {
         None => cni_mode(),
         Some(subcommand) => node_tool(&subcommand, args.collect()),
+    };
+    // Returning to libc exits without std's clean-up: flush what `println!` may hold.
+    match std::io::stdout().flush() {
+        Ok(()) => status,
+        Err(_) => FAILURE,
     }
 }
 
+/// What std's start-up does that matters here: a closed stdout must fail a write, not kill the
+/// process (SIGPIPE) nor hand fd 1 to the next file opened (which would then get the answer).
+fn start_like_std() {
+    use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for fd in 0..=2 {
+        if fcntl(fd, FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF) {
+            // The lowest free descriptor: this one.
+            let _ = open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty());
+        }
+    }
+    // SAFETY: no other thread exists yet, and SIG_IGN runs no code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+}
+
 /// The node-side subcommands; each arm belongs to the issue that brings it.
-fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> ExitCode {
+fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
     let Some(words) = rest
         .into_iter()
         .map(|w| w.into_string().ok())
         .collect::<Option<Vec<String>>>()
     else {
         eprintln!("intercept-cni: arguments must be valid UTF-8\n{USAGE}");
-        return ExitCode::from(2);
+        return 2;
     };
     let status = match subcommand.to_str() {
         Some("version" | "--version") => {
@@ -45,10 +76,10 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> ExitCode {
             2
         }
     };
-    ExitCode::from(u8::try_from(status).unwrap_or(1))
+    status
 }
 
-fn cni_mode() -> ExitCode {
+fn cni_mode() -> c_int {
     logging::init();
     // The default hook would print to stderr too; this one also reaches the log file, and
     // stdout stays reserved for the single JSON answer.
@@ -58,9 +89,9 @@ fn cni_mode() -> ExitCode {
     let (answer, success) = cmd::final_answer(outcome, &trace);
     let printed = answer.as_ref().is_none_or(print_answer);
     if success && printed {
-        ExitCode::SUCCESS
+        SUCCESS
     } else {
-        ExitCode::FAILURE
+        FAILURE
     }
 }
 

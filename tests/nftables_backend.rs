@@ -294,22 +294,34 @@ fn drop_thread_capabilities() {
     assert_eq!(rc, 0, "capset failed");
 }
 
+/// `f` in `ns`, on a thread of its own that drops its capabilities once inside (it cannot leave
+/// again; the test thread keeps its own).
+fn in_ns_without_capabilities<T: Send>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            in_ns(ns, || {
+                drop_thread_capabilities();
+                f()
+            })
+        })
+        .join()
+        .expect("no panic")
+    })
+}
+
 #[test]
 fn kernel_refusal_is_a_backend_error_naming_the_cause() {
     let ns = Netns::new("nftperm");
     let plan = InterceptPlan::with_defaults(Families::BOTH);
-    let err = in_ns(&ns, || {
-        drop_thread_capabilities();
-        Nftables.apply(&plan)
-    })
-    .expect_err("apply without CAP_NET_ADMIN succeeded");
+    let err = in_ns_without_capabilities(&ns, || Nftables.apply(&plan))
+        .expect_err("apply without CAP_NET_ADMIN succeeded");
     assert_eq!(err.code, Code::Backend, "{err}");
     assert!(err.msg.contains("CAP_NET_ADMIN"), "{err}");
-    let err = in_ns(&ns, || {
-        drop_thread_capabilities();
-        Nftables.remove()
-    })
-    .expect_err("remove without CAP_NET_ADMIN succeeded");
+    let err = in_ns_without_capabilities(&ns, || Nftables.remove())
+        .expect_err("remove without CAP_NET_ADMIN succeeded");
     assert_eq!(err.code, Code::Backend, "{err}");
     assert_eq!(
         ns.nft_ruleset(),
