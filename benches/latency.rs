@@ -1,12 +1,19 @@
 //! ADD/CHECK/DEL latency as a runtime sees it (spawn the binary with env + stdin, until it exits),
 //! interleaved with the anchor's rule step (Istio's REDIRECT rule set applied by
-//! `iptables-{nft,legacy}-restore`) and a bare `true` spawn as the floor; then parallel pod starts,
-//! binary size and peak RSS. The plugin is spawned from the host netns, as a runtime does (it
-//! enters the pod netns itself: that cost is in its figures); the anchor's restore and the floor
-//! are spawned from a thread already inside the pod netns, as istio-cni spawns its restore after
-//! its own setns, so the anchor's figures do not include entering the netns.
+//! `iptables-{nft,legacy}-restore`), with the bare restores our iptables backend wraps (our own
+//! rules, one family and both side by side) and with a bare `true` spawn as the floor; then
+//! parallel pod starts, binary size and peak RSS.
 //!
-//! `cargo bench --bench latency` (root). `-- --smoke` runs a few iterations, no thresholds.
+//! The plugin is spawned from the host netns, as a runtime does (entering the pod netns is in its
+//! figures); the anchor, the bare restores and the floor are spawned from a thread already inside
+//! the pod netns, as istio-cni spawns its restore after its own setns. Every timed call gets a
+//! fresh netns, all made before the first timed call and deleted after the last, so the kernel's
+//! asynchronous netns clean-up does not run under the measurements; the order of the cases
+//! rotates from one iteration to the next so that none always follows the same one.
+//!
+//! `scripts/bench` (root) builds the binary as it ships (static) and runs this;
+//! `-- --smoke` runs a few iterations. It reports and never fails on a threshold; it exits 1 only
+//! when a timed call failed, since the figures would then not be of working calls.
 
 use nix::sched::{setns, CloneFlags};
 use serde_json::json;
@@ -44,6 +51,11 @@ const ISTIO_RULES: &str = "* nat
 COMMIT
 ";
 
+/// What our iptables backend restores on a fresh netns for the default plan, per family (the
+/// golden files its unit tests compare the renderer with).
+const OUR_RULES_V4: &str = include_str!("../testdata/iptables/defaults-v4.rules");
+const OUR_RULES_V6: &str = include_str!("../testdata/iptables/defaults-v6.rules");
+
 struct Netns {
     name: String,
 }
@@ -71,51 +83,75 @@ impl Drop for Netns {
     }
 }
 
-/// Spawns `argv` from a thread inside `ns` (from the host netns for `None`), feeding `stdin`;
-/// returns wall time, success, and the child's peak RSS in KiB.
-fn timed_spawn(
-    ns: Option<&str>,
-    argv: &[&str],
-    env: &[(&str, String)],
-    stdin: &str,
-) -> (Duration, bool, i64) {
+/// One timed call: wall time, success, and the child's peak RSS in KiB.
+type Timed = (Duration, bool, i64);
+
+/// One process to spawn: argv, environment (nothing else is inherited) and stdin.
+struct Call {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: String,
+}
+
+impl Call {
+    fn new(argv: &[&str], env: &[(&str, String)], stdin: &str) -> Call {
+        Call {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            stdin: stdin.to_string(),
+        }
+    }
+}
+
+/// Spawns `argv` from a thread inside `ns` (from the host netns for `None`), feeding `stdin`.
+fn timed_spawn(ns: Option<&str>, argv: &[&str], env: &[(&str, String)], stdin: &str) -> Timed {
+    timed_spawn_all(ns, vec![Call::new(argv, env, stdin)])
+}
+
+/// Spawns every call at once from a thread inside `ns` and times until the last exits; the
+/// peak RSS reported is the largest.
+fn timed_spawn_all(ns: Option<&str>, calls: Vec<Call>) -> Timed {
     let file = ns.map(|ns| File::open(ns).expect("open netns"));
-    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    let stdin = stdin.to_string();
     std::thread::spawn(move || {
         if let Some(file) = file {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
         }
         let start = Instant::now();
-        // Reaped by wait4 below, which also reports the child's peak RSS.
-        #[allow(clippy::zombie_processes)]
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env_clear()
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", argv[0]));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let mut status = 0;
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let pid = child.id() as libc::pid_t;
-        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        let elapsed = start.elapsed();
-        assert_eq!(rc, pid, "wait4");
-        let ok = std::process::ExitStatus::from_raw(status).success();
-        (elapsed, ok, usage.ru_maxrss)
+        let children: Vec<_> = calls
+            .iter()
+            .map(|call| {
+                // Reaped by wait4 below, which also reports the child's peak RSS.
+                #[allow(clippy::zombie_processes)]
+                let mut child = Command::new(&call.argv[0])
+                    .args(&call.argv[1..])
+                    .env_clear()
+                    .envs(call.env.iter().cloned())
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("spawn {}: {e}", call.argv[0]));
+                let mut pipe = child.stdin.take().unwrap();
+                pipe.write_all(call.stdin.as_bytes()).unwrap();
+                drop(pipe);
+                child
+            })
+            .collect();
+        let mut all_ok = true;
+        let mut peak_rss = 0;
+        for child in children {
+            let mut status = 0;
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let pid = child.id() as libc::pid_t;
+            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            assert_eq!(rc, pid, "wait4");
+            all_ok &= std::process::ExitStatus::from_raw(status).success();
+            peak_rss = peak_rss.max(usage.ru_maxrss);
+        }
+        (start.elapsed(), all_ok, peak_rss)
     })
     .join()
     .expect("spawn thread")
@@ -131,7 +167,11 @@ fn plugin_env(command: &str, ns: &str, id: usize) -> Vec<(&'static str, String)>
     ]
 }
 
-fn plugin_config(backend: &str, ns: &str) -> String {
+fn plugin_config(backend: &str, ns: &str, dual_stack: bool) -> String {
+    let mut ips = vec![json!({"address": "10.248.0.2/24", "interface": 0})];
+    if dual_stack {
+        ips.push(json!({"address": "fd00:248::2/64", "interface": 0}));
+    }
     let mut conf = json!({
         "cniVersion": "1.0.0",
         "name": "bench",
@@ -141,10 +181,7 @@ fn plugin_config(backend: &str, ns: &str) -> String {
         "prevResult": {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": ns}],
-            "ips": [
-                {"address": "10.248.0.2/24", "interface": 0},
-                {"address": "fd00:248::2/64", "interface": 0}
-            ]
+            "ips": ips
         }
     });
     match backend {
@@ -176,7 +213,7 @@ impl Series {
             ..Default::default()
         }
     }
-    fn record(&mut self, (d, ok, _): (Duration, bool, i64)) {
+    fn record(&mut self, (d, ok, _): Timed) {
         if ok {
             self.samples.push(d)
         } else {
@@ -192,6 +229,9 @@ impl Series {
         let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
         v[idx]
     }
+    fn p50(&self) -> f64 {
+        self.pct(50.0)
+    }
     fn row(&self) -> String {
         format!(
             "| {} | {:.3} | {:.3} | {:.3} | {} | {} |",
@@ -205,11 +245,168 @@ impl Series {
     }
 }
 
-fn tool(name: &str) -> Option<String> {
+fn tool(name: &str) -> String {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|d| format!("{d}/{name}"))
         .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| panic!("{name} not installed"))
+}
+
+const BACKENDS: [&str; 3] = ["nftables", "iptables-legacy", "iptables-nft"];
+const MODES: [&str; 2] = ["nft", "legacy"];
+
+/// One thing timed in every iteration, on a netns of its own.
+#[derive(Clone, Copy)]
+enum Case {
+    /// ADD, CHECK and DEL of one pod: backend index, dual-stack or IPv4 only.
+    Plugin(usize, bool),
+    /// Istio's rules through `iptables-<mode>-restore`: mode index.
+    Anchor(usize),
+    /// Our default rules through the bare restore(s): mode index, both families side by side.
+    Bare(usize, bool),
+    Floor,
+    /// Our binary answering VERSION: its process start and exit, with no work.
+    Version,
+}
+
+struct Results {
+    add: Vec<Series>,
+    check: Vec<Series>,
+    del: Vec<Series>,
+    anchor: Vec<Series>,
+    bare: Vec<Series>,
+    floor: Series,
+    version: Series,
+}
+
+fn stack(dual: bool) -> &'static str {
+    if dual {
+        "dual-stack"
+    } else {
+        "IPv4"
+    }
+}
+
+impl Results {
+    fn new() -> Results {
+        let per_plugin = |verb: &str| {
+            let mut v = Vec::new();
+            for dual in [true, false] {
+                for b in BACKENDS {
+                    v.push(Series::new(&format!("{verb} {b} ({})", stack(dual))));
+                }
+            }
+            v
+        };
+        let mut bare = Vec::new();
+        for dual in [true, false] {
+            for mode in MODES {
+                let what = if dual {
+                    format!("ip(6)tables-{mode}-restore, side by side")
+                } else {
+                    format!("iptables-{mode}-restore")
+                };
+                bare.push(Series::new(&format!("bare: our rules via {what}")));
+            }
+        }
+        Results {
+            add: per_plugin("ADD"),
+            check: per_plugin("CHECK"),
+            del: per_plugin("DEL"),
+            anchor: MODES
+                .iter()
+                .map(|m| Series::new(&format!("anchor: Istio rules via iptables-{m}-restore")))
+                .collect(),
+            bare,
+            floor: Series::new("floor: spawn `true`"),
+            version: Series::new("our process alone: VERSION (start, answer, exit)"),
+        }
+    }
+
+    fn plugin_index(backend: usize, dual: bool) -> usize {
+        backend + if dual { 0 } else { BACKENDS.len() }
+    }
+
+    fn bare_index(mode: usize, dual: bool) -> usize {
+        mode + if dual { 0 } else { MODES.len() }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Series> {
+        self.add
+            .iter()
+            .chain(&self.check)
+            .chain(&self.del)
+            .chain(&self.anchor)
+            .chain(&self.bare)
+            .chain([&self.floor, &self.version])
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for dual in [true, false] {
+        for b in 0..BACKENDS.len() {
+            cases.push(Case::Plugin(b, dual));
+        }
+        for m in 0..MODES.len() {
+            cases.push(Case::Bare(m, dual));
+        }
+    }
+    for m in 0..MODES.len() {
+        cases.push(Case::Anchor(m));
+    }
+    cases.push(Case::Floor);
+    cases.push(Case::Version);
+    cases
+}
+
+fn run_case(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) {
+    match case {
+        Case::Plugin(b, dual) => {
+            let conf = plugin_config(BACKENDS[b], ns, dual);
+            let call = |verb| timed_spawn(None, &[PLUGIN], &plugin_env(verb, ns, id), &conf);
+            let (a, c, d) = (call("ADD"), call("CHECK"), call("DEL"));
+            if keep {
+                let i = Results::plugin_index(b, dual);
+                results.add[i].record(a);
+                results.check[i].record(c);
+                results.del[i].record(d);
+            }
+        }
+        Case::Anchor(m) => {
+            let restore = tool(&format!("iptables-{}-restore", MODES[m]));
+            let r = timed_spawn(Some(ns), &[&restore, "--noflush"], &[], ISTIO_RULES);
+            if keep {
+                results.anchor[m].record(r);
+            }
+        }
+        Case::Bare(m, dual) => {
+            let v4 = tool(&format!("iptables-{}-restore", MODES[m]));
+            let v6 = tool(&format!("ip6tables-{}-restore", MODES[m]));
+            let mut calls = vec![Call::new(&[&v4, "--noflush"], &[], OUR_RULES_V4)];
+            if dual {
+                calls.push(Call::new(&[&v6, "--noflush"], &[], OUR_RULES_V6));
+            }
+            let r = timed_spawn_all(Some(ns), calls);
+            if keep {
+                results.bare[Results::bare_index(m, dual)].record(r);
+            }
+        }
+        Case::Version => {
+            let env = [("CNI_COMMAND", "VERSION".to_string())];
+            let r = timed_spawn(None, &[PLUGIN], &env, r#"{"cniVersion":"1.0.0"}"#);
+            if keep {
+                results.version.record(r);
+            }
+        }
+        Case::Floor => {
+            let r = timed_spawn(Some(ns), &[&tool("true")], &[], "");
+            if keep {
+                results.floor.record(r);
+            }
+        }
+    }
 }
 
 fn main() {
@@ -220,106 +417,97 @@ fn main() {
         "the benchmark needs root (network namespaces)"
     );
     std::fs::create_dir_all(STATE_DIR).unwrap();
+    println!("intercept-cni benchmark: {}", describe_binary());
 
-    let backends = ["nftables", "iptables-legacy", "iptables-nft"];
-    let mut add: Vec<Series> = backends
-        .iter()
-        .map(|b| Series::new(&format!("ADD {b}")))
+    let cases = cases();
+    let namespaces: Vec<Vec<Netns>> = (0..warmup + iterations)
+        .map(|i| {
+            (0..cases.len())
+                .map(|c| Netns::new(&format!("{i}-{c}")))
+                .collect()
+        })
         .collect();
-    let mut check: Vec<Series> = backends
-        .iter()
-        .map(|b| Series::new(&format!("CHECK {b}")))
-        .collect();
-    let mut del: Vec<Series> = backends
-        .iter()
-        .map(|b| Series::new(&format!("DEL {b}")))
-        .collect();
-    let anchors = ["iptables-nft-restore", "iptables-legacy-restore"];
-    let mut anchor: Vec<Series> = anchors
-        .iter()
-        .map(|a| Series::new(&format!("anchor: Istio rules via {a} --noflush")))
-        .collect();
-    let mut floor = Series::new("floor: spawn `true`");
-    let true_bin = tool("true").expect("true");
-
-    for i in 0..warmup + iterations {
-        let keep = i >= warmup;
-        for (b, backend) in backends.iter().enumerate() {
-            let ns = Netns::new(&format!("{backend}-{i}"));
-            let conf = plugin_config(backend, &ns.path());
-            let a = timed_spawn(None, &[PLUGIN], &plugin_env("ADD", &ns.path(), i), &conf);
-            let c = timed_spawn(None, &[PLUGIN], &plugin_env("CHECK", &ns.path(), i), &conf);
-            let d = timed_spawn(None, &[PLUGIN], &plugin_env("DEL", &ns.path(), i), &conf);
-            if keep {
-                add[b].record(a);
-                check[b].record(c);
-                del[b].record(d);
-            }
-        }
-        for (k, restore) in anchors.iter().enumerate() {
-            let ns = Netns::new(&format!("anchor-{k}-{i}"));
-            let bin = tool(restore).unwrap_or_else(|| panic!("{restore} not installed"));
-            let r = timed_spawn(Some(&ns.path()), &[&bin, "--noflush"], &[], ISTIO_RULES);
-            if keep {
-                anchor[k].record(r);
-            }
-        }
-        let ns = Netns::new(&format!("floor-{i}"));
-        let f = timed_spawn(Some(&ns.path()), &[&true_bin], &[], "");
-        if keep {
-            floor.record(f);
+    let mut results = Results::new();
+    for (i, spaces) in namespaces.iter().enumerate() {
+        for k in 0..cases.len() {
+            let c = (i + k) % cases.len();
+            run_case(cases[c], &spaces[c].path(), i, &mut results, i >= warmup);
         }
     }
+    drop(namespaces);
 
     println!(
-        "intercept-cni benchmark: {iterations} iterations after {warmup} warm-up, fresh netns each"
+        "{iterations} iterations after {warmup} warm-up, a fresh netns for every case, case order rotating"
     );
     println!();
     println!("| case | p50 ms | p90 ms | p99 ms | n | failed |");
     println!("|---|---|---|---|---|---|");
-    for s in add
-        .iter()
-        .chain(&check)
-        .chain(&del)
-        .chain(&anchor)
-        .chain(std::iter::once(&floor))
-    {
+    for s in results.all() {
         println!("{}", s.row());
     }
+    let failed: usize = results.all().map(|s| s.failures).sum();
     println!();
-    let f50 = floor.pct(50.0);
-    for (b, series) in add.iter().enumerate() {
-        for a in &anchor {
-            println!(
-                "{} / {}: {:.2}x whole-process, {:.2}x above the spawn floor (p50)",
-                backends[b],
-                a.name.trim_start_matches("anchor: "),
-                series.pct(50.0) / a.pct(50.0),
-                (series.pct(50.0) - f50) / (a.pct(50.0) - f50)
-            );
-        }
-    }
-
-    let failed: usize = add
-        .iter()
-        .chain(&check)
-        .chain(&del)
-        .chain(&anchor)
-        .map(|s| s.failures)
-        .sum();
+    let rss = footprint();
     parallel_starts(parallel);
-    footprint();
-    // Not a threshold: a failing call means the figures are not of working ADDs.
+    targets(&results, rss);
+    // Not a threshold: a failing call means the figures are not of working calls.
     if failed > 0 {
         eprintln!("{failed} timed calls failed; the figures above are not trustworthy");
         std::process::exit(1);
     }
 }
 
+/// The issue's targets, each with its figure and whether this run met it.
+fn targets(r: &Results, rss_kib: i64) {
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let floor = r.floor.p50();
+    let nft_add = r.add[Results::plugin_index(0, true)].p50();
+    println!();
+    println!("targets (p50):");
+    println!(
+        "- nftables ADD (dual-stack) {nft_add:.3} ms, target <= 1.5 ms: {}",
+        verdict(nft_add <= 1.5)
+    );
+    for (m, anchor) in r.anchor.iter().enumerate() {
+        let whole = nft_add / anchor.p50();
+        let above = (nft_add - floor) / (anchor.p50() - floor);
+        let binding = MODES[m] == "nft";
+        println!(
+            "- nftables ADD / Istio rules via iptables-{}-restore: {whole:.2}x whole-process{}, {above:.2}x above the floor{}",
+            MODES[m],
+            if binding { format!(" (target <= 0.5: {})", verdict(whole <= 0.5)) } else { String::new() },
+            if binding { format!(" (target <= 0.25: {})", verdict(above <= 0.25)) } else { String::new() },
+        );
+    }
+    for dual in [true, false] {
+        for (m, mode) in MODES.iter().enumerate() {
+            let b = BACKENDS
+                .iter()
+                .position(|b| *b == format!("iptables-{mode}"))
+                .unwrap();
+            let ours = r.add[Results::plugin_index(b, dual)].p50();
+            let bare = r.bare[Results::bare_index(m, dual)].p50();
+            let anchor = r.anchor[m].p50();
+            println!(
+                "- iptables-{mode} ADD ({}) {ours:.3} ms = bare restore(s) of the same rules {bare:.3} ms {:+.3} ms (target <= +1 ms: {}); Istio's rules via the bare restore {anchor:.3} ms {:+.3} ms",
+                stack(dual),
+                ours - bare,
+                verdict(ours - bare <= 1.0),
+                ours - anchor,
+            );
+        }
+    }
+    println!(
+        "- peak RSS during ADD {:.2} MiB, target <= 8 MiB: {}",
+        rss_kib as f64 / 1024.0,
+        verdict(rss_kib <= 8 * 1024)
+    );
+}
+
 /// N pods starting at once: every ADD in parallel, then every DEL.
 fn parallel_starts(n: usize) {
     println!();
-    for backend in ["nftables", "iptables-legacy", "iptables-nft"] {
+    for backend in BACKENDS {
         let namespaces: Vec<Netns> = (0..n)
             .map(|i| Netns::new(&format!("par-{backend}-{i}")))
             .collect();
@@ -330,7 +518,7 @@ fn parallel_starts(n: usize) {
                 .enumerate()
                 .map(|(i, ns)| {
                     let path = ns.path();
-                    let conf = plugin_config(backend, &path);
+                    let conf = plugin_config(backend, &path, true);
                     std::thread::spawn(move || {
                         timed_spawn(None, &[PLUGIN], &plugin_env(command, &path, i), &conf)
                     })
@@ -353,19 +541,56 @@ fn parallel_starts(n: usize) {
     }
 }
 
-fn footprint() {
-    println!();
+/// Binary size and the peak RSS of an ADD (KiB, returned).
+fn footprint() -> i64 {
     let size = std::fs::metadata(PLUGIN).map(|m| m.len()).unwrap_or(0);
     println!(
         "binary size: {size} bytes ({:.2} MiB)",
         size as f64 / (1024.0 * 1024.0)
     );
     let ns = Netns::new("rss");
-    let conf = plugin_config("nftables", &ns.path());
+    let conf = plugin_config("nftables", &ns.path(), true);
     let (_, ok, rss) = timed_spawn(None, &[PLUGIN], &plugin_env("ADD", &ns.path(), 0), &conf);
     println!(
         "peak RSS during ADD (nftables): {rss} KiB ({:.2} MiB){}",
         rss as f64 / 1024.0,
         if ok { "" } else { " [ADD FAILED]" }
     );
+    rss
+}
+
+/// The binary's path and whether it is the static build that ships (no ELF interpreter).
+fn describe_binary() -> String {
+    let linking = match std::fs::read(PLUGIN)
+        .ok()
+        .as_deref()
+        .and_then(has_interpreter)
+    {
+        Some(false) => "statically linked, as it ships",
+        Some(true) => "DYNAMICALLY linked: not the shipped build (use scripts/bench)",
+        None => "unreadable",
+    };
+    format!("{PLUGIN} ({linking})")
+}
+
+/// Whether a 64-bit little-endian ELF image has a PT_INTERP program header.
+fn has_interpreter(elf: &[u8]) -> Option<bool> {
+    let word = |at: usize, len: usize| -> Option<u64> {
+        let bytes = elf.get(at..at + len)?;
+        Some(
+            bytes
+                .iter()
+                .rev()
+                .fold(0, |acc, b| acc << 8 | u64::from(*b)),
+        )
+    };
+    if elf.get(..5)? != b"\x7fELF\x02" {
+        return None;
+    }
+    let (phoff, phentsize, phnum) = (word(0x20, 8)?, word(0x36, 2)?, word(0x38, 2)?);
+    const PT_INTERP: u64 = 3;
+    (0..phnum)
+        .map(|i| word((phoff + i * phentsize) as usize, 4))
+        .collect::<Option<Vec<_>>>()
+        .map(|types| types.contains(&PT_INTERP))
 }

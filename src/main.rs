@@ -122,7 +122,8 @@ fn read_invocation() -> Result<Option<(CniEnv, Vec<u8>)>> {
         return Ok(None);
     };
     let env = CniEnv::read(command, |name| std::env::var_os(name))?;
-    let mut stdin = Vec::new();
+    // Room for a typical config up front: from an empty buffer std probes with 32-byte reads.
+    let mut stdin = Vec::with_capacity(16 * 1024);
     std::io::stdin()
         .read_to_end(&mut stdin)
         .map_err(|e| Error::io("cannot read the network configuration from stdin", e))?;

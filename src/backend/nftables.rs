@@ -45,10 +45,13 @@
 //! dumps tables, chains and rules and compares every expression with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
+mod transport;
+
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
+use nix::errno::Errno;
 use nix::libc;
 use rustables::error::QueryError;
 use rustables::expr::{
@@ -59,6 +62,7 @@ use rustables::expr::{
 use rustables::{Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use transport::{Existing, Failure};
 
 /// The one table this plugin owns in each pod netns (family inet).
 pub const TABLE_NAME: &str = "intercept-cni";
@@ -76,20 +80,32 @@ impl Backend for Nftables {
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
         let ruleset = Ruleset::from_plan(plan);
-        // Deleting (or updating) a hooked table makes the kernel wait for an RCU grace period,
-        // ~10-15 ms, even inside a batch that then aborts; a table dump costs tens of
-        // microseconds. So a first ADD only creates, and only a repeated ADD replaces. CNI
-        // runtimes never run two ADDs for one container at once, so nothing races the dump.
-        let exists = our_table_exists()?;
-        let (batch, steps) = ruleset.apply_batch(exists)?;
-        log::debug!(
-            "nftables: {} table inet {TABLE_NAME} in one batch of {} messages",
-            if exists { "replacing" } else { "creating" },
-            steps.len()
-        );
-        batch
-            .send()
-            .map_err(|e| kernel_error("cannot install the nftables ruleset", e, &steps))
+        // Optimistic: the batch that creates the table fails as a whole when the table is
+        // already there (a repeated ADD), and only then comes the batch that replaces it.
+        // Replacing means deleting a hooked table, for which the kernel waits a grace period
+        // (~10-15 ms), so a first ADD never does it; asking first would cost a round trip.
+        let (create, steps) = ruleset.apply_batch(false)?;
+        match transport::send(create.finalize(), Existing::Refuse) {
+            Ok(()) => {
+                log::debug!("nftables: created table inet {TABLE_NAME}");
+                return Ok(());
+            }
+            Err(Failure::Refused {
+                seq: 1,
+                errno: Errno::EEXIST,
+            }) => {}
+            Err(f) => {
+                return Err(batch_error(
+                    "cannot install the nftables ruleset",
+                    f,
+                    &steps,
+                ))
+            }
+        }
+        let (replace, steps) = ruleset.apply_batch(true)?;
+        log::debug!("nftables: table inet {TABLE_NAME} exists; replacing it");
+        transport::send(replace.finalize(), Existing::AsBatched)
+            .map_err(|f| batch_error("cannot install the nftables ruleset", f, &steps))
     }
 
     fn check(&self, plan: &InterceptPlan) -> Result<()> {
@@ -821,21 +837,43 @@ impl fmt::Display for Step {
 /// A kernel refusal as a Backend error naming what was refused and the kernel feature most
 /// likely missing. `steps` describes the batch's messages; empty for a dump.
 fn kernel_error(what: &str, err: QueryError, steps: &[Step]) -> Error {
-    use nix::errno::Errno;
-    let QueryError::NetlinkError(nlerr) = &err else {
-        let hint = match &err {
-            QueryError::NetlinkOpenError(_) => {
+    match err {
+        QueryError::NetlinkError(nlerr) => refusal(
+            what,
+            Errno::from_raw(nlerr.error),
+            nlerr.msg.nlmsg_seq,
+            steps,
+        ),
+        QueryError::NetlinkOpenError(e) => batch_error(
+            what,
+            Failure::Socket(
+                "cannot open a netfilter netlink socket",
+                Errno::from_raw(e as i32),
+            ),
+            steps,
+        ),
+        err => Error::backend(format!("{what}: {err}")),
+    }
+}
+
+/// The error for a batch the kernel did not take.
+fn batch_error(what: &str, failure: Failure, steps: &[Step]) -> Error {
+    match failure {
+        Failure::Refused { seq, errno } => refusal(what, errno, seq, steps),
+        Failure::Socket(context, errno) => {
+            let hint = if errno == Errno::EPROTONOSUPPORT || errno == Errno::EAFNOSUPPORT {
                 " (is nfnetlink/nf_tables available in this kernel?)"
-            }
-            _ => "",
-        };
-        return Error::backend(format!("{what}: {err}{hint}"));
-    };
-    let errno = Errno::from_raw(nlerr.error);
-    // Sequence 0 is the batch header; objects are numbered from 1.
-    let step = (nlerr.msg.nlmsg_seq as usize)
-        .checked_sub(1)
-        .and_then(|i| steps.get(i));
+            } else {
+                ""
+            };
+            Error::backend(format!("{what}: {context}: {errno}{hint}"))
+        }
+    }
+}
+
+/// The kernel refused the message with sequence number `seq` (`steps[seq - 1]`; 0 is the batch).
+fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
+    let step = (seq as usize).checked_sub(1).and_then(|i| steps.get(i));
     let hint = match (errno, step) {
         (Errno::EPERM, _) => {
             "CAP_NET_ADMIN in the pod's network namespace is needed, or another program owns the table (flags owner)"
