@@ -9,7 +9,8 @@
 //! the pod netns, as istio-cni spawns its restore after its own setns. Every timed call gets a
 //! fresh netns, all made before the first timed call and deleted after the last, so the kernel's
 //! asynchronous netns clean-up does not run under the measurements; the order of the cases
-//! rotates from one iteration to the next so that none always follows the same one.
+//! rotates from one iteration to the next so that none always follows the same one, and the
+//! DELs of an iteration come after all its other calls (see `main`).
 //!
 //! `scripts/bench` (root) builds the binary as it ships (static) and runs this;
 //! `-- --smoke` runs a few iterations. It reports and never fails on a threshold; it exits 1 only
@@ -366,12 +367,11 @@ fn run_case(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) 
         Case::Plugin(b, dual) => {
             let conf = plugin_config(BACKENDS[b], ns, dual);
             let call = |verb| timed_spawn(None, &[PLUGIN], &plugin_env(verb, ns, id), &conf);
-            let (a, c, d) = (call("ADD"), call("CHECK"), call("DEL"));
+            let (a, c) = (call("ADD"), call("CHECK"));
             if keep {
                 let i = Results::plugin_index(b, dual);
                 results.add[i].record(a);
                 results.check[i].record(c);
-                results.del[i].record(d);
             }
         }
         Case::Anchor(m) => {
@@ -409,6 +409,17 @@ fn run_case(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) 
     }
 }
 
+/// DEL for a pod that `run_case` added.
+fn run_del(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) {
+    if let Case::Plugin(b, dual) = case {
+        let conf = plugin_config(BACKENDS[b], ns, dual);
+        let d = timed_spawn(None, &[PLUGIN], &plugin_env("DEL", ns, id), &conf);
+        if keep {
+            results.del[Results::plugin_index(b, dual)].record(d);
+        }
+    }
+}
+
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let (warmup, iterations, parallel) = if smoke { (1, 3, 5) } else { (5, 60, 50) };
@@ -429,10 +440,17 @@ fn main() {
         .collect();
     let mut results = Results::new();
     for (i, spaces) in namespaces.iter().enumerate() {
-        for k in 0..cases.len() {
-            let c = (i + k) % cases.len();
+        let order: Vec<usize> = (0..cases.len()).map(|k| (i + k) % cases.len()).collect();
+        for &c in &order {
             run_case(cases[c], &spaces[c].path(), i, &mut results, i >= warmup);
         }
+        // Deleting hooked tables leaves the kernel work to finish after DEL returns (grace
+        // periods, freeing); the DELs come after every other case, and the next iteration
+        // after a pause, so that this work does not land on some cases and not on others.
+        for &c in &order {
+            run_del(cases[c], &spaces[c].path(), i, &mut results, i >= warmup);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     drop(namespaces);
 
