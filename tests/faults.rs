@@ -177,6 +177,40 @@ fn missing_backend_binaries_are_named_and_the_netns_is_untouched() {
     }
 }
 
+/// ADD starts each restore before its input is ready (the input needs -save on a netns with
+/// rules): when working it out fails, the waiting restore is stopped, never fed, so nothing
+/// changes.
+#[test]
+fn a_restore_started_before_its_input_failed_is_stopped_unfed() {
+    let lab = Lab::new();
+    let only_restore = tempfile::tempdir().expect("temp dir");
+    let dir = only_restore.path().to_str().expect("utf-8");
+    for mode in MODES {
+        for family in ["iptables", "ip6tables"] {
+            let name = format!("{family}-{mode}-restore");
+            std::os::unix::fs::symlink(
+                format!("/usr/sbin/{name}"),
+                only_restore.path().join(&name),
+            )
+            .expect("symlink");
+        }
+    }
+    let before = lab.pod.firewall_state();
+    for mode in MODES {
+        let mut settings = iptables(mode);
+        settings["iptablesPath"] = json!(dir);
+        let r = run_plugin(
+            "ADD",
+            Some(&lab.pod.path()),
+            lab.config("1.0.0", settings).to_string().as_bytes(),
+        );
+        let e = r.error("ADD", 7);
+        let msg = e["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains(&format!("-{mode}-save")), "{msg}");
+        assert_eq!(lab.pod.firewall_state(), before, "{mode}");
+    }
+}
+
 /// iptables-nft cannot change a native `ip6 nat` table whose base chain has another priority:
 /// the IPv4 restore has succeeded by then and must be undone, so the netns is as it was.
 #[test]

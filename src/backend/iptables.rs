@@ -49,9 +49,15 @@ impl Iptables {
         }
     }
 
-    /// The restore input that installs `plan` for one family over what is there now.
-    fn apply_input(&self, plan: &InterceptPlan, family: Family) -> Result<String> {
-        let existing = self.tools().read_nat(self.mode, family)?;
+    /// The restore input that installs `plan` for one family over what is there now
+    /// (`nat_present`: from `tools::nat_present`).
+    fn apply_input(
+        &self,
+        plan: &InterceptPlan,
+        family: Family,
+        nat_present: bool,
+    ) -> Result<String> {
+        let existing = self.tools().read_nat_if(self.mode, family, nat_present)?;
         render::apply_input(plan, family, &existing)
     }
 
@@ -111,25 +117,49 @@ impl Backend for Iptables {
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
         let (enabled, disabled): (Vec<Family>, Vec<Family>) =
             Family::ALL.into_iter().partition(|f| f.enabled_in(plan));
-        // A family the pod no longer has keeps nothing from an earlier ADD.
-        for &family in &disabled {
-            self.remove_family(self.mode, family)?;
+        // The restores start first: each spends its first millisecond loading its libraries,
+        // time in which the current rules are read and the input rendered. The families'
+        // tables are separate, so the restores run side by side: a dual-stack ADD waits for
+        // one restore, not two.
+        let mut pending = Vec::new();
+        for &family in &enabled {
+            match self.tools().spawn_restore(self.mode, family) {
+                Ok(restore) => pending.push((family, restore)),
+                Err(e) => {
+                    pending.into_iter().for_each(|(_, r)| r.abandon());
+                    return Err(e);
+                }
+            }
         }
-        let inputs = enabled
+        let present = tools::nat_present(self.mode);
+        let prepared = disabled
             .iter()
-            .map(|&family| Ok((family, self.apply_input(plan, family)?)))
-            .collect::<Result<Vec<_>>>()?;
-        // The families' tables are separate, so their restores run side by side: a dual-stack
-        // ADD waits for one restore, not two.
+            // A family the pod no longer has keeps nothing from an earlier ADD.
+            .filter(|family| present[family.index()])
+            .try_for_each(|&family| self.remove_family(self.mode, family))
+            .and_then(|()| {
+                enabled
+                    .iter()
+                    .map(|&family| self.apply_input(plan, family, present[family.index()]))
+                    .collect::<Result<Vec<String>>>()
+            });
+        let inputs = match prepared {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                pending.into_iter().for_each(|(_, r)| r.abandon());
+                return Err(e);
+            }
+        };
         let mut started = Vec::new();
         let mut failed = Vec::new();
-        for (family, input) in &inputs {
-            match self.tools().start_restore(self.mode, *family, input) {
-                Ok(restore) => started.push((*family, restore)),
-                Err(e) => {
-                    failed.push(e);
-                    break;
-                }
+        for ((family, restore), input) in pending.into_iter().zip(&inputs) {
+            if !failed.is_empty() {
+                restore.abandon();
+                continue;
+            }
+            match restore.feed(input) {
+                Ok(restore) => started.push((family, restore)),
+                Err(e) => failed.push(e),
             }
         }
         let mut applied = Vec::new();

@@ -31,6 +31,14 @@ pub enum Family {
 impl Family {
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
+    /// The position of this family in `ALL`.
+    pub fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Family::V4 => "IPv4",

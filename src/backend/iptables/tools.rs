@@ -95,17 +95,23 @@ impl Tools<'_> {
 
     /// The current netns's nat table for this mode and family.
     pub fn read_nat(&self, mode: IptablesMode, family: Family) -> Result<NatTable> {
+        self.read_nat_if(mode, family, nat_present(mode)[family.index()])
+    }
+
+    /// The nat table, given whether it exists (from `nat_present`). Without a nat table there
+    /// is nothing of ours, and spawning -save (a few ms) would tell no more. Listing a legacy
+    /// table would also instantiate it in the netns.
+    pub fn read_nat_if(
+        &self,
+        mode: IptablesMode,
+        family: Family,
+        exists: bool,
+    ) -> Result<NatTable> {
         let save = self.require(mode, family, Tool::Save)?;
-        // Without a nat table there is nothing of ours, and spawning -save (a few ms) would
-        // tell no more. Listing a legacy table would also instantiate it in the netns.
-        let exists = match mode {
-            IptablesMode::Legacy => legacy_nat_exists(family),
-            IptablesMode::Nft => nft_nat_exists(family),
-        };
         if !exists {
             return Ok(NatTable::default());
         }
-        let out = run(&save, &["-t", "nat"], None, family)?;
+        let out = run(&save, &["-t", "nat"], family)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
                 "{} -t nat failed ({})",
@@ -120,7 +126,7 @@ impl Tools<'_> {
     /// `*-save` of every table, for the mode detection in the host netns.
     pub fn save_all(&self, mode: IptablesMode, family: Family) -> Result<String> {
         let save = self.require(mode, family, Tool::Save)?;
-        let out = run(&save, &[], None, family)?;
+        let out = run(&save, &[], family)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
                 "{} failed ({})",
@@ -133,16 +139,12 @@ impl Tools<'_> {
 
     /// Feeds `input` to `*-restore --noflush`: the whole table changes at once or not at all.
     pub fn restore(&self, mode: IptablesMode, family: Family, input: &str) -> Result<()> {
-        self.start_restore(mode, family, input)?.finish()
+        self.spawn_restore(mode, family)?.feed(input)?.finish()
     }
 
-    /// Starts `restore` without waiting for it, so the families' restores can run side by side.
-    pub fn start_restore<'i>(
-        &self,
-        mode: IptablesMode,
-        family: Family,
-        input: &'i str,
-    ) -> Result<Restore<'i>> {
+    /// Starts `ip(6)tables-<mode>-restore --noflush`, which waits for its input: it spends its
+    /// first millisecond loading libraries, in which the caller can work out what to send.
+    pub fn spawn_restore(&self, mode: IptablesMode, family: Family) -> Result<PendingRestore> {
         let restore = self.require(mode, family, Tool::Restore)?;
         let wait = format!("--wait={LOCK_WAIT_SECONDS}");
         let mut args = vec!["--noflush"];
@@ -150,14 +152,48 @@ impl Tools<'_> {
         if mode == IptablesMode::Legacy {
             args.push(&wait);
         }
-        let child = start(&restore, &args, Some(input), family)?;
-        Ok(Restore {
+        let child = start(&restore, &args, Stdio::piped(), family)?;
+        Ok(PendingRestore {
             child,
             binary: restore,
             mode,
             family,
+        })
+    }
+}
+
+/// A `*-restore` started but not given its input yet.
+pub struct PendingRestore {
+    child: Child,
+    binary: PathBuf,
+    mode: IptablesMode,
+    family: Family,
+}
+
+impl PendingRestore {
+    /// Sends the whole input; the restore applies it once its stdin closes.
+    pub fn feed(mut self, input: &str) -> Result<Restore<'_>> {
+        let mut pipe = self.child.stdin.take().expect("stdin is piped");
+        // Restore reads all its input before writing anything, so this cannot deadlock.
+        if let Err(e) = pipe.write_all(input.as_bytes()) {
+            let error = Error::io(format!("cannot run {}", self.binary.display()), e);
+            self.abandon();
+            return Err(error);
+        }
+        drop(pipe);
+        Ok(Restore {
+            child: self.child,
+            binary: self.binary,
+            mode: self.mode,
+            family: self.family,
             input,
         })
+    }
+
+    /// Stops the restore before it has been given anything, so it changes nothing.
+    pub fn abandon(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -194,31 +230,41 @@ fn legacy_nat_exists(family: Family) -> bool {
     std::fs::read_to_string(names).is_ok_and(|s| s.lines().any(|l| l.trim() == "nat"))
 }
 
-/// Whether the current netns has the `ip nat` (or `ip6 nat`) nftables table that iptables-nft
+/// Whether the current netns has a nat table of this mode, for IPv4 and IPv6 (`Family::index`).
+pub fn nat_present(mode: IptablesMode) -> [bool; 2] {
+    match mode {
+        IptablesMode::Legacy => Family::ALL.map(legacy_nat_exists),
+        IptablesMode::Nft => nft_nat_exists(),
+    }
+}
+
+/// Whether the current netns has the `ip nat` and `ip6 nat` nftables tables that iptables-nft
 /// writes to. One netlink dump, far cheaper than spawning -save; when the listing fails, -save
 /// decides (true).
-fn nft_nat_exists(family: Family) -> bool {
-    let nfproto = match family {
-        Family::V4 => rustables::ProtocolFamily::Ipv4,
-        Family::V6 => rustables::ProtocolFamily::Ipv6,
-    };
+fn nft_nat_exists() -> [bool; 2] {
     let tables = match rustables::list_tables() {
         Ok(tables) => tables,
         Err(e) => {
             log::debug!("cannot list nftables tables, asking -save instead: {e}");
-            return true;
+            return [true; 2];
         }
     };
-    // rustables keeps a table's family private: compare with a probe built in that family.
-    tables.iter().any(|listed| {
-        let mut probe = rustables::Table::new(nfproto).with_name("nat");
-        if let Some(flags) = listed.get_flags() {
-            probe.set_flags(*flags);
-        }
-        if let Some(userdata) = listed.get_userdata() {
-            probe.set_userdata(userdata.clone());
-        }
-        *listed == probe
+    Family::ALL.map(|family| {
+        let nfproto = match family {
+            Family::V4 => rustables::ProtocolFamily::Ipv4,
+            Family::V6 => rustables::ProtocolFamily::Ipv6,
+        };
+        // rustables keeps a table's family private: compare with a probe built in that family.
+        tables.iter().any(|listed| {
+            let mut probe = rustables::Table::new(nfproto).with_name("nat");
+            if let Some(flags) = listed.get_flags() {
+                probe.set_flags(*flags);
+            }
+            if let Some(userdata) = listed.get_userdata() {
+                probe.set_userdata(userdata.clone());
+            }
+            *listed == probe
+        })
     })
 }
 
@@ -284,42 +330,27 @@ fn remove_lock(path: &Path) -> Result<()> {
     }
 }
 
-fn run(
-    binary: &Path,
-    args: &[&str],
-    stdin: Option<&str>,
-    family: Family,
-) -> Result<std::process::Output> {
-    start(binary, args, stdin, family)?
+/// Runs a `*-save` (nothing on stdin) to completion.
+fn run(binary: &Path, args: &[&str], family: Family) -> Result<std::process::Output> {
+    start(binary, args, Stdio::null(), family)?
         .wait_with_output()
         .map_err(|e| Error::io(format!("cannot run {}", binary.display()), e))
 }
 
-/// Spawns `binary` with `stdin` written and closed; its output stays in the pipes until waited
-/// for (restore and save print little, far below a pipe's capacity, while restore runs).
-fn start(binary: &Path, args: &[&str], stdin: Option<&str>, family: Family) -> Result<Child> {
-    let what = || format!("cannot run {}", binary.display());
-    let mut child = Command::new(binary)
+/// Spawns `binary` in the current netns with a clean environment; its output stays in the
+/// pipes until waited for (restore and save print little, far below a pipe's capacity).
+fn start(binary: &Path, args: &[&str], stdin: Stdio, family: Family) -> Result<Child> {
+    Command::new(binary)
         .args(args)
         .env_clear()
         .env("PATH", SEARCH_DIRS.join(":"))
         .env("LC_ALL", "C")
         .env("XTABLES_LOCKFILE", lock_file(family)?)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::io(what(), e))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // Restore reads all its input before writing anything, so this cannot deadlock.
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| Error::io(what(), e))?;
-    }
-    Ok(child)
+        .map_err(|e| Error::io(format!("cannot run {}", binary.display()), e))
 }
 
 /// Turns a refused restore into an error naming the rule and the kernel module it likely needs.
