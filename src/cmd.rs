@@ -15,7 +15,8 @@
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
 //! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
-//!   xtables lock file), so pods that come and go leave nothing behind; GC has none to remove.
+//!   xtables lock file), so pods that come and go leave nothing behind; GC removes those of
+//!   namespaces that were gone before their DEL.
 
 use crate::backend::iptables;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
@@ -368,13 +369,20 @@ fn gc(conf: &NetConf) -> Result<Option<Value>> {
 }
 
 /// Removes host-side state of attachments not in `valid`. Rules live in the pod netns and die
-/// with it, and nothing per attachment is kept in `state_dir` yet, so there is nothing to remove.
+/// with it, and nothing per attachment is kept in `state_dir`; what can be left is the iptables
+/// backend's lock files of namespaces that vanished before their DEL, found by namespace, not by
+/// attachment. Failing to sweep them is logged: it fails no attachment.
 fn collect_garbage(state_dir: &Path, valid: &[Attachment]) -> Result<()> {
     log::debug!(
         "GC: {} valid attachment(s); no per-attachment state in {}",
         valid.len(),
         state_dir.display()
     );
+    match iptables::sweep_stale_lock_files() {
+        Ok(0) => {}
+        Ok(n) => log::info!("GC: removed {n} xtables lock file(s) of namespaces that are gone"),
+        Err(e) => log::warn!("GC: {e}"),
+    }
     Ok(())
 }
 

@@ -95,6 +95,43 @@ impl PodNetns {
     }
 }
 
+/// The inode numbers of the network namespaces something still holds: a bind mount (`ip netns
+/// add`, a runtime's pinned namespace) or a task. One held only by an open file descriptor is
+/// not seen.
+pub fn live_namespaces() -> std::io::Result<std::collections::HashSet<u64>> {
+    let net_inode =
+        |link: &str| -> Option<u64> { link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok() };
+    let mut live = std::collections::HashSet::new();
+    // "ID PARENT MAJ:MIN ROOT MOUNTPOINT ... - FSTYPE SOURCE OPTIONS": an nsfs mount's root
+    // names the namespace, e.g. `net:[4026532177]`.
+    for line in std::fs::read_to_string("/proc/self/mountinfo")?.lines() {
+        if line
+            .split(" - ")
+            .nth(1)
+            .is_some_and(|fs| fs.starts_with("nsfs "))
+        {
+            live.extend(line.split(' ').nth(3).and_then(net_inode));
+        }
+    }
+    // Every thread, not only every process: a thread may have entered another namespace.
+    let tasks = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter(|pid| {
+            pid.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|pid| std::fs::read_dir(pid.path().join("task")).ok())
+        .flat_map(|tasks| tasks.flatten());
+    for task in tasks {
+        // Tasks come and go while this runs: one that is gone holds nothing.
+        if let Ok(link) = std::fs::read_link(task.path().join("ns/net")) {
+            live.extend(link.to_str().and_then(net_inode));
+        }
+    }
+    Ok(live)
+}
+
 /// Runs `f` on a new thread inside a brand-new, empty network namespace that disappears when the
 /// thread ends. Used by the host prerequisite probe and by root-only tests.
 pub fn run_in_new<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

@@ -538,3 +538,61 @@ fn remove_deletes_the_netns_lock_file() {
     }
     ns.pod.run(|| b.remove()).unwrap();
 }
+
+/// A namespace deleted before its DEL keeps its lock files (DEL cannot tell which are its);
+/// GC, run through the binary like a runtime does, removes them and leaves a live pod's alone.
+#[test]
+fn gc_sweeps_the_lock_files_of_namespaces_that_are_gone() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let locks_of = |ns: &TestNetns| {
+        let ino = std::fs::metadata(Path::new("/run/netns").join(&ns.name))
+            .unwrap()
+            .ino();
+        let locks = ["xtables", "xtables6"]
+            .map(|name| PathBuf::from(format!("/run/intercept-cni/{name}-{ino}.lock")));
+        (ino, locks)
+    };
+    let b = backend(IptablesMode::Legacy);
+    let live = TestNetns::new();
+    let gone = TestNetns::new();
+    for ns in [&live, &gone] {
+        ns.pod.run(|| b.apply(&defaults())).unwrap();
+    }
+    let (_, live_locks) = locks_of(&live);
+    let (gone_ino, gone_locks) = locks_of(&gone);
+    drop(gone); // `ip netns del`, and the test's handle closed: nothing holds it any more.
+    for lock in live_locks.iter().chain(&gone_locks) {
+        assert!(lock.exists(), "{} after apply", lock.display());
+    }
+
+    let conf = r#"{"cniVersion":"1.1.0","name":"gc","type":"intercept-cni","cni.dev/valid-attachments":[]}"#;
+    let mut gc = Command::new(env!("CARGO_BIN_EXE_intercept-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", "GC")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the plugin");
+    gc.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
+    let out = gc.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "GC: {out:?}");
+
+    for lock in &live_locks {
+        assert!(
+            lock.exists(),
+            "{} of a live netns was removed",
+            lock.display()
+        );
+    }
+    // Another test may have been given the same inode number since (they are recycled); its
+    // files are then live ones, rightly kept.
+    let reused = intercept_cni::netns::live_namespaces()
+        .unwrap()
+        .contains(&gone_ino);
+    for lock in &gone_locks {
+        assert!(reused || !lock.exists(), "{} left by GC", lock.display());
+    }
+    live.pod.run(|| b.remove()).unwrap();
+}

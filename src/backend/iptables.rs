@@ -16,6 +16,14 @@ use crate::plan::InterceptPlan;
 use render::Family;
 use tools::{binary_name, Tool, Tools};
 
+/// For GC: removes the lock files of namespaces that are gone (DEL found them gone and could not
+/// tell which files were theirs); returns how many.
+pub fn sweep_stale_lock_files() -> Result<usize> {
+    let live = crate::netns::live_namespaces()
+        .map_err(|e| Error::io("cannot list the live network namespaces", e))?;
+    tools::sweep_lock_files(&live)
+}
+
 /// For STATUS: the IPv4 save/restore pair ADD would spawn exists (code 50 naming it otherwise).
 pub fn restore_binaries_present(mode: IptablesMode, options: &BackendOptions) -> Result<()> {
     let tools = Tools {

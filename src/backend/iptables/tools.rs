@@ -293,17 +293,50 @@ fn lock_file(family: Family) -> Result<PathBuf> {
 }
 
 /// Removes the current netns's lock files (one per family); DEL calls this once the rules are
-/// gone, so pods that come and go leave no files behind. Unlinking a lock file is safe only when nobody waits on
-/// it: the runtime runs no other operation on the same container meanwhile (SPEC.md), and one
-/// that holds the lock right now keeps it, file and all. If DEL never runs in the namespace
-/// (it vanished first), the file stays; namespace inode numbers are recycled, so such files
-/// stay few and are reused.
+/// gone, so pods that come and go leave no files behind. Unlinking a lock file is safe only when
+/// nobody waits on it: the runtime runs no other operation on the same container meanwhile
+/// (SPEC.md), and one that holds the lock right now keeps it, file and all. If DEL never runs in
+/// the namespace (it vanished first), GC removes the file (`sweep_lock_files`).
 pub fn remove_lock_file() -> Result<()> {
     let errors = Family::ALL
         .into_iter()
         .filter_map(|family| lock_path(family).and_then(|path| remove_lock(&path)).err())
         .collect();
     Error::collect(errors).map_or(Ok(()), Err)
+}
+
+/// Removes the lock files of namespaces not in `live` (their DEL found the namespace gone), and
+/// returns how many went. A file in use stays; so does anything not named like a lock file.
+pub fn sweep_lock_files(live: &std::collections::HashSet<u64>) -> Result<usize> {
+    let entries = match std::fs::read_dir(LOCK_DIR) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(format!("cannot list {LOCK_DIR}"), e)),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(inode) = name.to_str().and_then(lock_file_inode) else {
+            continue;
+        };
+        if !live.contains(&inode) {
+            remove_lock(&entry.path())?;
+            removed += usize::from(!entry.path().exists());
+        }
+    }
+    Ok(removed)
+}
+
+/// The namespace inode in a lock file's name (`xtables-N.lock`, `xtables6-N.lock`).
+fn lock_file_inode(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".lock")?;
+    let digits = stem
+        .strip_prefix("xtables-")
+        .or_else(|| stem.strip_prefix("xtables6-"))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn remove_lock(path: &Path) -> Result<()> {
@@ -410,6 +443,25 @@ fn likely_modules(mode: IptablesMode, family: Family, line: Option<&str>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_file_names_give_their_namespace() {
+        assert_eq!(lock_file_inode("xtables-4026532177.lock"), Some(4026532177));
+        assert_eq!(
+            lock_file_inode("xtables6-4026532177.lock"),
+            Some(4026532177)
+        );
+        for other in [
+            "host-check.lock",
+            "xtables-.lock",
+            "xtables--1.lock",
+            "xtables-12.lock.tmp",
+            "xtables7-12.lock",
+            "xtables-1a.lock",
+        ] {
+            assert_eq!(lock_file_inode(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn binary_names() {
