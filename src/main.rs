@@ -22,15 +22,21 @@ const USAGE: &str = "usage: intercept-cni [doctor | install | uninstall | versio
 
 const SUCCESS: c_int = 0;
 const FAILURE: c_int = 1;
+/// What a Rust program exits with after a panic in `main`.
+const PANICKED: c_int = 101;
 
 #[no_mangle]
 pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     start_like_std();
     let mut args = std::env::args_os().skip(1);
-    let status = match args.next() {
+    // A panic must not unwind out of an `extern "C"` function (that aborts): it ends here with
+    // std's exit status for one, after the hook has printed it. The CNI verbs catch their own
+    // panics first, to answer with a JSON error.
+    let status = panic::catch_unwind(move || match args.next() {
         None => cni_mode(),
         Some(subcommand) => node_tool(&subcommand, args.collect()),
-    };
+    })
+    .unwrap_or(PANICKED);
     // Returning to libc exits without std's clean-up: flush what `println!` may hold.
     match std::io::stdout().flush() {
         Ok(()) => status,
