@@ -190,7 +190,7 @@ impl PendingRestore {
         })
     }
 
-    /// Stops the restore before it has been given anything, so it changes nothing.
+    /// Stops the restore before it has its whole input (and so its COMMIT): it changes nothing.
     pub fn abandon(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
