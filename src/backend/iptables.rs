@@ -129,45 +129,30 @@ impl Backend for Iptables {
         // time in which the current rules are read and the input rendered. The families'
         // tables are separate, so the restores run side by side: a dual-stack ADD waits for
         // one restore, not two.
-        let mut pending = Vec::new();
-        for &family in &enabled {
-            match self.tools().spawn_restore(self.mode, family) {
-                Ok(restore) => pending.push((family, restore)),
-                Err(e) => {
-                    pending.into_iter().for_each(|(_, r)| r.abandon());
-                    return Err(e);
-                }
-            }
-        }
-        let present = tools::nat_present(self.mode);
-        let prepared = disabled
+        // A restore dropped before it is fed is stopped unfed (`PendingRestore`).
+        let pending = enabled
             .iter()
-            // A family the pod no longer has keeps nothing from an earlier ADD.
+            .map(|&family| Ok((family, self.tools().spawn_restore(self.mode, family)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let present = tools::nat_present(self.mode);
+        // A family the pod no longer has keeps nothing from an earlier ADD.
+        disabled
+            .iter()
             .filter(|family| present[family.index()])
-            .try_for_each(|&family| self.remove_family(self.mode, family))
-            .and_then(|()| {
-                enabled
-                    .iter()
-                    .map(|&family| self.apply_input(plan, family, present[family.index()]))
-                    .collect::<Result<Vec<String>>>()
-            });
-        let inputs = match prepared {
-            Ok(inputs) => inputs,
-            Err(e) => {
-                pending.into_iter().for_each(|(_, r)| r.abandon());
-                return Err(e);
-            }
-        };
+            .try_for_each(|&family| self.remove_family(self.mode, family))?;
+        let inputs = enabled
+            .iter()
+            .map(|&family| self.apply_input(plan, family, present[family.index()]))
+            .collect::<Result<Vec<String>>>()?;
         let mut started = Vec::new();
         let mut failed = Vec::new();
         for ((family, restore), input) in pending.into_iter().zip(&inputs) {
-            if !failed.is_empty() {
-                restore.abandon();
-                continue;
-            }
-            match restore.feed(input) {
-                Ok(restore) => started.push((family, restore)),
-                Err(e) => failed.push(e),
+            // After a failure the rest are dropped unfed.
+            if failed.is_empty() {
+                match restore.feed(input) {
+                    Ok(restore) => started.push((family, restore)),
+                    Err(e) => failed.push(e),
+                }
             }
         }
         let mut applied = Vec::new();

@@ -154,7 +154,7 @@ impl Tools<'_> {
         }
         let child = start(&restore, &args, Stdio::piped(), family)?;
         Ok(PendingRestore {
-            child,
+            child: Some(child),
             binary: restore,
             mode,
             family,
@@ -162,9 +162,11 @@ impl Tools<'_> {
     }
 }
 
-/// A `*-restore` started but not given its input yet.
+/// A `*-restore` started but not given its input yet. Dropped unfed, it is stopped before it
+/// has its whole input (and so its COMMIT): it changes nothing.
 pub struct PendingRestore {
-    child: Child,
+    /// Taken by `feed`; still here when dropped unfed.
+    child: Option<Child>,
     binary: PathBuf,
     mode: IptablesMode,
     family: Family,
@@ -173,27 +175,28 @@ pub struct PendingRestore {
 impl PendingRestore {
     /// Sends the whole input; the restore applies it once its stdin closes.
     pub fn feed(mut self, input: &str) -> Result<Restore<'_>> {
-        let mut pipe = self.child.stdin.take().expect("stdin is piped");
+        let child = self.child.as_mut().expect("fed once");
+        let mut pipe = child.stdin.take().expect("stdin is piped");
         // Restore reads all its input before writing anything, so this cannot deadlock.
-        if let Err(e) = pipe.write_all(input.as_bytes()) {
-            let error = Error::io(format!("cannot run {}", self.binary.display()), e);
-            self.abandon();
-            return Err(error);
-        }
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| Error::io(format!("cannot run {}", self.binary.display()), e))?;
         drop(pipe);
         Ok(Restore {
-            child: self.child,
-            binary: self.binary,
+            child: self.child.take().expect("fed once"),
+            binary: std::mem::take(&mut self.binary),
             mode: self.mode,
             family: self.family,
             input,
         })
     }
+}
 
-    /// Stops the restore before it has its whole input (and so its COMMIT): it changes nothing.
-    pub fn abandon(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Drop for PendingRestore {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
