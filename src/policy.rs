@@ -22,7 +22,7 @@
 //! Annotation values come from workloads: every value used is parsed into typed ports, ranges,
 //! CIDRs and IDs, and any invalid one fails with code 7 naming it before anything is applied.
 
-use crate::cni::config::{NetConf, PlanSettings, PodSelection, SettingsOverlay};
+use crate::cni::config::{ModeKey, NetConf, PlanSettings, PodSelection, SettingsOverlay};
 use crate::cni::error::{Error, Result};
 use crate::install::conflist::POD_ANNOTATIONS_CAPABILITY;
 use crate::plan::PortRange;
@@ -31,6 +31,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+
+mod proxy_config;
 
 /// Prefix of our own annotations.
 const PREFIX: &str = "intercept-cni.io/";
@@ -61,6 +63,7 @@ const OURS: [&str; 10] = [
 const ISTIO_STATUS: &str = "sidecar.istio.io/status";
 const ISTIO_INJECT: &str = "sidecar.istio.io/inject";
 const ISTIO_INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
 const ISTIO_INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
 const ISTIO_EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 const ISTIO_EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
@@ -193,9 +196,14 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
         Selection::Skip(reason) => return Ok(Decision::Skip { reason }),
         Selection::Intercept { mesh, reason } => (mesh, reason),
     };
+    // The proxy's interception mode is how it listens, not a tuning: read even without
+    // podOverrides (REDIRECT towards a TPROXY listener would break the pod).
+    let mut istio_mode = None;
     if mesh == Some(Mesh::Istio) {
-        if let Some(reason) = istio_interception_mode(&annotations)? {
-            return Ok(Decision::Skip { reason });
+        match istio_interception_mode(&annotations)? {
+            IstioMode::Skip(reason) => return Ok(Decision::Skip { reason }),
+            IstioMode::Set(mode) => istio_mode = Some(mode),
+            IstioMode::Unset => {}
         }
     }
 
@@ -217,7 +225,13 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
         for layer in &layers {
             layer.apply_to(&mut settings);
         }
+        if mesh == Some(Mesh::Istio) {
+            istio_proxy_config(&annotations, &mut tuned_by)?.apply_to(&mut settings);
+        }
         warn_unknown_keys(&annotations);
+    }
+    if let Some(mode) = istio_mode {
+        settings.interception_mode = mode;
     }
     if let Some(mesh) = mesh {
         for &port in mesh.own_inbound_ports() {
@@ -307,24 +321,46 @@ fn istio_reads_as_false(value: &str) -> bool {
             .any(|t| value.eq_ignore_ascii_case(t))
 }
 
-/// `Some(reason)` when the pod's proxy wants no redirection at all (Istio's NONE mode).
-fn istio_interception_mode(a: &Annotations) -> Result<Option<String>> {
+/// What `sidecar.istio.io/interceptionMode` asks for.
+enum IstioMode {
+    /// NONE: the proxy wants no redirection at all.
+    Skip(String),
+    Set(ModeKey),
+    Unset,
+}
+
+fn istio_interception_mode(a: &Annotations) -> Result<IstioMode> {
     match a.get(ISTIO_INTERCEPTION_MODE) {
-        None | Some("REDIRECT") => Ok(None),
-        Some("NONE") => Ok(Some(format!(
+        None => Ok(IstioMode::Unset),
+        Some("REDIRECT") => Ok(IstioMode::Set(ModeKey::Redirect)),
+        Some("TPROXY") => Ok(IstioMode::Set(ModeKey::Tproxy)),
+        Some("NONE") => Ok(IstioMode::Skip(format!(
             "annotation {ISTIO_INTERCEPTION_MODE}=\"NONE\" (the proxy wants no redirection)"
         ))),
-        Some("TPROXY") => Err(invalid(
-            ISTIO_INTERCEPTION_MODE,
-            "TPROXY",
-            "TPROXY interception is not supported yet; use REDIRECT",
-        )),
         Some(other) => Err(invalid(
             ISTIO_INTERCEPTION_MODE,
             other,
             "must be REDIRECT, TPROXY or NONE",
         )),
     }
+}
+
+/// The modes Istio's proxy asks for in `proxy.istio.io/config` (`proxyMetadata`, which the
+/// injector turns into the proxy's environment, where istio-cni reads it).
+fn istio_proxy_config(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
+    let Some(text) = a.get(ISTIO_PROXY_CONFIG) else {
+        return Ok(SettingsOverlay::default());
+    };
+    let metadata = proxy_config::ProxyMetadata::parse(text)
+        .map_err(|why| invalid(ISTIO_PROXY_CONFIG, text, why))?;
+    if metadata.dns_capture.is_some() || metadata.drop_invalid.is_some() {
+        used.push(ISTIO_PROXY_CONFIG.to_string());
+    }
+    Ok(SettingsOverlay {
+        dns_capture: metadata.dns_capture,
+        drop_invalid: metadata.drop_invalid,
+        ..SettingsOverlay::default()
+    })
 }
 
 /// How a list annotation reads `*` and the empty value.
@@ -868,20 +904,19 @@ mod tests {
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        let e = error(
-            json!({}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
+        let tproxy = |keys: Value| {
+            settings_for(keys, istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})))
+                .interception_mode
+        };
+        assert_eq!(tproxy(json!({})), ModeKey::Tproxy);
+        // Honoured even where pods may not tune their interception: REDIRECT would break a
+        // proxy that listens transparently.
+        assert_eq!(tproxy(json!({"podOverrides": false})), ModeKey::Tproxy);
+        let s = settings_for(
+            json!({"interceptionMode": "TPROXY"}),
+            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        assert!(
-            e.msg.contains("TPROXY interception is not supported yet"),
-            "{}",
-            e.msg
-        );
-        // Refused even where pods may not tune their interception: REDIRECT would break the proxy.
-        error(
-            json!({"podOverrides": false}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
-        );
+        assert_eq!(s.interception_mode, ModeKey::Redirect);
         let reason = skip_reason(
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "NONE"})),
@@ -895,6 +930,46 @@ mod tests {
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY", ISTIO_INJECT: "false"})),
         );
+    }
+
+    #[test]
+    fn istio_proxy_metadata_turns_modes_on_and_off() {
+        let config = |yaml: &str| istio_pod(json!({ISTIO_PROXY_CONFIG: yaml}));
+        let s = settings_for(
+            json!({}),
+            config(
+                "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  INVALID_DROP: \"true\"\n",
+            ),
+        );
+        assert!(s.dns_capture && s.drop_invalid);
+        // The pod's word over the netconf's.
+        let s = settings_for(
+            json!({"dnsCapture": true}),
+            config("{\"proxyMetadata\": {\"ISTIO_META_DNS_CAPTURE\": \"false\"}}"),
+        );
+        assert!(!s.dns_capture);
+        // Without podOverrides the netconf decides.
+        let s = settings_for(
+            json!({"podOverrides": false}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(!s.dns_capture);
+        let reason = intercept_reason(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(reason.contains(ISTIO_PROXY_CONFIG), "{reason}");
+        // Other mesh's pods and our own: not read.
+        let s = settings_for(
+            json!({}),
+            json!({ENABLED: "true", ISTIO_PROXY_CONFIG: "proxyMetadata: {ISTIO_META_DNS_CAPTURE: on}"}),
+        );
+        assert!(!s.dns_capture);
+        let e = error(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"yes please\"\n"),
+        );
+        assert!(e.msg.contains(ISTIO_PROXY_CONFIG), "{}", e.msg);
     }
 
     #[test]
@@ -985,6 +1060,7 @@ mod tests {
             include_inbound_ports: Some(ports(&[(80, 80), (8000, 8080)])),
             exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.2.3.4/32"]),
             include_outbound_cidrs: Some(nets(&["10.0.0.0/8", "2001:db8::/32"])),
+            ..PlanSettings::default()
         };
         assert_eq!(s, expected);
         // `*` and "" in our include lists, as in Istio's.

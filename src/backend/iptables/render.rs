@@ -361,7 +361,7 @@ mod golden {
                 include: vec![net("10.0.0.0/8"), net("fd00::/8")],
                 exclude: vec![net("10.96.0.1/32"), net("fd00::1/128")],
             },
-            families: Families::BOTH,
+            ..InterceptPlan::with_defaults(Families::BOTH)
         }
     }
 
