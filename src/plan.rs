@@ -131,6 +131,13 @@ pub struct InterceptPlan {
     pub exclude_outbound_ports: Vec<PortRange>,
     pub outbound_cidrs: OutboundCidrs,
     pub families: Families,
+    // Modes beyond TCP REDIRECT (Istio's DNS capture, TPROXY inbound, INVALID drop).
+    /// DNS capture: UDP and TCP to port 53 go to the agent's DNS port.
+    pub dns: Option<DnsCapture>,
+    /// How inbound connections reach the proxy; outbound is always REDIRECT.
+    pub mode: InterceptionMode,
+    /// Packets conntrack finds INVALID are dropped on arrival (Istio's INVALID_DROP).
+    pub drop_invalid: bool,
 }
 
 impl InterceptPlan {
@@ -146,6 +153,66 @@ impl InterceptPlan {
             exclude_outbound_ports: Vec::new(),
             outbound_cidrs: OutboundCidrs::AllExcept(Vec::new()),
             families,
+            dns: None,
+            mode: InterceptionMode::Redirect,
+            drop_invalid: false,
+        }
+    }
+}
+
+/// Istio's DNS capture as istio-cni installs it (CAPTURE_ALL_DNS: every destination, since a
+/// CNI plugin cannot know the pod's resolvers): UDP and TCP to port 53 from anyone but the proxy
+/// are redirected to `port`; the proxy's own queries go out directly. UDP DNS is split into two
+/// conntrack zones (app <-> agent in zone 2, agent <-> resolver in zone 1) so the two legs of
+/// one query never share a conntrack entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsCapture {
+    /// The agent's DNS listener (Istio: 15053).
+    pub port: u16,
+}
+
+impl DnsCapture {
+    /// The port every DNS capture rule matches.
+    pub const DNS_PORT: u16 = 53;
+    /// Conntrack zone of the proxy's queries to the resolvers (and their answers).
+    pub const UPSTREAM_ZONE: u16 = 1;
+    /// Conntrack zone of the app's queries to the agent (and its answers).
+    pub const CLIENT_ZONE: u16 = 2;
+
+    /// Istio's agent DNS port.
+    pub const fn istio() -> Self {
+        DnsCapture { port: 15053 }
+    }
+}
+
+/// How inbound connections are handed to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterceptionMode {
+    /// DNAT to the proxy's inbound port (the proxy reads SO_ORIGINAL_DST).
+    Redirect,
+    /// TPROXY: the connection reaches the proxy's transparent listener unchanged (peer's source
+    /// address and original destination kept).
+    Tproxy(Tproxy),
+}
+
+/// Istio's TPROXY numbers (INBOUND_TPROXY_MARK, INBOUND_TPROXY_ROUTE_TABLE and the mark of the
+/// proxy's connections to its own pod).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tproxy {
+    /// Mark of diverted inbound packets, routed by `route_table` to the local stack.
+    pub mark: u32,
+    /// Mark of the proxy's connections to its own pod over `lo` (so they are diverted too).
+    pub outbound_mark: u32,
+    /// Routing table holding `local default dev lo`.
+    pub route_table: u32,
+}
+
+impl Tproxy {
+    pub const fn istio() -> Self {
+        Tproxy {
+            mark: 1337,
+            outbound_mark: 1338,
+            route_table: 133,
         }
     }
 }

@@ -10,7 +10,10 @@ use super::error::{Code, Error, Result};
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use crate::host::Policy as HostPolicy;
 use crate::logging;
-use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use crate::plan::{
+    DnsCapture, Families, InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs, PortRange,
+    Tproxy,
+};
 use ipnetwork::IpNetwork;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -79,6 +82,19 @@ pub struct PlanSettings {
     pub exclude_outbound_cidrs: Vec<IpNetwork>,
     /// `None`: every destination; `Some`: only these.
     pub include_outbound_cidrs: Option<Vec<IpNetwork>>,
+    // Modes (see `plan::InterceptPlan`).
+    pub dns_capture: bool,
+    pub interception_mode: ModeKey,
+    pub drop_invalid: bool,
+}
+
+/// `interceptionMode` (Istio's names; NONE is a per-pod opt-out handled by the policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ModeKey {
+    #[serde(rename = "REDIRECT")]
+    Redirect,
+    #[serde(rename = "TPROXY")]
+    Tproxy,
 }
 
 impl Default for PlanSettings {
@@ -94,6 +110,9 @@ impl Default for PlanSettings {
             include_inbound_ports: None,
             exclude_outbound_cidrs: Vec::new(),
             include_outbound_cidrs: None,
+            dns_capture: false,
+            interception_mode: ModeKey::Redirect,
+            drop_invalid: false,
         }
     }
 }
@@ -128,6 +147,9 @@ pub struct SettingsOverlay {
     pub exclude_outbound_cidrs: Option<Vec<IpNetwork>>,
     /// `Some(None)`: every destination again (Istio's `*`).
     pub include_outbound_cidrs: Option<Option<Vec<IpNetwork>>>,
+    pub dns_capture: Option<bool>,
+    pub interception_mode: Option<ModeKey>,
+    pub drop_invalid: Option<bool>,
 }
 
 impl SettingsOverlay {
@@ -152,6 +174,9 @@ impl SettingsOverlay {
         set(&mut s.include_inbound_ports, &self.include_inbound_ports);
         set(&mut s.exclude_outbound_cidrs, &self.exclude_outbound_cidrs);
         set(&mut s.include_outbound_cidrs, &self.include_outbound_cidrs);
+        set(&mut s.dns_capture, &self.dns_capture);
+        set(&mut s.interception_mode, &self.interception_mode);
+        set(&mut s.drop_invalid, &self.drop_invalid);
     }
 }
 
@@ -217,6 +242,9 @@ const KNOWN_KEYS: &[&str] = &[
     "includeInboundPorts",
     "excludeOutboundCIDRs",
     "includeOutboundCIDRs",
+    "dnsCapture",
+    "interceptionMode",
+    "dropInvalid",
     "stateDir",
     "logLevel",
     "logFile",
@@ -418,6 +446,9 @@ impl NetConf {
             include_inbound_ports: port_list(obj, "includeInboundPorts")?.map(Some),
             exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?,
             include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?.map(Some),
+            dns_capture: field(obj, "dnsCapture")?,
+            interception_mode: field(obj, "interceptionMode")?,
+            drop_invalid: field(obj, "dropInvalid")?,
         };
         let mut settings = PlanSettings::default();
         netconf_settings.apply_to(&mut settings);
@@ -563,6 +594,12 @@ pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<Interce
         exclude_outbound_ports: normalize_ports(&settings.exclude_outbound_ports),
         outbound_cidrs,
         families,
+        dns: settings.dns_capture.then(DnsCapture::istio),
+        mode: match settings.interception_mode {
+            ModeKey::Redirect => InterceptionMode::Redirect,
+            ModeKey::Tproxy => InterceptionMode::Tproxy(Tproxy::istio()),
+        },
+        drop_invalid: settings.drop_invalid,
     })
 }
 

@@ -26,6 +26,7 @@ mod annotations;
 mod istio;
 mod linkerd;
 mod own;
+mod proxy_config;
 
 use crate::cni::config::{NetConf, PlanSettings, PodSelection, SettingsOverlay};
 use crate::cni::error::{Error, Result};
@@ -107,9 +108,14 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
         Selection::Skip(reason) => return Ok(Decision::Skip { reason }),
         Selection::Intercept { mesh, reason } => (mesh, reason),
     };
+    // The proxy's interception mode is how it listens, not a tuning: read even without
+    // podOverrides (REDIRECT towards a TPROXY listener would break the pod).
+    let mut istio_mode = None;
     if mesh == Some(Mesh::Istio) {
-        if let Some(reason) = istio_interception_mode(&annotations)? {
-            return Ok(Decision::Skip { reason });
+        match istio_interception_mode(&annotations)? {
+            IstioMode::Skip(reason) => return Ok(Decision::Skip { reason }),
+            IstioMode::Set(mode) => istio_mode = Some(mode),
+            IstioMode::Unset => {}
         }
     }
 
@@ -131,7 +137,13 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
         for layer in &layers {
             layer.apply_to(&mut settings);
         }
+        if mesh == Some(Mesh::Istio) {
+            istio_proxy_config(&annotations, &mut tuned_by)?.apply_to(&mut settings);
+        }
         warn_unknown_keys(&annotations);
+    }
+    if let Some(mode) = istio_mode {
+        settings.interception_mode = mode;
     }
     if let Some(mesh) = mesh {
         for &port in mesh.own_inbound_ports() {
@@ -216,7 +228,7 @@ fn select(pod_selection: PodSelection, a: &Annotations) -> Result<Selection> {
 mod tests {
     use super::annotations::quote;
     use super::*;
-    use crate::cni::config::build_plan;
+    use crate::cni::config::{build_plan, ModeKey};
     use crate::cni::error::Code;
     use crate::plan::{Families, InboundPorts, OutboundCidrs};
     use serde_json::json;
@@ -518,20 +530,19 @@ mod tests {
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        let e = error(
-            json!({}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
+        let tproxy = |keys: Value| {
+            settings_for(keys, istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})))
+                .interception_mode
+        };
+        assert_eq!(tproxy(json!({})), ModeKey::Tproxy);
+        // Honoured even where pods may not tune their interception: REDIRECT would break a
+        // proxy that listens transparently.
+        assert_eq!(tproxy(json!({"podOverrides": false})), ModeKey::Tproxy);
+        let s = settings_for(
+            json!({"interceptionMode": "TPROXY"}),
+            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        assert!(
-            e.msg.contains("TPROXY interception is not supported yet"),
-            "{}",
-            e.msg
-        );
-        // Refused even where pods may not tune their interception: REDIRECT would break the proxy.
-        error(
-            json!({"podOverrides": false}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
-        );
+        assert_eq!(s.interception_mode, ModeKey::Redirect);
         let reason = skip_reason(
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "NONE"})),
@@ -545,6 +556,46 @@ mod tests {
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY", ISTIO_INJECT: "false"})),
         );
+    }
+
+    #[test]
+    fn istio_proxy_metadata_turns_modes_on_and_off() {
+        let config = |yaml: &str| istio_pod(json!({ISTIO_PROXY_CONFIG: yaml}));
+        let s = settings_for(
+            json!({}),
+            config(
+                "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  INVALID_DROP: \"true\"\n",
+            ),
+        );
+        assert!(s.dns_capture && s.drop_invalid);
+        // The pod's word over the netconf's.
+        let s = settings_for(
+            json!({"dnsCapture": true}),
+            config("{\"proxyMetadata\": {\"ISTIO_META_DNS_CAPTURE\": \"false\"}}"),
+        );
+        assert!(!s.dns_capture);
+        // Without podOverrides the netconf decides.
+        let s = settings_for(
+            json!({"podOverrides": false}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(!s.dns_capture);
+        let reason = intercept_reason(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(reason.contains(ISTIO_PROXY_CONFIG), "{reason}");
+        // Other mesh's pods and our own: not read.
+        let s = settings_for(
+            json!({}),
+            json!({ENABLED: "true", ISTIO_PROXY_CONFIG: "proxyMetadata: {ISTIO_META_DNS_CAPTURE: on}"}),
+        );
+        assert!(!s.dns_capture);
+        let e = error(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"yes please\"\n"),
+        );
+        assert!(e.msg.contains(ISTIO_PROXY_CONFIG), "{}", e.msg);
     }
 
     #[test]
@@ -635,6 +686,7 @@ mod tests {
             include_inbound_ports: Some(ports(&[(80, 80), (8000, 8080)])),
             exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.2.3.4/32"]),
             include_outbound_cidrs: Some(nets(&["10.0.0.0/8", "2001:db8::/32"])),
+            ..PlanSettings::default()
         };
         assert_eq!(s, expected);
         // `*` and "" in our include lists, as in Istio's.

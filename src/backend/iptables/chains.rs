@@ -59,6 +59,16 @@ impl Family {
     }
 }
 
+/// A jump from a built-in chain to one of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub base: &'static str,
+    pub chain: &'static str,
+    pub spec: String,
+    /// Inserted at the head of `base` rather than appended (it must see packets first).
+    pub first: bool,
+}
+
 /// One of our chains and its rules, each without the leading `-A CHAIN `.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {

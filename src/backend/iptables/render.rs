@@ -5,19 +5,31 @@
 //! config or from the kernel is copied into the output except jump rules that passed
 //! `save::is_plain` (see `Removal`).
 
-use super::chains::{jump_spec, Chain, Family, HOOKS, INBOUND_CHAIN, OUTBOUND_CHAIN};
+use super::chains::{jump_spec, Chain, Family, Hook, HOOKS, INBOUND_CHAIN, OUTBOUND_CHAIN};
 use super::save::NatTable;
 use crate::cni::error::{Error, Result};
-use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use crate::plan::{InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
 
 /// `multiport` takes at most 15 ports, a range counting as two.
 const MULTIPORT_SLOTS: usize = 15;
 
-/// The chains `apply(plan)` installs for one family, in order.
+/// The jumps of the nat table for `plan`.
+pub fn nat_hooks(plan: &InterceptPlan) -> Vec<Hook> {
+    let mut hooks = super::modes::nat_hooks(plan);
+    hooks.extend(HOOKS.map(|(base, chain)| Hook {
+        base,
+        chain,
+        spec: jump_spec(chain),
+        first: false,
+    }));
+    hooks
+}
+
+/// The nat chains `apply(plan)` installs for one family, in order.
 pub fn chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
-    vec![
+    let mut chains = vec![
         Chain {
             name: INBOUND_CHAIN,
             rules: inbound_rules(plan, family),
@@ -26,12 +38,15 @@ pub fn chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
             name: OUTBOUND_CHAIN,
             rules: outbound_rules(plan, family),
         },
-    ]
+    ];
+    chains.extend(super::modes::nat_chains(plan, family));
+    chains
 }
 
 fn inbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
     let mut rules = Vec::new();
-    if plan.inbound_ports == InboundPorts::None {
+    // Under TPROXY, inbound connections are diverted in the mangle table (`modes`).
+    if plan.inbound_ports == InboundPorts::None || plan.mode != InterceptionMode::Redirect {
         return rules;
     }
     let redirect = format!("-j REDIRECT --to-ports {}", plan.inbound_port);
@@ -102,7 +117,7 @@ fn outbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
 
 /// `-d 10.0.0.0/8 ` as `-save` prints it: network address, prefix always shown, and nothing at
 /// all for a /0 (which matches everything).
-fn address_match(flag: &str, net: &IpNetwork) -> String {
+pub fn address_match(flag: &str, net: &IpNetwork) -> String {
     if net.prefix() == 0 {
         return String::new();
     }
@@ -110,7 +125,7 @@ fn address_match(flag: &str, net: &IpNetwork) -> String {
 }
 
 /// Port lists for `--dports`, split so none exceeds the multiport limit.
-fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
+pub fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
     let mut lists = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut used = 0;
@@ -138,12 +153,27 @@ fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
 /// `--noflush`: declaring a chain flushes it, so a repeated apply replaces its contents; the
 /// jumps are added only when missing and stray ones removed, so there is always exactly one.
 pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) -> Result<String> {
-    let chains = chains(plan, family);
-    let mut out = String::from("*nat\n");
-    for chain in &chains {
-        let _ = writeln!(out, ":{} - [0:0]", chain.name);
+    section("nat", &chains(plan, family), &nat_hooks(plan), existing)
+}
+
+/// One table's part of a restore input: `chains` declared (so flushed) and filled, each hook
+/// present once, and whatever of ours is there but not wanted (jumps, chains) removed.
+pub fn section(
+    table: &str,
+    chains: &[Chain],
+    hooks: &[Hook],
+    existing: &NatTable,
+) -> Result<String> {
+    let mut out = format!("*{table}\n");
+    let stale: Vec<&str> = existing
+        .own_chains()
+        .into_iter()
+        .filter(|name| !chains.iter().any(|c| c.name == *name))
+        .collect();
+    for name in chains.iter().map(|c| c.name).chain(stale.iter().copied()) {
+        let _ = writeln!(out, ":{name} - [0:0]");
     }
-    for chain in &chains {
+    for chain in chains {
         for rule in &chain.rules {
             let _ = writeln!(out, "-A {} {rule}", chain.name);
         }
@@ -151,34 +181,39 @@ pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) ->
     // The first canonical jump of each hook stays where it is; any other jump to ours goes.
     let mut hooked: Vec<&str> = Vec::new();
     for jump in existing.jumps_to_own() {
-        let canonical = HOOKS.iter().find(|(base, chain)| {
-            jump.from == *base && jump.spec == jump_spec(chain) && !hooked.contains(chain)
+        let canonical = hooks.iter().find(|hook| {
+            jump.from == hook.base && jump.spec == hook.spec && !hooked.contains(&hook.chain)
         });
         match canonical {
-            Some((_, chain)) => hooked.push(chain),
+            Some(hook) => hooked.push(hook.chain),
             None => {
                 let _ = writeln!(out, "-D {} {}", jump.from, deletable(&jump)?);
             }
         }
     }
-    for (base, chain) in HOOKS {
-        if !hooked.contains(&chain) {
-            let _ = writeln!(out, "-A {base} {}", jump_spec(chain));
-        }
+    for hook in hooks.iter().filter(|h| !hooked.contains(&h.chain)) {
+        let _ = match hook.first {
+            true => writeln!(out, "-I {} 1 {}", hook.base, hook.spec),
+            false => writeln!(out, "-A {} {}", hook.base, hook.spec),
+        };
+    }
+    for name in &stale {
+        let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
     Ok(out)
 }
 
-/// Restore input that removes every chain of ours and every jump to them from `existing`, or
-/// `None` when there is nothing to remove (so an untouched table is never written to).
-pub fn remove_input(existing: &NatTable) -> Result<Option<String>> {
+/// Restore input that removes every chain of ours and every jump to them from `existing` (the
+/// `table` as `-save` printed it), or `None` when there is nothing to remove (so an untouched
+/// table is never written to).
+pub fn remove_section(table: &str, existing: &NatTable) -> Result<Option<String>> {
     let own = existing.own_chains();
     let jumps = existing.jumps_to_own();
     if own.is_empty() && jumps.is_empty() {
         return Ok(None);
     }
-    let mut out = String::from("*nat\n");
+    let mut out = format!("*{table}\n");
     // Declaring flushes (under --noflush), so the chains are empty before they are deleted.
     for chain in &own {
         let _ = writeln!(out, ":{chain} - [0:0]");
@@ -296,7 +331,7 @@ mod golden {
                 include: vec![net("10.0.0.0/8"), net("fd00::/8")],
                 exclude: vec![net("10.96.0.1/32"), net("fd00::1/128")],
             },
-            families: Families::BOTH,
+            ..InterceptPlan::with_defaults(Families::BOTH)
         }
     }
 
@@ -381,13 +416,13 @@ mod golden {
 
     #[test]
     fn removal_flushes_unhooks_and_deletes_only_what_is_there() {
-        assert_eq!(remove_input(&NatTable::default()).unwrap(), None);
+        assert_eq!(remove_section("nat", &NatTable::default()).unwrap(), None);
         let table = NatTable::parse(
             "*nat\n:PREROUTING ACCEPT [0:0]\n:ICNI_OUTBOUND - [0:0]\n:KUBE-X - [0:0]\n\
              -A OUTPUT -p tcp -j ICNI_OUTBOUND\n-A ICNI_OUTBOUND -j RETURN\nCOMMIT\n",
         );
         assert_eq!(
-            remove_input(&table).unwrap().unwrap(),
+            remove_section("nat", &table).unwrap().unwrap(),
             "*nat\n:ICNI_OUTBOUND - [0:0]\n-D OUTPUT -p tcp -j ICNI_OUTBOUND\n-X ICNI_OUTBOUND\nCOMMIT\n"
         );
     }
