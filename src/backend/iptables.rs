@@ -2,19 +2,20 @@
 //! `ICNI_OUTBOUND` from OUTPUT, REDIRECT to the proxy), written with
 //! `iptables-{legacy,nft}-restore --noflush`, one atomic restore per family.
 
+mod chains;
 mod detect;
 mod modes;
 mod render;
 mod save;
 mod tools;
 
+pub use chains::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 pub use detect::{choose_mode, detect_mode, HostRules};
-pub use render::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 
 use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
-use render::Family;
+use chains::Family;
 use tools::{binary_name, Tool, Tools};
 
 /// For GC: removes the lock files of namespaces that are gone (DEL found them gone and could not

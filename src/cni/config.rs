@@ -542,20 +542,21 @@ fn subtract_ports(keep: &[PortRange], remove: &[PortRange]) -> Vec<PortRange> {
         .collect()
 }
 
-/// Sorted, without duplicates or networks contained in another listed one.
+/// Sorted, without duplicates or networks contained in another listed one. One sweep after
+/// sorting (lists of thousands are valid): two prefixes either nest or are disjoint, so a
+/// network is covered exactly when it starts within the last kept network of its family.
 fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
     let mut sorted = cidrs.to_vec();
-    sorted.sort_by_key(|n| (n.is_ipv6(), n.prefix(), n.network()));
-    let mut kept: Vec<IpNetwork> = Vec::new();
+    sorted.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+    let mut kept: Vec<IpNetwork> = Vec::with_capacity(sorted.len());
     for net in sorted {
         let covered = kept
-            .iter()
-            .any(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
+            .last()
+            .is_some_and(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
         if !covered {
             kept.push(net);
         }
     }
-    kept.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
     kept
 }
 

@@ -12,7 +12,8 @@
 //!   hands new ones to the proxy's transparent listener; mangle `ICNI_OUT` (OUTPUT) marks the
 //!   proxy's connections to its own pod and restores the mark of replies.
 
-use super::render::{address_match, multiport_lists, Chain, Family, Hook};
+use super::chains::{Chain, Family, Hook};
+use super::render::{address_match, multiport_lists};
 use crate::plan::{DnsCapture, InboundPorts, InterceptPlan, InterceptionMode, Tproxy};
 use ipnetwork::IpNetwork;
 

@@ -5,90 +5,15 @@
 //! config or from the kernel is copied into the output except jump rules that passed
 //! `save::is_plain` (see `Removal`).
 
+use super::chains::{jump_spec, Chain, Family, Hook, HOOKS, INBOUND_CHAIN, OUTBOUND_CHAIN};
 use super::save::NatTable;
 use crate::cni::error::{Error, Result};
 use crate::plan::{InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
 
-/// Every chain this plugin creates starts with this; nothing else does.
-pub const CHAIN_PREFIX: &str = "ICNI_";
-pub const INBOUND_CHAIN: &str = "ICNI_INBOUND";
-pub const OUTBOUND_CHAIN: &str = "ICNI_OUTBOUND";
-
-/// Where each of our chains is hooked: (built-in chain, our chain).
-pub const HOOKS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)];
-
 /// `multiport` takes at most 15 ports, a range counting as two.
 const MULTIPORT_SLOTS: usize = 15;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The position of this family in `ALL`.
-    pub fn index(self) -> usize {
-        match self {
-            Family::V4 => 0,
-            Family::V6 => 1,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    pub fn enabled_in(self, plan: &InterceptPlan) -> bool {
-        match self {
-            Family::V4 => plan.families.ipv4,
-            Family::V6 => plan.families.ipv6,
-        }
-    }
-
-    fn holds(self, net: &IpNetwork) -> bool {
-        matches!(
-            (self, net),
-            (Family::V4, IpNetwork::V4(_)) | (Family::V6, IpNetwork::V6(_))
-        )
-    }
-
-    fn loopback(self) -> &'static str {
-        match self {
-            Family::V4 => "127.0.0.0/8",
-            Family::V6 => "::1/128",
-        }
-    }
-}
-
-/// One of our chains and its rules, each without the leading `-A CHAIN `.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chain {
-    pub name: &'static str,
-    pub rules: Vec<String>,
-}
-
-/// The rule spec of the jump from a built-in chain to ours.
-pub fn jump_spec(chain: &str) -> String {
-    format!("-p tcp -j {chain}")
-}
-
-/// A jump from a built-in chain to one of ours.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hook {
-    pub base: &'static str,
-    pub chain: &'static str,
-    pub spec: String,
-    /// Inserted at the head of `base` rather than appended (it must see packets first).
-    pub first: bool,
-}
 
 /// The jumps of the nat table for `plan`.
 pub fn nat_hooks(plan: &InterceptPlan) -> Vec<Hook> {

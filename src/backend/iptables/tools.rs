@@ -1,7 +1,7 @@
 //! Running the iptables binaries: found by absolute path, spawned without a shell from the
 //! calling thread (so inside its netns), with a per-netns xtables lock.
 
-use super::render::Family;
+use super::chains::Family;
 use super::save::NatTable;
 use crate::backend::IptablesMode;
 use crate::cni::error::{Code, Error, Result};

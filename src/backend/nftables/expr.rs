@@ -309,13 +309,18 @@ fn flatten_data(v: &[u8]) -> Vec<u8> {
                 parts.sort();
                 for (k, p) in parts {
                     out.extend_from_slice(&k.to_ne_bytes());
-                    out.extend_from_slice(p);
+                    out.extend_from_slice(without_nul(p));
                 }
             }
             _ => out.extend_from_slice(inner),
         }
     }
     out
+}
+
+/// A string attribute without its terminating NUL (senders differ in sending it).
+fn without_nul(v: &[u8]) -> &[u8] {
+    v.strip_suffix(&[0]).unwrap_or(v)
 }
 
 fn canonical(name: String, data: &[u8]) -> Canonical {
@@ -339,6 +344,17 @@ fn canonical(name: String, data: &[u8]) -> Canonical {
             let inferred =
                 u32::from(get(&list, 3).is_some()) | u32::from(get(&list, 5).is_some()) << 1;
             list.retain(|(t, v)| !(*t == 7 && v.as_slice() == be32(inferred)));
+        }
+        // NFTA_LOOKUP_SET_ID only names a set of the same batch; NFTA_LOOKUP_FLAGS 0 (not
+        // inverted) is the default the kernel dumps.
+        // The set's name, with or without its NUL.
+        "lookup" => {
+            list.retain(|(t, v)| *t != 4 && !(*t == 5 && v.as_slice() == be32(0)));
+            for (t, v) in &mut list {
+                if *t == 1 {
+                    *v = without_nul(v).to_vec();
+                }
+            }
         }
         // NFTA_BITWISE_OP 0 (mask and xor) is the default.
         "bitwise" => list.retain(|(t, v)| !(*t == 6 && v.as_slice() == be32(0))),

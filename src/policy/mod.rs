@@ -22,67 +22,21 @@
 //! Annotation values come from workloads: every value used is parsed into typed ports, ranges,
 //! CIDRs and IDs, and any invalid one fails with code 7 naming it before anything is applied.
 
-use crate::cni::config::{ModeKey, NetConf, PlanSettings, PodSelection, SettingsOverlay};
+mod annotations;
+mod istio;
+mod linkerd;
+mod own;
+mod proxy_config;
+
+use crate::cni::config::{NetConf, PlanSettings, PodSelection, SettingsOverlay};
 use crate::cni::error::{Error, Result};
 use crate::install::conflist::POD_ANNOTATIONS_CAPABILITY;
 use crate::plan::PortRange;
-use ipnetwork::IpNetwork;
-use serde_json::Value;
-use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
-
-mod proxy_config;
-
-/// Prefix of our own annotations.
-const PREFIX: &str = "intercept-cni.io/";
-
-const ENABLED: &str = "intercept-cni.io/enabled";
-const INBOUND_PORT: &str = "intercept-cni.io/inbound-port";
-const OUTBOUND_PORT: &str = "intercept-cni.io/outbound-port";
-const PROXY_UID: &str = "intercept-cni.io/proxy-uid";
-const PROXY_GID: &str = "intercept-cni.io/proxy-gid";
-const INCLUDE_INBOUND_PORTS: &str = "intercept-cni.io/include-inbound-ports";
-const EXCLUDE_INBOUND_PORTS: &str = "intercept-cni.io/exclude-inbound-ports";
-const EXCLUDE_OUTBOUND_PORTS: &str = "intercept-cni.io/exclude-outbound-ports";
-const INCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/include-outbound-cidrs";
-const EXCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/exclude-outbound-cidrs";
-const OURS: [&str; 10] = [
-    ENABLED,
-    INBOUND_PORT,
-    OUTBOUND_PORT,
-    PROXY_UID,
-    PROXY_GID,
-    INCLUDE_INBOUND_PORTS,
-    EXCLUDE_INBOUND_PORTS,
-    EXCLUDE_OUTBOUND_PORTS,
-    INCLUDE_OUTBOUND_CIDRS,
-    EXCLUDE_OUTBOUND_CIDRS,
-];
-
-const ISTIO_STATUS: &str = "sidecar.istio.io/status";
-const ISTIO_INJECT: &str = "sidecar.istio.io/inject";
-const ISTIO_INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
-const ISTIO_INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-const ISTIO_EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-const ISTIO_EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-const ISTIO_INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-const ISTIO_EXCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-
-const LINKERD_PROXY_VERSION: &str = "linkerd.io/proxy-version";
-const LINKERD_INJECT: &str = "linkerd.io/inject";
-const LINKERD_SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
-const LINKERD_SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
-const LINKERD_SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
-const LINKERD_PROXY_UID: &str = "config.linkerd.io/proxy-uid";
-
-/// A list annotation longer than this is refused: no workload needs more, and each entry can
-/// cost a rule.
-pub const MAX_LIST_ITEMS: usize = 256;
-
-/// How much of an invalid value an error message quotes.
-const QUOTE_LIMIT: usize = 64;
+pub use annotations::MAX_LIST_ITEMS;
+use annotations::{invalid, quote, Annotations};
+use istio::*;
+use linkerd::*;
+use own::*;
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,48 +80,6 @@ impl Mesh {
             Mesh::Istio => &[15020, 15021, 15090],
             Mesh::Linkerd => &[4190, 4191],
         }
-    }
-}
-
-/// The pod's annotations, every value known to be a string.
-struct Annotations<'a>(BTreeMap<&'a str, &'a str>);
-
-impl<'a> Annotations<'a> {
-    /// `None` when the runtime passed none at all (the capability is not enabled). A null map
-    /// is a pod without annotations: Go runtimes marshal an empty map as null.
-    fn from_runtime_config(runtime_config: Option<&'a Value>) -> Result<Option<Self>> {
-        let raw = match runtime_config {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Object(rc)) => match rc.get(POD_ANNOTATIONS_CAPABILITY) {
-                None => return Ok(None),
-                Some(raw) => raw,
-            },
-            Some(_) => return Err(Error::config("runtimeConfig must be a JSON object")),
-        };
-        let map = match raw {
-            Value::Null => return Ok(Some(Annotations(BTreeMap::new()))),
-            Value::Object(map) => map,
-            _ => {
-                return Err(Error::config(format!(
-                    "runtimeConfig[\"{POD_ANNOTATIONS_CAPABILITY}\"] must be an object of \
-                     annotation names to strings"
-                )))
-            }
-        };
-        map.iter()
-            .map(|(key, value)| match value {
-                Value::String(v) => Ok((key.as_str(), v.as_str())),
-                _ => Err(Error::config(format!(
-                    "pod annotation {}: the value must be a string",
-                    quote(key)
-                ))),
-            })
-            .collect::<Result<_>>()
-            .map(|map| Some(Annotations(map)))
-    }
-
-    fn get(&self, key: &str) -> Option<&'a str> {
-        self.0.get(key).copied()
     }
 }
 
@@ -216,11 +128,11 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     if conf.pod_overrides {
         let layers = [
             match mesh {
-                Some(Mesh::Istio) => istio_overlay(&annotations, &mut tuned_by)?,
-                Some(Mesh::Linkerd) => linkerd_overlay(&annotations, &mut tuned_by)?,
+                Some(Mesh::Istio) => istio::overlay(&annotations, &mut tuned_by)?,
+                Some(Mesh::Linkerd) => linkerd::overlay(&annotations, &mut tuned_by)?,
                 None => SettingsOverlay::default(),
             },
-            our_overlay(&annotations, &mut tuned_by)?,
+            own::overlay(&annotations, &mut tuned_by)?,
         ];
         for layer in &layers {
             layer.apply_to(&mut settings);
@@ -312,301 +224,15 @@ fn select(pod_selection: PodSelection, a: &Annotations) -> Result<Selection> {
     Ok(Selection::Intercept { mesh, reason })
 }
 
-/// Istio's injector injects only for y, yes, true or on (any case); any other non-empty value
-/// leaves the pod without a sidecar.
-fn istio_reads_as_false(value: &str) -> bool {
-    !value.is_empty()
-        && !["y", "yes", "true", "on"]
-            .iter()
-            .any(|t| value.eq_ignore_ascii_case(t))
-}
-
-/// What `sidecar.istio.io/interceptionMode` asks for.
-enum IstioMode {
-    /// NONE: the proxy wants no redirection at all.
-    Skip(String),
-    Set(ModeKey),
-    Unset,
-}
-
-fn istio_interception_mode(a: &Annotations) -> Result<IstioMode> {
-    match a.get(ISTIO_INTERCEPTION_MODE) {
-        None => Ok(IstioMode::Unset),
-        Some("REDIRECT") => Ok(IstioMode::Set(ModeKey::Redirect)),
-        Some("TPROXY") => Ok(IstioMode::Set(ModeKey::Tproxy)),
-        Some("NONE") => Ok(IstioMode::Skip(format!(
-            "annotation {ISTIO_INTERCEPTION_MODE}=\"NONE\" (the proxy wants no redirection)"
-        ))),
-        Some(other) => Err(invalid(
-            ISTIO_INTERCEPTION_MODE,
-            other,
-            "must be REDIRECT, TPROXY or NONE",
-        )),
-    }
-}
-
-/// The modes Istio's proxy asks for in `proxy.istio.io/config` (`proxyMetadata`, which the
-/// injector turns into the proxy's environment, where istio-cni reads it).
-fn istio_proxy_config(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let Some(text) = a.get(ISTIO_PROXY_CONFIG) else {
-        return Ok(SettingsOverlay::default());
-    };
-    let metadata = proxy_config::ProxyMetadata::parse(text)
-        .map_err(|why| invalid(ISTIO_PROXY_CONFIG, text, why))?;
-    if metadata.dns_capture.is_some() || metadata.drop_invalid.is_some() {
-        used.push(ISTIO_PROXY_CONFIG.to_string());
-    }
-    Ok(SettingsOverlay {
-        dns_capture: metadata.dns_capture,
-        drop_invalid: metadata.drop_invalid,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// How a list annotation reads `*` and the empty value.
-#[derive(Clone, Copy)]
-enum ListForm {
-    /// `*` is every port or address (no restriction), "" is none: Istio's include lists.
-    Include,
-    /// "" is the empty list; `*` is refused.
-    Exclude,
-}
-
-/// CIDRs from a mesh's annotations may have host bits set, as Istio and Linkerd accept them
-/// (iptables masks them); ours are refused like the netconf's.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum HostBits {
-    Mask,
-    Refuse,
-}
-
-/// Reads annotations for one overlay, recording which ones it used.
-struct Reader<'a, 'b> {
-    annotations: &'b Annotations<'a>,
-    /// Linkerd reads an empty value as no override at all.
-    empty_is_unset: bool,
-    used: &'b mut Vec<String>,
-}
-
-impl<'a> Reader<'a, '_> {
-    fn value(&mut self, key: &str) -> Option<&'a str> {
-        let v = self.annotations.get(key)?;
-        if self.empty_is_unset && v.trim().is_empty() {
-            return None;
-        }
-        self.used.push(key.to_string());
-        Some(v)
-    }
-
-    fn number<T: FromStr>(&mut self, key: &str, what: &str) -> Result<Option<T>> {
-        let Some(v) = self.value(key) else {
-            return Ok(None);
-        };
-        parse_number(v)
-            .ok_or_else(|| invalid(key, v, what))
-            .map(Some)
-    }
-
-    fn port(&mut self, key: &str) -> Result<Option<u16>> {
-        match self.number::<u16>(key, "must be a port in 1-65535")? {
-            Some(0) => Err(invalid(key, "0", "must be a port in 1-65535")),
-            other => Ok(other),
-        }
-    }
-
-    fn id(&mut self, key: &str) -> Result<Option<u32>> {
-        self.number(key, "must be a numeric ID in 0-4294967295")
-    }
-
-    /// `Some(None)` is `*` for an include list.
-    fn ports(&mut self, key: &str, form: ListForm) -> Result<Option<Option<Vec<PortRange>>>> {
-        self.list(key, form, |item| {
-            item.parse::<PortRange>().map_err(|why| {
-                // `PortRange` quotes what it got; a long entry is quoted here, cut.
-                if item.len() <= QUOTE_LIMIT {
-                    why
-                } else {
-                    format!("{} is not a port or a port range", quote(item))
-                }
-            })
-        })
-    }
-
-    fn excluded_ports(&mut self, key: &str) -> Result<Option<Vec<PortRange>>> {
-        Ok(self.ports(key, ListForm::Exclude)?.flatten())
-    }
-
-    fn excluded_cidrs(&mut self, key: &str, host_bits: HostBits) -> Result<Option<Vec<IpNetwork>>> {
-        Ok(self.cidrs(key, ListForm::Exclude, host_bits)?.flatten())
-    }
-
-    fn cidrs(
-        &mut self,
-        key: &str,
-        form: ListForm,
-        host_bits: HostBits,
-    ) -> Result<Option<Option<Vec<IpNetwork>>>> {
-        self.list(key, form, |item| {
-            // ipnetwork's errors repeat the input unescaped: say it here instead.
-            let net = item.trim().parse::<IpNetwork>().map_err(|_| {
-                format!(
-                    "{} is not an address or a network in CIDR notation",
-                    quote(item)
-                )
-            })?;
-            let masked = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
-            if masked != net && host_bits == HostBits::Refuse {
-                return Err(format!(
-                    "{} has host bits set (did you mean {masked} or a single address?)",
-                    quote(item)
-                ));
-            }
-            Ok(masked)
-        })
-    }
-
-    fn list<T>(
-        &mut self,
-        key: &str,
-        form: ListForm,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<Option<Vec<T>>>> {
-        let Some(v) = self.value(key) else {
-            return Ok(None);
-        };
-        let trimmed = v.trim();
-        match (form, trimmed) {
-            (ListForm::Include, "*") => return Ok(Some(None)),
-            (_, "") => return Ok(Some(Some(Vec::new()))),
-            (ListForm::Exclude, "*") => {
-                return Err(invalid(key, v, "\"*\" is not allowed in an exclusion list"))
-            }
-            _ => {}
-        }
-        if trimmed.split(',').nth(MAX_LIST_ITEMS).is_some() {
-            return Err(invalid(
-                key,
-                v,
-                format!("more than {MAX_LIST_ITEMS} entries"),
-            ));
-        }
-        trimmed
-            .split(',')
-            .map(|item| {
-                if item.trim().is_empty() {
-                    return Err(invalid(key, v, "has an empty entry"));
-                }
-                parse(item).map_err(|why| invalid(key, v, why))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(|list| Some(Some(list)))
-    }
-}
-
-/// Unsigned decimal digits only (no sign, no blanks inside), as a `T`.
-fn parse_number<T: FromStr>(v: &str) -> Option<T> {
-    let v = v.trim();
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    v.parse().ok()
-}
-
-/// Istio's `traffic.sidecar.istio.io/` annotations, with Istio's meaning of `*` and "".
-fn istio_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: false,
-        used,
-    };
-    Ok(SettingsOverlay {
-        include_inbound_ports: r.ports(ISTIO_INCLUDE_INBOUND_PORTS, ListForm::Include)?,
-        exclude_inbound_ports: r.excluded_ports(ISTIO_EXCLUDE_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(ISTIO_EXCLUDE_OUTBOUND_PORTS)?,
-        include_outbound_cidrs: r.cidrs(
-            ISTIO_INCLUDE_OUTBOUND_RANGES,
-            ListForm::Include,
-            HostBits::Mask,
-        )?,
-        exclude_outbound_cidrs: r.excluded_cidrs(ISTIO_EXCLUDE_OUTBOUND_RANGES, HostBits::Mask)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// Linkerd's `config.linkerd.io/` annotations, read as linkerd-cni reads them: an empty value
-/// is no override, and `skip-subnets` exempts inbound connections by their source.
-fn linkerd_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: true,
-        used,
-    };
-    Ok(SettingsOverlay {
-        exclude_inbound_ports: r.excluded_ports(LINKERD_SKIP_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(LINKERD_SKIP_OUTBOUND_PORTS)?,
-        exclude_inbound_sources: r.excluded_cidrs(LINKERD_SKIP_SUBNETS, HostBits::Mask)?,
-        proxy_uid: r.id(LINKERD_PROXY_UID)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// Our `intercept-cni.io/` annotations: `*` and "" read as in Istio's include lists.
-fn our_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: false,
-        used,
-    };
-    Ok(SettingsOverlay {
-        inbound_port: r.port(INBOUND_PORT)?,
-        outbound_port: r.port(OUTBOUND_PORT)?,
-        proxy_uid: r.id(PROXY_UID)?,
-        proxy_gid: r.id(PROXY_GID)?,
-        include_inbound_ports: r.ports(INCLUDE_INBOUND_PORTS, ListForm::Include)?,
-        exclude_inbound_ports: r.excluded_ports(EXCLUDE_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(EXCLUDE_OUTBOUND_PORTS)?,
-        include_outbound_cidrs: r.cidrs(
-            INCLUDE_OUTBOUND_CIDRS,
-            ListForm::Include,
-            HostBits::Refuse,
-        )?,
-        exclude_outbound_cidrs: r.excluded_cidrs(EXCLUDE_OUTBOUND_CIDRS, HostBits::Refuse)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// A misspelt annotation of ours is a warning, not an error: a newer plugin's annotation on a
-/// node that still runs this one must not stop the pod.
-fn warn_unknown_keys(a: &Annotations) {
-    for key in a.0.keys().filter(|k| k.starts_with(PREFIX)) {
-        if !OURS.contains(key) {
-            log::warn!("ignoring unknown pod annotation {}", quote(key));
-        }
-    }
-}
-
-fn invalid(key: &str, value: &str, why: impl fmt::Display) -> Error {
-    Error::config(format!(
-        "pod annotation {key}: invalid value {}: {why}",
-        quote(value)
-    ))
-}
-
-/// A workload's string, safe for a log line or an error: escaped, and cut if long.
-fn quote(s: &str) -> String {
-    match s.char_indices().nth(QUOTE_LIMIT) {
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
-        None => format!("{s:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::annotations::quote;
     use super::*;
-    use crate::cni::config::build_plan;
+    use crate::cni::config::{build_plan, ModeKey};
     use crate::cni::error::Code;
     use crate::plan::{Families, InboundPorts, OutboundCidrs};
     use serde_json::json;
+    use serde_json::Value;
     use std::path::Path;
 
     fn fixture(name: &str) -> Value {
