@@ -47,7 +47,6 @@
 //! element with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
-mod dump;
 mod expr;
 mod modes;
 mod sets;
@@ -562,13 +561,13 @@ impl Ruleset {
             .collect();
         // One dump of the inet family's rules, read by our own parser: rustables fails a whole
         // dump on a `ct zone` key, and a filtered dump could stop at another family's table.
-        let all_rules = dump::rules_of(TABLE_NAME).map_err(|(context, errno)| {
-            batch_error(
-                "cannot list the nftables ruleset",
-                Failure::Socket(context, errno),
-                &[],
-            )
-        })?;
+        let request = wire::Msg::new(sys::NFT_MSG_GETRULE as u16, ProtocolFamily::Inet, 0);
+        let all_rules: Vec<expr::ParsedRule> = transport::dump(request)
+            .map_err(|f| batch_error("cannot list the nftables ruleset", f, &[]))?
+            .iter()
+            .map(|body| expr::parse_rule(body))
+            .filter(|rule| rule.table == TABLE_NAME)
+            .collect();
         let compare = |name: &str,
                        want: Chain,
                        expected: Vec<(String, Vec<expr::Canonical>)>,

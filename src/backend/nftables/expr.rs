@@ -1,7 +1,8 @@
 //! nf_tables expressions and rule messages encoded by hand, for what rustables 0.9 cannot say
 //! (`ct zone set`, `tproxy`) and cannot read back (a `ct zone` key fails its whole rule dump).
-//! The messages join rustables' batch (`splice`), and `parse_*` reads rules back in a form that
-//! compares what was sent with what the kernel dumps, whoever encoded it.
+//! The messages join the batch (`splice`), and `parse_*` reads rules back in a form that
+//! compares what was sent with what the kernel dumps, whoever encoded it (rustables, `wire`,
+//! this module).
 //!
 //! Attribute numbers are the kernel's (include/uapi/linux/netfilter/nf_tables.h); numeric
 //! attributes are big-endian, register contents (marks, UIDs, zones) in host order, ports and
@@ -382,7 +383,8 @@ pub fn parse_rules(mut buf: &[u8]) -> Vec<ParsedRule> {
     rules
 }
 
-fn parse_rule(body: &[u8]) -> ParsedRule {
+/// A rule from the attributes of an NFT_MSG_NEWRULE message (after nlmsghdr and nfgenmsg).
+pub fn parse_rule(body: &[u8]) -> ParsedRule {
     let mut rule = ParsedRule {
         table: String::new(),
         chain: String::new(),
