@@ -27,8 +27,9 @@ use crate::cni::{result, version};
 use crate::host;
 use crate::logging;
 use crate::netns::PodNetns;
-use crate::plan::InterceptPlan;
+use crate::plan::{InterceptPlan, InterceptionMode};
 use crate::policy::{self, Decision};
+use crate::route;
 use serde_json::{Map, Value};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -239,7 +240,17 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
         &conf.state_dir,
         conf.host_prerequisites,
     )?;
-    ns.run(|| backend.apply(&plan))?;
+    ns.run(|| {
+        // TPROXY's policy routing first: diverted packets must never meet a missing route.
+        route::apply(&plan)?;
+        backend.apply(&plan).inspect_err(|_| {
+            if plan.mode != InterceptionMode::Redirect {
+                if let Err(e) = route::remove() {
+                    log::warn!("cannot undo the TPROXY routing: {e}");
+                }
+            }
+        })
+    })?;
     Ok(Some(answer))
 }
 
@@ -252,7 +263,17 @@ fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value
     let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
-    ns.run(|| backend.check(&plan))?;
+    ns.run(|| {
+        backend.check(&plan)?;
+        let drift = route::drift(&plan)?;
+        match drift.is_empty() {
+            true => Ok(()),
+            false => Err(Error::new(
+                Code::Drift,
+                format!("TPROXY routing differs from the plan: {}", drift.join("; ")),
+            )),
+        }
+    })?;
     Ok(None)
 }
 
@@ -315,6 +336,10 @@ fn del(
         if let Err(e) = remove_in(&ns, backend::build(*kind, options).as_ref()) {
             tolerated.push(e);
         }
+    }
+    // TPROXY's routing, whatever the backend (nothing to do when ADD made none).
+    if let Err(e) = ns.run(route::remove) {
+        fatal.push(e);
     }
     if let Some(e) = Error::collect(tolerated) {
         log::debug!("DEL: other backends could not remove (ignored): {e}");

@@ -10,4 +10,5 @@ pub mod logging;
 pub mod netns;
 pub mod plan;
 pub mod policy;
+pub mod route;
 pub mod trusted_path;

@@ -47,6 +47,8 @@
 //! element with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
+mod expr;
+mod modes;
 mod sets;
 mod transport;
 mod wire;
@@ -93,7 +95,7 @@ impl Backend for Nftables {
         // Replacing means deleting a hooked table, for which the kernel waits a grace period
         // (~10-15 ms), so a first ADD never does it; asking first would cost a round trip.
         let (create, steps) = ruleset.apply_batch(false)?;
-        match transport::send(create.finalize(), Existing::Refuse) {
+        match transport::send(create, Existing::Refuse) {
             Ok(()) => {
                 log::debug!("nftables: created table inet {TABLE_NAME}");
                 return Ok(());
@@ -112,7 +114,7 @@ impl Backend for Nftables {
         }
         let (replace, steps) = ruleset.apply_batch(true)?;
         log::debug!("nftables: table inet {TABLE_NAME} exists; replacing it");
-        transport::send(replace.finalize(), Existing::AsBatched)
+        transport::send(replace, Existing::AsBatched)
             .map_err(|f| batch_error("cannot install the nftables ruleset", f, &steps))
     }
 
@@ -323,6 +325,8 @@ struct ChainSpec {
 struct Ruleset {
     sets: Vec<SetSpec>,
     chains: Vec<ChainSpec>,
+    /// The chains of DNS capture, TPROXY and INVALID drop (`modes`), after ours.
+    modes: Vec<modes::ModeChain>,
 }
 
 /// The sets a ruleset needs, made while its rules are: a list of one entry stays a plain
@@ -452,13 +456,15 @@ impl Ruleset {
         Ruleset {
             sets: sets.0,
             chains,
+            modes: modes::chains(plan),
         }
     }
 
     /// The one batch that installs the table, atomically. With `replace`, it starts with add
     /// (so the delete cannot fail even if the table just vanished) and delete, then builds the
     /// table again from scratch. `steps[i]` describes the message with sequence `i + 1`.
-    fn apply_batch(&self, replace: bool) -> Result<(wire::Batch, Vec<Step>)> {
+    /// The mode chains' rules are hand-encoded and spliced in last.
+    fn apply_batch(&self, replace: bool) -> Result<(Vec<u8>, Vec<Step>)> {
         let table = table();
         let mut batch = wire::Batch::new();
         let mut steps = Vec::new();
@@ -491,7 +497,26 @@ impl Ruleset {
                 });
             }
         }
-        Ok((batch, steps))
+        if self.modes.is_empty() {
+            return Ok((batch.finalize(), steps));
+        }
+        for chain in &self.modes {
+            batch.add(&chain.to_chain(&table), MsgType::Add);
+            steps.push(Step::Chain(chain.name));
+        }
+        let mut messages = Vec::new();
+        for chain in &self.modes {
+            messages.extend(chain.rule_messages());
+            for (index, rule) in chain.rules.iter().enumerate() {
+                steps.push(Step::ModeRule {
+                    chain: chain.name,
+                    index,
+                    text: rule.text.clone(),
+                });
+            }
+        }
+        let (bytes, _) = expr::splice(batch.finalize(), &messages);
+        Ok((bytes, steps))
     }
 }
 
@@ -518,69 +543,82 @@ impl Ruleset {
             .into_iter()
             .filter(is_inet_chain)
             .collect();
-        // One dump of every rule in the namespace, not one per chain: a filtered dump stops at
-        // the first table of that name, whatever its family (an `ip intercept-cni` would hide ours).
-        let mut all_rules = Vec::new();
-        rustables::query::list_objects_with_data(
-            libc::NFT_MSG_GETRULE as u16,
-            &|rule: rustables::Rule, rules: &mut Vec<rustables::Rule>| {
-                rules.push(rule);
-                Ok(())
-            },
-            None,
-            &mut all_rules,
-        )
-        .map_err(listing)?;
-        for spec in &self.chains {
-            let want = spec.to_chain();
+        // One dump of the inet family's rules, read by our own parser: rustables fails a whole
+        // dump on a `ct zone` key, and a filtered dump could stop at another family's table.
+        let request = wire::Msg::new(sys::NFT_MSG_GETRULE as u16, ProtocolFamily::Inet, 0);
+        let all_rules: Vec<expr::ParsedRule> = transport::dump(request)
+            .map_err(|f| batch_error("cannot list the nftables ruleset", f, &[]))?
+            .iter()
+            .map(|body| expr::parse_rule(body))
+            .filter(|rule| rule.table == TABLE_NAME)
+            .collect();
+        let compare = |name: &str,
+                       want: Chain,
+                       expected: Vec<(String, Vec<expr::Canonical>)>,
+                       drift: &mut Vec<String>| {
             let Some(found) = chains.iter().find(|c| c.get_name() == want.get_name()) else {
-                drift.push(format!("chain {} is missing", spec.name));
-                continue;
+                drift.push(format!("chain {name} is missing"));
+                return;
             };
             if found.get_hook() != want.get_hook()
                 || found.get_type() != want.get_type()
                 || found.get_policy() != want.get_policy()
             {
                 drift.push(format!(
-                    "chain {} is not a nat chain at {} priority {NAT_PRIORITY} with policy accept",
-                    spec.name,
-                    spec.hook.name()
+                    "chain {name} is not of the expected type, hook, priority and policy"
                 ));
             }
-            let rules: Vec<&rustables::Rule> = all_rules
-                .iter()
-                .filter(|r| is_inet_rule(r, &want))
-                .collect();
-            for (index, rule) in spec.rules.iter().enumerate() {
-                let expected = rule.to_rule(&want)?;
+            let rules: Vec<&expr::ParsedRule> =
+                all_rules.iter().filter(|r| r.chain == name).collect();
+            for (index, (text, exprs)) in expected.iter().enumerate() {
                 match rules.get(index) {
                     None => drift.push(format!(
-                        "chain {} rule {} is missing (`{rule}`)",
-                        spec.name,
+                        "chain {name} rule {} is missing (`{text}`)",
                         index + 1
                     )),
-                    Some(found) if !same_expressions(&want, found, &expected) => {
-                        drift.push(format!(
-                            "chain {} rule {} differs from `{rule}`",
-                            spec.name,
-                            index + 1
-                        ))
-                    }
+                    Some(found) if &found.exprs != exprs => drift.push(format!(
+                        "chain {name} rule {} differs from `{text}`",
+                        index + 1
+                    )),
                     Some(_) => {}
                 }
             }
-            if rules.len() > spec.rules.len() {
+            if rules.len() > expected.len() {
                 drift.push(format!(
-                    "chain {} has {} extra rule(s) after rule {}",
-                    spec.name,
-                    rules.len() - spec.rules.len(),
-                    spec.rules.len()
+                    "chain {name} has {} extra rule(s) after rule {}",
+                    rules.len() - expected.len(),
+                    expected.len()
                 ));
             }
+        };
+        for spec in &self.chains {
+            let want = spec.to_chain();
+            let mut expected = Vec::new();
+            for rule in &spec.rules {
+                expected.push((rule.to_string(), canonical_rule(&rule.to_rule(&want)?)));
+            }
+            compare(spec.name, want, expected, &mut drift);
+        }
+        for chain in &self.modes {
+            let expected = chain
+                .rules
+                .iter()
+                .zip(chain.rule_messages())
+                .map(|(rule, msg)| {
+                    let exprs = expr::parse_rules(&msg)
+                        .pop()
+                        .map(|r| r.exprs)
+                        .unwrap_or_default();
+                    (rule.text.clone(), exprs)
+                })
+                .collect();
+            compare(chain.name, chain.to_chain(&table()), expected, &mut drift);
         }
         for chain in &chains {
             let name = chain.get_name().map_or("", String::as_str);
-            if !self.chains.iter().any(|spec| spec.name == name) {
+            if !self.chains.iter().any(|spec| spec.name == name)
+                && !self.modes.iter().any(|m| m.name == name)
+            {
                 drift.push(format!("unexpected chain {name}"));
             }
         }
@@ -654,6 +692,16 @@ fn few(items: &[String]) -> String {
     text
 }
 
+/// A rustables rule's expressions as `expr::parse_rules` reads them, to compare with a dump.
+fn canonical_rule(rule: &rustables::Rule) -> Vec<expr::Canonical> {
+    let mut batch = Batch::new();
+    batch.add(rule, MsgType::Add);
+    expr::parse_rules(&batch.finalize())
+        .pop()
+        .map(|r| r.exprs)
+        .unwrap_or_default()
+}
+
 /// NFT_TABLE_F_DORMANT: the table exists but none of its chains are hooked.
 const TABLE_F_DORMANT: u32 = 1;
 
@@ -690,28 +738,6 @@ fn is_inet_chain(listed: &Chain) -> bool {
     }
     if let Some(userdata) = listed.get_userdata() {
         probe.set_userdata(userdata.clone());
-    }
-    *listed == probe
-}
-
-fn is_inet_rule(listed: &rustables::Rule, chain: &Chain) -> bool {
-    let Ok(mut probe) = rustables::Rule::new(chain) else {
-        return false;
-    };
-    if let Some(handle) = listed.get_handle() {
-        probe.set_handle(*handle);
-    }
-    if let Some(exprs) = listed.get_expressions() {
-        probe.set_expressions(exprs.clone());
-    }
-    if let Some(position) = listed.get_position() {
-        probe.set_position(*position);
-    }
-    if let Some(userdata) = listed.get_userdata() {
-        probe.set_userdata(userdata.clone());
-    }
-    if let Some(id) = listed.get_id() {
-        probe.set_id(*id);
     }
     *listed == probe
 }
@@ -919,19 +945,6 @@ fn redirect_expression() -> RawExpression {
         .with_data(ExpressionVariant::Nat(attrs))
 }
 
-/// Whether two expression lists encode the same: a `redir` read back from the kernel decodes as
-/// raw bytes while ours is built as above, so they are compared as the kernel sees them.
-fn same_expressions(chain: &Chain, a: &rustables::Rule, b: &rustables::Rule) -> bool {
-    let encode = |rule: &rustables::Rule| -> Option<Vec<u8>> {
-        let mut probe = rustables::Rule::new(chain).ok()?;
-        probe.set_expressions(rule.get_expressions()?.clone());
-        let mut batch = Batch::new();
-        batch.add(&probe, MsgType::Add);
-        Some(batch.finalize())
-    };
-    encode(a) == encode(b)
-}
-
 /// Prints a network the way nft does: no `/32` or `/128` on a single address.
 fn fmt_net(f: &mut fmt::Formatter<'_>, net: &IpNetwork) -> fmt::Result {
     if net.prefix() == max_prefix(net) {
@@ -1027,6 +1040,10 @@ impl fmt::Display for Ruleset {
             }
             writeln!(f, "\t}}")?;
         }
+        for chain in &self.modes {
+            writeln!(f)?;
+            write!(f, "{chain}")?;
+        }
         writeln!(f, "}}")
     }
 }
@@ -1043,6 +1060,11 @@ enum Step {
         index: usize,
         rule: RuleSpec,
     },
+    ModeRule {
+        chain: &'static str,
+        index: usize,
+        text: String,
+    },
 }
 
 impl fmt::Display for Step {
@@ -1053,6 +1075,9 @@ impl fmt::Display for Step {
             Step::Set(name) => write!(f, "set {name}"),
             Step::Rule { chain, index, rule } => {
                 write!(f, "rule {} of chain {chain} (`{rule}`)", index + 1)
+            }
+            Step::ModeRule { chain, index, text } => {
+                write!(f, "rule {} of chain {chain} (`{text}`)", index + 1)
             }
         }
     }
@@ -1104,6 +1129,9 @@ fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
         }
         (Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
             "nat chains in inet tables need Linux >= 5.2 with nft_chain_nat"
+        }
+        (Errno::ENOENT | Errno::EOPNOTSUPP, Some(Step::ModeRule { .. })) => {
+            "an nf_tables expression module is missing (nft_ct with conntrack zones, nft_tproxy, nf_tproxy_ipv4/6)"
         }
         (Errno::EOPNOTSUPP | Errno::ENOENT, Some(Step::Set(_))) => {
             "interval sets are missing (nf_tables set backends, Linux >= 4.1)"
