@@ -184,11 +184,10 @@ const NFT_NAT_CHAINS: &[Requirement] = &[
 
 #[rustfmt::skip]
 const NFTABLES: &[Requirement] = &[
-    row("nft_nat", "NFT_NAT", Any, Redirect, "dnat to the proxy ports"),
+    row("nft_nat", "NFT_NAT", Any, Redirect, "nat expression (DNS capture's dnat)"),
     row("nft_ct", "NFT_CT", Any, NotUsed,
         "ct expression: conntrack matches (Istio), not used here"),
-    row("nft_redir", "NFT_REDIR", Any, NotUsed,
-        "redirect statement (Istio's rules; ours use dnat)"),
+    row("nft_redir", "NFT_REDIR", Any, Redirect, "redirect to the proxy ports"),
     row("nft_socket", "NFT_SOCKET", Any, NotUsed, "TPROXY interception (Istio), not used here"),
     row("nft_tproxy", "NFT_TPROXY", Any, NotUsed, "TPROXY interception (Istio), not used here"),
 ];
