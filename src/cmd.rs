@@ -26,7 +26,7 @@ use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
 use crate::host;
 use crate::logging;
-use crate::netns::PodNetns;
+use crate::netns::{Lookup, PodNetns};
 use crate::plan::InterceptPlan;
 use crate::policy::{self, Decision};
 use serde_json::{Map, Value};
@@ -194,6 +194,15 @@ pub fn plan_for<'a>(
     Ok((plan, prev))
 }
 
+/// The backend for `choice`, with the host check (cached in `state_dir`) deciding `auto`.
+fn resolve(
+    choice: BackendChoice,
+    options: &BackendOptions,
+    state_dir: &Path,
+) -> Result<BackendKind> {
+    backend::resolve(choice, options, |kind| host::usable(kind, false, state_dir))
+}
+
 /// ADD and CHECK need the pod netns to exist, and never accept the host's.
 fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
     let path = env
@@ -206,15 +215,6 @@ fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
             format!("CNI_NETNS {} does not exist", path.display()),
         )
     })?;
-    if !ns.is_namespace() {
-        return Err(Error::new(
-            Code::Io,
-            format!(
-                "CNI_NETNS {} is not a network namespace (a mount point whose namespace is gone, or another kind of file)",
-                path.display()
-            ),
-        ));
-    }
     ns.refuse_own()?;
     Ok(ns)
 }
@@ -226,7 +226,7 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
         return Ok(Some(answer));
     };
     let ns = open_pod_netns(env)?;
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     host::first_run(
@@ -245,7 +245,7 @@ fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value
         return Ok(None);
     };
     let ns = open_pod_netns(env)?;
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     ns.run(|| backend.check(&plan))?;
@@ -270,10 +270,14 @@ fn del(
         log::debug!("DEL: no CNI_NETNS, nothing to remove");
         return Ok(None);
     };
-    let ns = match PodNetns::open(path)? {
-        Some(ns) if ns.is_namespace() => ns,
-        _ => {
+    let ns = match PodNetns::lookup(path)? {
+        Lookup::Found(ns) => ns,
+        Lookup::Missing => {
             log::debug!("DEL: netns {} is gone, nothing to remove", path.display());
+            return Ok(None);
+        }
+        Lookup::NotNetns(why) => {
+            log::debug!("DEL: {} is {why}, nothing to remove", path.display());
             return Ok(None);
         }
     };
@@ -285,7 +289,7 @@ fn del(
         return Ok(None);
     }
     // An unresolvable `auto` still removes with every backend, none of them fatal.
-    let primary = match backend::resolve(*choice, options, state_dir) {
+    let primary = match resolve(*choice, options, state_dir) {
         Ok(kind) => Some(kind),
         Err(e) if *choice == BackendChoice::Auto => {
             log::debug!("DEL: {e}");
@@ -329,8 +333,14 @@ fn remove_in(ns: &PodNetns, backend: &dyn Backend) -> Result<()> {
 }
 
 fn status(conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)
-        .map_err(|e| Error::new(Code::PluginNotAvailable, e.to_string()))?;
+    // A config the plugin must refuse (a foreign stateDir) stays code 7.
+    let kind =
+        resolve(conf.backend, &conf.backend_options, &conf.state_dir).map_err(|e| {
+            match e.code {
+                Code::InvalidConfig => e,
+                _ => Error::new(Code::PluginNotAvailable, e.to_string()),
+            }
+        })?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     backend_ready(kind, &conf.backend_options)?;

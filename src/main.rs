@@ -9,7 +9,7 @@
 
 use intercept_cni::cmd::{self, Trace};
 use intercept_cni::cni::env::{CniEnv, Command};
-use intercept_cni::cni::error::{Error, Result};
+use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::cni::version;
 use intercept_cni::logging;
 use nix::libc::{c_char, c_int};
@@ -128,12 +128,30 @@ fn read_invocation() -> Result<Option<(CniEnv, Vec<u8>)>> {
         return Ok(None);
     };
     let env = CniEnv::read(command, |name| std::env::var_os(name))?;
+    Ok(Some((env, read_stdin()?)))
+}
+
+/// A network configuration is a few KiB; this is generous, and bounds what stdin can make us hold.
+const MAX_STDIN_BYTES: u64 = 4 << 20;
+
+/// Reads stdin up to `MAX_STDIN_BYTES` (one byte more tells it is too long): code 6 beyond.
+fn read_stdin() -> Result<Vec<u8>> {
     // Room for a typical config up front: from an empty buffer std probes with 32-byte reads.
     let mut stdin = Vec::with_capacity(16 * 1024);
     std::io::stdin()
+        .take(MAX_STDIN_BYTES + 1)
         .read_to_end(&mut stdin)
         .map_err(|e| Error::io("cannot read the network configuration from stdin", e))?;
-    Ok(Some((env, stdin)))
+    if stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(Error::new(
+            Code::Decode,
+            format!(
+                "the network configuration on stdin is longer than {} MiB",
+                MAX_STDIN_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(stdin)
 }
 
 /// Prints the one JSON answer; false when stdout cannot take it.

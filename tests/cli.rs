@@ -383,3 +383,42 @@ fn log_file_gets_the_verb_line_and_stdout_stays_clean() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// An endless stdin (`< /dev/zero`) is cut off after a few MiB with code 6, quickly, for every
+/// verb; the plugin never holds more than the cap.
+#[test]
+fn an_endless_stdin_is_code_6_not_unbounded_memory() {
+    for command in ["VERSION", "ADD", "DEL"] {
+        let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .envs(pod_env(command, NO_SUCH_NETNS))
+            .stdin(Stdio::from(zero))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the plugin");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().ok();
+                child.wait().ok();
+                panic!("{command}: still reading an endless stdin after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let answer: Value = serde_json::from_slice(&out.stdout).expect("one JSON answer");
+        assert_eq!(answer["code"], 6, "{command}: {answer}");
+        assert!(
+            answer["msg"].as_str().unwrap_or_default().contains("MiB"),
+            "{command}: {answer}"
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+    // Just under the cap is read whole: a config padded with whitespace is still a config.
+    let mut padded = config("1.0.0", json!({}));
+    padded.push_str(&" ".repeat((4 << 20) - padded.len()));
+    let out = run(&pod_env("DEL", NO_SUCH_NETNS), &padded);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+}

@@ -358,6 +358,15 @@ pub(crate) mod tests {
     const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
     const IPT_NFT: BackendKind = BackendKind::Iptables(IptablesMode::Nft);
 
+    /// A temp dir usable as a state dir as it is: private (tempfile makes them 0755 here).
+    pub(crate) fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap()
+    }
+
     pub(crate) fn fixture(name: &str) -> HostRoot {
         HostRoot::new(format!(
             "{}/testdata/hosts/{name}",
@@ -759,7 +768,7 @@ pub(crate) mod tests {
         let legacy = check(LEGACY, false, &fixture("no-nftables"));
         assert!(status_of(legacy.ok, &legacy.backend, &legacy.problems).is_ok());
         // This machine can serve the nftables backend.
-        let state = tempfile::tempdir().unwrap();
+        let state = private_tempdir();
         status(NFT, true, state.path()).unwrap();
     }
 }
