@@ -493,3 +493,46 @@ fn a_read_only_or_full_state_dir_changes_no_verdict() {
     assert!(full_before.iter().all(|n| full_after.contains(n)));
     assert_eq!(entries(&dir.path().join("ro")), ["existing"]);
 }
+
+/// A `logFile` naming an existing file that is not a log of ours (root-owned, like
+/// `/etc/passwd`, and past `logFileMaxBytes`) is neither appended to, chmodded nor rotated: the
+/// plugin logs to stderr with a warning and answers as usual. A foreign `<logFile>.1` is never
+/// renamed over either.
+#[test]
+fn a_foreign_log_file_is_never_appended_chmodded_or_rotated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let passwd = dir.path().join("passwd");
+    let content = "root:x:0:0:root:/root:/bin/bash\n".repeat(400);
+    fs::write(&passwd, &content).unwrap();
+    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o644)).unwrap();
+    let empty = dir.path().join("empty.log");
+    fs::write(&empty, "").unwrap();
+    for (log, before) in [(&passwd, content.as_str()), (&empty, "")] {
+        let conf = status_config(json!({"logFile": log, "logFileMaxBytes": 4096}));
+        for _ in 0..3 {
+            let r = run_plugin("STATUS", None, conf.to_string().as_bytes());
+            r.ok("STATUS");
+            assert!(
+                r.stderr.contains("not a log file of intercept-cni"),
+                "{}",
+                r.stderr
+            );
+        }
+        assert_eq!(fs::read_to_string(log).unwrap(), before);
+        assert_eq!(mode_of(log), 0o644);
+    }
+    assert_eq!(entries(dir.path()), ["empty.log", "passwd"]);
+
+    // Our own log, rotating: a foreign `.1` stays as it is and the log stays bounded.
+    let ours = dir.path().join("cni.log");
+    let rotated = dir.path().join("cni.log.1");
+    fs::write(&rotated, "someone else's\n").unwrap();
+    let conf = status_config(json!({"logFile": ours, "logFileMaxBytes": 4096}));
+    for _ in 0..60 {
+        run_plugin("STATUS", None, conf.to_string().as_bytes()).ok("STATUS");
+    }
+    assert_eq!(fs::read_to_string(&rotated).unwrap(), "someone else's\n");
+    assert!(fs::metadata(&ours).unwrap().len() <= 4096);
+    assert_eq!(mode_of(&ours), 0o600);
+}
