@@ -68,6 +68,48 @@ pub fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a program the plugin would run as root unless nobody but root (or us) can change
+/// it: its directory is trusted, a symlink to it is root's (or ours), and the file it resolves
+/// to is owned by root or us, not writable by group or others, in a trusted directory.
+pub fn trusted_executable(path: &Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .ok_or_else(|| Error::config(format!("{}: has no directory", path.display())))?;
+    trusted_dir(parent)?;
+    let link = fs::symlink_metadata(path)
+        .map_err(|e| Error::io(format!("cannot inspect {}", path.display()), e))?;
+    if link.file_type().is_symlink() && !trusted_owner(link.uid()) {
+        return Err(untrusted(
+            path,
+            path,
+            format!("is a symlink owned by uid {}", link.uid()),
+        ));
+    }
+    let real = fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    if let Some(real_dir) = real.parent() {
+        check_resolved(path, real_dir)?;
+    }
+    let meta = fs::metadata(&real)
+        .map_err(|e| Error::io(format!("cannot inspect {}", real.display()), e))?;
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(
+            path,
+            &real,
+            format!("is owned by uid {}", meta.uid()),
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(untrusted(
+            path,
+            &real,
+            format!("is writable by group or others (mode {:o})", mode & 0o7777),
+        ));
+    }
+    Ok(())
+}
+
 /// `/a`, `/a/b`, `/a/b/c` for `/a/b/c`.
 fn prefixes(path: &Path) -> Vec<PathBuf> {
     let mut all: Vec<PathBuf> = path.ancestors().map(Path::to_path_buf).collect();

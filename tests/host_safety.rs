@@ -536,3 +536,64 @@ fn a_foreign_log_file_is_never_appended_chmodded_or_rotated() {
     assert!(fs::metadata(&ours).unwrap().len() <= 4096);
     assert_eq!(mode_of(&ours), 0o600);
 }
+
+/// `iptablesPath` binaries run as root, in the host netns too (`iptablesMode: auto`): any that
+/// someone other than root could have changed (a world-writable directory, another owner's
+/// file, a group-writable file) are never run, and ADD says why (code 7). Trusted ones are.
+#[test]
+fn untrusted_iptables_binaries_are_never_run() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = dir.path().join("ran");
+    let plant = |bin_dir: &Path, owner: u32, mode: u32| {
+        fs::create_dir(bin_dir).unwrap();
+        for family in ["iptables", "ip6tables"] {
+            for variant in ["nft", "legacy"] {
+                for tool in ["save", "restore"] {
+                    let bin = bin_dir.join(format!("{family}-{variant}-{tool}"));
+                    fs::write(
+                        &bin,
+                        format!("#!/bin/sh\necho {tool} >> {}\n", marker.display()),
+                    )
+                    .unwrap();
+                    fs::set_permissions(&bin, fs::Permissions::from_mode(mode)).unwrap();
+                    std::os::unix::fs::chown(&bin, Some(owner), None).unwrap();
+                }
+            }
+        }
+    };
+    let world = dir.path().join("world-writable");
+    plant(&world, 0, 0o755);
+    fs::set_permissions(&world, fs::Permissions::from_mode(0o777)).unwrap();
+    let theirs = dir.path().join("their-binaries");
+    plant(&theirs, NOBODY, 0o755);
+    let group = dir.path().join("group-writable-binaries");
+    plant(&group, 0, 0o775);
+    let before = lab.pod.firewall_state();
+    for bin_dir in [&world, &theirs, &group] {
+        for mode in ["auto", "nft"] {
+            let conf = lab.config(
+                "1.0.0",
+                json!({"backend": "iptables", "iptablesMode": mode, "iptablesPath": bin_dir}),
+            );
+            let e = lab.cni("ADD", &conf).error(7);
+            assert!(
+                e["msg"].as_str().unwrap_or_default().contains("refusing"),
+                "{}: {e}",
+                bin_dir.display()
+            );
+            assert!(!marker.exists(), "{} was run", bin_dir.display());
+        }
+    }
+    assert_eq!(lab.pod.firewall_state(), before);
+    // The same binaries, root's and not writable by others: run (the fakes then fail ADD).
+    let trusted = dir.path().join("trusted");
+    plant(&trusted, 0, 0o755);
+    let conf = lab.config(
+        "1.0.0",
+        json!({"backend": "iptables", "iptablesMode": "auto", "iptablesPath": trusted}),
+    );
+    let _ = lab.cni("ADD", &conf);
+    assert!(marker.exists(), "the trusted binaries were not run");
+}
