@@ -302,3 +302,51 @@ fn repeated_add_del_cycles_leave_no_rules_and_no_host_state() {
         "cycles took {elapsed:?}"
     );
 }
+
+/// iptables operations on one netns are serialised, both families together: parallel ADDs
+/// leave exactly one jump per hook and family, and an ADD racing a DEL leaves the pod fully
+/// intercepted (CHECK passes) or with nothing of ours, never one family without the other.
+#[test]
+fn iptables_operations_on_one_netns_are_serialised() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (backend, settings) in backends().into_iter().skip(1) {
+        let ns = Netns::new("serial");
+        let conf = config(&settings, &ns, dir.path()).to_string();
+        let run = |command: &str| run_plugin(command, Some(&ns.path()), conf.as_bytes());
+        for round in 0..5 {
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| run("ADD").ok("ADD").code);
+                }
+            });
+            let state = ns.firewall_state();
+            for jump in [
+                "-A PREROUTING -p tcp -j ICNI_INBOUND",
+                "-A OUTPUT -p tcp -j ICNI_OUTBOUND",
+            ] {
+                let n = state.lines().filter(|l| *l == jump).count();
+                assert_eq!(n, 2, "{backend} round {round}: {n} times `{jump}`\n{state}");
+            }
+            run("CHECK").ok("CHECK");
+        }
+        for round in 0..100 {
+            let (add, del) = std::thread::scope(|s| {
+                let add = s.spawn(|| run("ADD"));
+                let del = s.spawn(|| run("DEL"));
+                (add.join().unwrap(), del.join().unwrap())
+            });
+            add.ok("ADD");
+            del.ok("DEL");
+            let left = plugin_rules(&ns);
+            if !left.is_empty() {
+                let check = run("CHECK");
+                assert_eq!(
+                    check.code, 0,
+                    "{backend} round {round}: half installed: {}\n{left:?}",
+                    check.stdout
+                );
+            }
+        }
+        run("DEL").ok("DEL");
+    }
+}

@@ -123,6 +123,7 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let (enabled, disabled): (Vec<Family>, Vec<Family>) =
             Family::ALL.into_iter().partition(|f| f.enabled_in(plan));
         // The restores start first: each spends its first millisecond loading its libraries,
@@ -176,6 +177,7 @@ impl Backend for Iptables {
     }
 
     fn check(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let mut drift = Vec::new();
         for family in Family::ALL {
             let existing = self.tools().read_nat(self.mode, family)?;
@@ -197,6 +199,7 @@ impl Backend for Iptables {
     }
 
     fn remove(&self) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         // The families' tables are separate, so each is cleaned on its own thread (a thread
         // starts in its creator's netns): DEL waits for one family's save and restore, not two.
         let mut errors: Vec<Error> = std::thread::scope(|s| {

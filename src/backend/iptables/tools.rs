@@ -279,6 +279,20 @@ fn nft_nat_exists() -> [bool; 2] {
     })
 }
 
+/// Holds the current netns for this plugin's iptables operations: an exclusive flock on the
+/// namespace's own inode (nsfs), which every open of the namespace shares and which needs no
+/// file of ours. Parallel ADDs, or an ADD racing a DEL, in one pod then run one after the
+/// other, both families as one step, as the kernel serialises nftables batches.
+pub fn lock_netns() -> Result<Flock<std::fs::File>> {
+    let what = "cannot lock the network namespace for iptables";
+    let ns = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlag::O_CLOEXEC.bits())
+        .open("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io(what, e))?;
+    Flock::lock(ns, FlockArg::LockExclusive).map_err(|(_, e)| Error::io(what, e))
+}
+
 /// The lock file for the netns the calling thread is in, named by the namespace's inode. The
 /// IPv4 and IPv6 tables are separate in the kernel, so each family has its own lock and their
 /// restores do not wait for each other.
