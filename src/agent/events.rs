@@ -14,6 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Where the agent listens and the plugin sends unless the netconf says otherwise (`eventsSocket`):
 /// under the default state dir, so neither needs configuring.
@@ -176,7 +177,26 @@ pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let socket = UnixDatagram::bind(path).map_err(|e| Error::io(what(), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(what(), e))?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let _ = BOUND.set((path.to_path_buf(), meta.dev(), meta.ino()));
+    }
     Ok(socket)
+}
+
+/// The socket file this process bound: its path, device and inode.
+static BOUND: OnceLock<(PathBuf, u64, u64)> = OnceLock::new();
+
+/// The agent's side, on exit: removes the socket file if it is still the one this process bound
+/// (a newer agent may have bound its own there by now), so plugins stop sending to nobody.
+pub fn unbind() {
+    let Some((path, dev, ino)) = BOUND.get() else {
+        return;
+    };
+    let still_ours = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_socket() && m.dev() == *dev && m.ino() == *ino);
+    if still_ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// What the agent prints for one record: the record with the time it arrived.

@@ -190,7 +190,9 @@ pub fn install_main(words: &[String]) -> i32 {
     let result = installer(&args).and_then(|installer| {
         if args.watch {
             agent::start(&agent_options, &installer)?;
-            watch::run(&installer)
+            let stopped = watch::run(&installer);
+            agent::events::unbind();
+            stopped
         } else {
             installer.install()?.map(|_| ()).ok_or_else(|| {
                 Error::new(
