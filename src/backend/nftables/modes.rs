@@ -80,6 +80,24 @@ impl ModeChain {
         }
     }
 
+    /// What kind of chain it is, for CHECK's messages.
+    pub fn kind(&self) -> String {
+        match self.base {
+            None => "a regular chain".to_string(),
+            Some(base) => format!(
+                "a {:?} chain at {} priority {} with policy accept",
+                base.kind,
+                if base.prerouting {
+                    "prerouting"
+                } else {
+                    "output"
+                },
+                base.priority
+            )
+            .to_lowercase(),
+        }
+    }
+
     /// NFT_MSG_NEWRULE messages for the rules, in order.
     pub fn rule_messages(&self) -> Vec<Vec<u8>> {
         self.rules
