@@ -229,7 +229,11 @@ pub fn plan_for<'a>(
         }
         Decision::Intercept { settings, reason } => {
             trace.policy = Some(format!("intercepted: {reason}"));
-            Some(config::build_plan(&settings, families)?)
+            Some(config::build_plan(
+                &settings,
+                families,
+                result::ipv6_first(prev),
+            )?)
         }
     };
     Ok((plan, prev))

@@ -148,7 +148,12 @@ fn linkerd_skip_subnets_exempts_inbound_sources(backend: fn() -> Value) {
         "linkerd.io/proxy-version": "stable-2.14.10",
         "config.linkerd.io/skip-subnets": format!("{PEER_V4}/32"),
     });
-    let conf = pod_config(&lab, backend, json!({}), annotations);
+    // IPv6 only with linkerd-cni's `ipv6` switch (off by default, as in its chart).
+    let conf = pod_config(&lab, backend, json!({}), annotations.clone());
+    lab.cni("ADD", &conf).ok();
+    lab.inbound_direct(v6(POD_V6, 9080));
+    lab.cni("DEL", &conf).ok();
+    let conf = pod_config(&lab, backend, json!({"dualStack": true}), annotations);
     lab.cni("ADD", &conf).ok();
     lab.cni("CHECK", &conf).ok();
     // From the skipped subnet: straight to the application.

@@ -56,22 +56,23 @@ mod wire;
 
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
-use crate::plan::{InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs, PortRange};
+use crate::plan::rules::{self, IpFamily, Program};
+use crate::plan::{IfName, InterceptPlan, PortRange};
 use ipnetwork::IpNetwork;
 use nix::errno::Errno;
 use nix::libc;
 use rustables::error::QueryError;
 use rustables::expr::{
-    Bitwise, Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, IPv6HeaderField, Immediate, Lookup,
-    Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register, TCPHeaderField,
-    TransportHeaderField, VerdictKind,
+    Bitwise, Cmp, CmpOp, ExpressionVariant, HighLevelPayload, IPv4HeaderField, IPv6HeaderField,
+    Immediate, Lookup, Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register,
+    TCPHeaderField, TransportHeaderField, VerdictKind,
 };
 use rustables::{
     sys, Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily,
 };
 use sets::{KeyKind, SetSpec};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use transport::{Existing, Failure};
 
 /// The one table this plugin owns in each pod netns (family inet).
@@ -207,32 +208,19 @@ impl Family {
         }
     }
 
-    fn loopback(self) -> IpNetwork {
-        match self {
-            Family::Ipv4 => IpNetwork::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
-            Family::Ipv6 => IpNetwork::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
-        }
-        .unwrap_or_else(|_| unreachable!("constant prefixes are valid"))
-    }
-
-    fn pick(self, v4: &'static str, v6: &'static str) -> &'static str {
-        match self {
-            Family::Ipv4 => v4,
-            Family::Ipv6 => v6,
-        }
-    }
-
     fn key(self) -> KeyKind {
         match self {
             Family::Ipv4 => KeyKind::Ipv4,
             Family::Ipv6 => KeyKind::Ipv6,
         }
     }
+}
 
-    fn localhost(self) -> IpAddr {
-        match self {
-            Family::Ipv4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Family::Ipv6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+impl From<IpFamily> for Family {
+    fn from(f: IpFamily) -> Family {
+        match f {
+            IpFamily::V4 => Family::Ipv4,
+            IpFamily::V6 => Family::Ipv6,
         }
     }
 }
@@ -255,6 +243,20 @@ enum Match {
     SkUid(u32),
     /// `meta skgid 1337`
     SkGid(u32),
+    /// `meta nfproto != ipv4`
+    NotFamily(Family),
+    /// `tcp dport != 15008`
+    TcpDportNot(u16),
+    /// `ip daddr != 127.0.0.1`
+    DaddrNot(IpNetwork),
+    /// `meta skuid != 1337`
+    SkUidNot(u32),
+    /// `meta skgid != 1337`
+    SkGidNot(u32),
+    /// `iifname "eth1"`
+    Iifname(IfName),
+    /// `oifname "lo"`
+    Oifname(IfName),
     /// `tcp dport @name`
     TcpDportIn(&'static str),
     /// `ip saddr @name`, `ip6 daddr @name`
@@ -269,10 +271,9 @@ enum Match {
 enum Action {
     /// Leave this chain: the connection is not intercepted.
     Return,
-    /// REDIRECT for arriving traffic: DNAT to the packet's own destination address, new port.
-    DnatOwnDaddr { family: Family, port: u16 },
-    /// REDIRECT for local traffic: DNAT to loopback and the proxy's port.
-    DnatTo { addr: IpAddr, port: u16 },
+    /// REDIRECT to this port (to the arriving interface's address, or loopback for local
+    /// traffic), exactly as iptables' REDIRECT.
+    Redirect(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,101 +376,84 @@ impl Lists {
     }
 }
 
+impl Lists {
+    /// The nft matches for one condition of `plan::rules`.
+    fn translate(&mut self, m: &rules::Match) -> Match {
+        match m {
+            rules::Match::InIface(name) => Match::Iifname(name.clone()),
+            rules::Match::OutIface(name) => Match::Oifname(name.clone()),
+            rules::Match::Source(list) | rules::Match::Dest(list) => {
+                let source = matches!(m, rules::Match::Source(_));
+                let family = Family::of(list.nets[0].ip());
+                match self.addrs(list.name, family, source, &list.nets) {
+                    Some(m) => m,
+                    None => unreachable!("lists of plan::rules are never empty"),
+                }
+            }
+            rules::Match::NotDest(net) => Match::DaddrNot(*net),
+            rules::Match::DestPorts(list) => match self.ports(list.name, &list.ports) {
+                Some(m) => m,
+                None => unreachable!("lists of plan::rules are never empty"),
+            },
+            rules::Match::NotDestPort(port) => Match::TcpDportNot(*port),
+            rules::Match::Uid(id) => Match::SkUid(*id),
+            rules::Match::NotUid(id) => Match::SkUidNot(*id),
+            rules::Match::Gid(id) => Match::SkGid(*id),
+            rules::Match::NotGid(id) => Match::SkGidNot(*id),
+        }
+    }
+}
+
 impl Ruleset {
+    /// The rules of `plan::rules`, one for one. A plan of one family starts each chain by
+    /// returning the other family; a redirect names TCP, as iptables' REDIRECT needs `-p tcp`.
     fn from_plan(plan: &InterceptPlan) -> Ruleset {
         let families = Family::enabled(plan);
+        let program = Program::of(plan);
         let mut sets = Lists::default();
         let mut chains = Vec::new();
-
-        // Inbound. Under TPROXY, inbound is diverted in `modes`' mangle chains.
-        if plan.inbound_ports != InboundPorts::None && plan.mode == InterceptionMode::Redirect {
-            let mut rules = Vec::new();
-            let mut own_ports = vec![plan.inbound_port, plan.outbound_port];
-            own_ports.dedup();
-            for port in own_ports {
-                if let Ok(range) = PortRange::single(port) {
-                    rules.push(RuleSpec::ret(vec![Match::TcpDport(range)]));
-                }
+        for (name, hook, rules) in [
+            ("prerouting", NatHook::Prerouting, &program.inbound),
+            ("output", NatHook::Output, &program.outbound),
+        ] {
+            if rules.is_empty() {
+                continue;
             }
-            for &family in &families {
-                let name = family.pick("in_excluded_sources_v4", "in_excluded_sources_v6");
-                if let Some(m) = sets.addrs(name, family, true, &plan.exclude_inbound_sources) {
-                    rules.push(RuleSpec::ret(vec![m]));
-                }
+            let mut specs = Vec::new();
+            if let [only] = families[..] {
+                specs.push(RuleSpec::ret(vec![Match::NotFamily(only)]));
             }
-            let redirect = |family| Action::DnatOwnDaddr {
-                family,
-                port: plan.inbound_port,
-            };
-            match &plan.inbound_ports {
-                InboundPorts::AllExcept(excluded) => {
-                    if let Some(m) = sets.ports("in_excluded_ports", excluded) {
-                        rules.push(RuleSpec::ret(vec![m]));
-                    }
-                    for &family in &families {
-                        rules.push(RuleSpec::new(vec![Match::Tcp], redirect(family)));
-                    }
+            for rule in rules {
+                let mut matches = Vec::new();
+                let names_address = rule.matches.iter().any(|m| {
+                    matches!(
+                        m,
+                        rules::Match::Source(_) | rules::Match::Dest(_) | rules::Match::NotDest(_)
+                    )
+                });
+                if let (Some(family), false, 2) = (rule.family, names_address, families.len()) {
+                    matches.push(Match::Family(Family::from(family)));
                 }
-                InboundPorts::Only(included) => {
-                    if let Some(m) = sets.ports("in_included_ports", included) {
-                        for &family in &families {
-                            rules.push(RuleSpec::new(vec![m.clone()], redirect(family)));
-                        }
-                    }
+                let names_port = rule.matches.iter().any(|m| {
+                    matches!(m, rules::Match::DestPorts(_) | rules::Match::NotDestPort(_))
+                });
+                let action = match rule.action {
+                    rules::Action::Return => Action::Return,
+                    rules::Action::ToInbound => Action::Redirect(plan.inbound_port),
+                    rules::Action::ToOutbound => Action::Redirect(plan.outbound_port),
+                };
+                if action != Action::Return && !names_port {
+                    matches.push(Match::Tcp);
                 }
-                InboundPorts::None => {}
+                matches.extend(rule.matches.iter().map(|m| sets.translate(m)));
+                specs.push(RuleSpec::new(matches, action));
             }
             chains.push(ChainSpec {
-                name: "prerouting",
-                hook: NatHook::Prerouting,
-                rules,
+                name,
+                hook,
+                rules: specs,
             });
         }
-
-        // Outbound.
-        let mut rules = vec![RuleSpec::ret(vec![Match::SkUid(plan.proxy_uid)])];
-        if let Some(gid) = plan.proxy_gid {
-            rules.push(RuleSpec::ret(vec![Match::SkGid(gid)]));
-        }
-        for &family in &families {
-            rules.push(RuleSpec::ret(vec![Match::Daddr(family.loopback())]));
-        }
-        if let Some(m) = sets.ports("out_excluded_ports", &plan.exclude_outbound_ports) {
-            rules.push(RuleSpec::ret(vec![m]));
-        }
-        let redirect = |family: Family| Action::DnatTo {
-            addr: family.localhost(),
-            port: plan.outbound_port,
-        };
-        let (include, exclude) = match &plan.outbound_cidrs {
-            OutboundCidrs::AllExcept(excluded) => (None, excluded),
-            OutboundCidrs::Only { include, exclude } => (Some(include), exclude),
-        };
-        for &family in &families {
-            let name = family.pick("out_excluded_v4", "out_excluded_v6");
-            if let Some(m) = sets.addrs(name, family, false, exclude) {
-                rules.push(RuleSpec::ret(vec![m]));
-            }
-        }
-        for &family in &families {
-            match include {
-                None => rules.push(RuleSpec::new(
-                    vec![Match::Tcp, Match::Family(family)],
-                    redirect(family),
-                )),
-                Some(include) => {
-                    let name = family.pick("out_included_v4", "out_included_v6");
-                    if let Some(m) = sets.addrs(name, family, false, include) {
-                        rules.push(RuleSpec::new(vec![Match::Tcp, m], redirect(family)));
-                    }
-                }
-            }
-        }
-        chains.push(ChainSpec {
-            name: "output",
-            hook: NatHook::Output,
-            rules,
-        });
         Ruleset {
             sets: sets.0,
             chains,
@@ -904,8 +888,50 @@ impl Match {
             // The kernel keeps socket UIDs and GIDs in host byte order.
             Match::SkUid(uid) => meta_eq(MetaType::SkUid, uid.to_ne_bytes()).into(),
             Match::SkGid(gid) => meta_eq(MetaType::SkGid, gid.to_ne_bytes()).into(),
+            Match::SkUidNot(uid) => meta_cmp(MetaType::SkUid, CmpOp::Neq, uid.to_ne_bytes()).into(),
+            Match::SkGidNot(gid) => meta_cmp(MetaType::SkGid, CmpOp::Neq, gid.to_ne_bytes()).into(),
+            Match::NotFamily(family) => {
+                meta_cmp(MetaType::NfProto, CmpOp::Neq, [family.nfproto() as u8]).into()
+            }
+            Match::TcpDportNot(port) => {
+                let mut exprs = tcp().to_vec();
+                exprs.push(load_dport());
+                exprs.push(Cmp::new(CmpOp::Neq, port.to_be_bytes()).into());
+                exprs
+            }
+            Match::DaddrNot(net) => {
+                let family = Family::of(net.ip());
+                let mut exprs = nfproto_eq(family).to_vec();
+                exprs.push(load_addr(family, false));
+                if net.prefix() < max_prefix(net) {
+                    let mask = ip_bytes(net.mask());
+                    let zero = vec![0u8; mask.len()];
+                    let bitwise = Bitwise::new(mask, zero).map_err(|e| {
+                        Error::backend(format!("cannot build a prefix match for {net}: {e}"))
+                    })?;
+                    exprs.push(bitwise.into());
+                }
+                exprs.push(Cmp::new(CmpOp::Neq, ip_bytes(net.network())).into());
+                exprs
+            }
+            // Names compare over the whole IFNAMSIZ buffer, zero-padded, as nft sends them.
+            Match::Iifname(name) => meta_eq(MetaType::IifName, ifname_bytes(name)).into(),
+            Match::Oifname(name) => meta_eq(MetaType::OifName, ifname_bytes(name)).into(),
         })
     }
+}
+
+fn meta_cmp(key: MetaType, op: CmpOp, value: impl Into<Vec<u8>>) -> [RawExpression; 2] {
+    [Meta::new(key).into(), Cmp::new(op, value).into()]
+}
+
+/// IFNAMSIZ.
+const IFNAMSIZ: usize = 16;
+
+fn ifname_bytes(name: &IfName) -> Vec<u8> {
+    let mut bytes = name.as_str().as_bytes().to_vec();
+    bytes.resize(IFNAMSIZ, 0);
+    bytes
 }
 
 fn max_prefix(net: &IpNetwork) -> u8 {
@@ -917,33 +943,29 @@ fn max_prefix(net: &IpNetwork) -> u8 {
 
 impl Action {
     fn expressions(&self) -> Vec<RawExpression> {
-        // DNAT reads the address from register 1 and the port (2 bytes, big-endian) from 2.
-        let dnat = |family: Family, port: u16| -> [RawExpression; 2] {
-            [
-                Immediate::new_data(port.to_be_bytes().to_vec(), Register::Reg2).into(),
-                Nat::default()
-                    .with_nat_type(NatType::DNat)
-                    .with_family(family.nfproto())
-                    .with_ip_register(Register::Reg1)
-                    .with_port_register(Register::Reg2)
-                    .into(),
-            ]
-        };
         match self {
             Action::Return => vec![Immediate::new_verdict(VerdictKind::Return).into()],
-            Action::DnatOwnDaddr { family, port } => {
-                let mut exprs = nfproto_eq(*family).to_vec();
-                exprs.push(load_addr(*family, false));
-                exprs.extend(dnat(*family, *port));
-                exprs
-            }
-            Action::DnatTo { addr, port } => {
-                let mut exprs = vec![Immediate::new_data(ip_bytes(*addr), Register::Reg1).into()];
-                exprs.extend(dnat(Family::of(*addr), *port));
-                exprs
-            }
+            Action::Redirect(port) => vec![
+                Immediate::new_data(port.to_be_bytes().to_vec(), Register::Reg1).into(),
+                redirect_expression(),
+            ],
         }
     }
+}
+
+/// `redir` with the port in register 1 (rustables 0.9 has no such expression). Its attributes
+/// are NFTA_REDIR_REG_PROTO_MIN = 1, _MAX = 1 and NFTA_REDIR_FLAGS = NF_NAT_RANGE_PROTO_SPECIFIED
+/// (2), numbered 1, 2, 3; rustables' `nat` writes attributes 1, 2, 3 as big-endian u32 too (type
+/// DNAT = 1, family inet = 1, address register 2), so its encoding under the name `redir` is
+/// exactly the one wanted, and exactly what the kernel dumps back (see `same_expressions`).
+fn redirect_expression() -> RawExpression {
+    let attrs = Nat::default()
+        .with_nat_type(NatType::DNat)
+        .with_family(ProtocolFamily::Inet)
+        .with_ip_register(Register::Reg2);
+    RawExpression::default()
+        .with_name("redir")
+        .with_data(ExpressionVariant::Nat(attrs))
 }
 
 /// Prints a network the way nft does: no `/32` or `/128` on a single address.
@@ -973,6 +995,17 @@ impl fmt::Display for Match {
             }
             Match::SkUid(uid) => write!(f, "meta skuid {uid}"),
             Match::SkGid(gid) => write!(f, "meta skgid {gid}"),
+            Match::SkUidNot(uid) => write!(f, "meta skuid != {uid}"),
+            Match::SkGidNot(gid) => write!(f, "meta skgid != {gid}"),
+            Match::NotFamily(Family::Ipv4) => write!(f, "meta nfproto != ipv4"),
+            Match::NotFamily(Family::Ipv6) => write!(f, "meta nfproto != ipv6"),
+            Match::TcpDportNot(port) => write!(f, "tcp dport != {port}"),
+            Match::DaddrNot(net) => {
+                write!(f, "{} daddr != ", Family::of(net.ip()).keyword())?;
+                fmt_net(f, net)
+            }
+            Match::Iifname(name) => write!(f, "iifname \"{name}\""),
+            Match::Oifname(name) => write!(f, "oifname \"{name}\""),
             Match::TcpDportIn(set) => write!(f, "tcp dport @{set}"),
             Match::AddrIn {
                 family,
@@ -990,18 +1023,7 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Return => write!(f, "return"),
-            Action::DnatOwnDaddr { family, port } => {
-                let kw = family.keyword();
-                write!(f, "dnat {kw} to {kw} daddr:{port}")
-            }
-            Action::DnatTo {
-                addr: IpAddr::V4(a),
-                port,
-            } => write!(f, "dnat ip to {a}:{port}"),
-            Action::DnatTo {
-                addr: IpAddr::V6(a),
-                port,
-            } => write!(f, "dnat ip6 to [{a}]:{port}"),
+            Action::Redirect(port) => write!(f, "redirect to :{port}"),
         }
     }
 }
@@ -1156,7 +1178,7 @@ fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts};
 
     fn rules_text(ruleset: &Ruleset, chain: &str) -> Vec<String> {
         ruleset
@@ -1168,16 +1190,19 @@ mod tests {
     }
 
     #[test]
-    fn proxy_ports_are_returned_once_when_equal() {
-        let plan = InterceptPlan {
-            outbound_port: 15006,
-            ..InterceptPlan::with_defaults(Families::BOTH)
-        };
-        let rules = rules_text(&Ruleset::from_plan(&plan), "prerouting");
-        assert_eq!(
-            rules.iter().filter(|r| r.contains("dport 15006")).count(),
-            1
-        );
+    fn one_family_guards_each_chain_and_redirects_name_tcp() {
+        let plan = InterceptPlan::with_defaults(Families {
+            ipv4: false,
+            ipv6: true,
+        });
+        let ruleset = Ruleset::from_plan(&plan);
+        for chain in ["prerouting", "output"] {
+            let rules = rules_text(&ruleset, chain);
+            assert_eq!(rules[0], "meta nfproto != ipv6 return", "{rules:?}");
+            for rule in rules.iter().filter(|r| r.contains("redirect")) {
+                assert!(rule.starts_with("meta l4proto tcp "), "{rule}");
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::cni::error::{Error, Result};
 use crate::install::conflist::POD_ANNOTATIONS_CAPABILITY;
-use crate::plan::PortRange;
+use crate::plan::{IfName, PortRange};
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -111,6 +111,26 @@ impl<'a> Reader<'a, '_> {
 
     pub(super) fn id(&mut self, key: &str) -> Result<Option<u32>> {
         self.number(key, "must be a numeric ID in 0-4294967295")
+    }
+
+    /// One numeric ID or a comma-separated list of them.
+    pub(super) fn ids(&mut self, key: &str) -> Result<Option<Vec<u32>>> {
+        let list = self.list(key, ListForm::Exclude, |item| {
+            parse_number::<u32>(item)
+                .ok_or_else(|| format!("{} is not a numeric ID in 0-4294967295", quote(item)))
+        })?;
+        match list.flatten() {
+            Some(ids) if ids.is_empty() => {
+                Err(invalid(key, "", "must be a numeric ID or a list of them"))
+            }
+            other => Ok(other),
+        }
+    }
+
+    pub(super) fn interfaces(&mut self, key: &str) -> Result<Option<Vec<IfName>>> {
+        Ok(self
+            .list(key, ListForm::Exclude, |item| item.trim().parse::<IfName>())?
+            .flatten())
     }
 
     /// `Some(None)` is `*` for an include list.

@@ -45,7 +45,7 @@ pub enum Decision {
     Skip { reason: String },
     /// Intercepted with these settings (not yet combined with the pod's families).
     Intercept {
-        settings: PlanSettings,
+        settings: Box<PlanSettings>,
         reason: String,
     },
 }
@@ -60,16 +60,9 @@ enum Mesh {
 impl Mesh {
     /// The ports and IDs its proxy uses out of the box (linkerd-cni's and istio-cni's defaults).
     fn defaults(self) -> SettingsOverlay {
-        let (inbound, outbound, uid, gid) = match self {
-            Mesh::Istio => (15006, 15001, 1337, Some(1337)),
-            Mesh::Linkerd => (4143, 4140, 2102, None),
-        };
-        SettingsOverlay {
-            inbound_port: Some(inbound),
-            outbound_port: Some(outbound),
-            proxy_uid: Some(uid),
-            proxy_gid: gid,
-            ..SettingsOverlay::default()
+        match self {
+            Mesh::Istio => istio::defaults(),
+            Mesh::Linkerd => linkerd::defaults(),
         }
     }
 
@@ -93,7 +86,7 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     let Some(annotations) = Annotations::from_runtime_config(conf.runtime_config.as_ref())? else {
         return match conf.pod_selection {
             PodSelection::All => Ok(Decision::Intercept {
-                settings: conf.settings.clone(),
+                settings: Box::new(conf.settings.clone()),
                 reason: "podSelection all (the runtime passed no pod annotations)".into(),
             }),
             PodSelection::Annotated => Err(Error::config(format!(
@@ -112,6 +105,9 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     // podOverrides (REDIRECT towards a TPROXY listener would break the pod).
     let mut istio_mode = None;
     if mesh == Some(Mesh::Istio) {
+        if let Some(reason) = istio::programs_itself(&annotations)? {
+            return Ok(Decision::Skip { reason });
+        }
         match istio_interception_mode(&annotations)? {
             IstioMode::Skip(reason) => return Ok(Decision::Skip { reason }),
             IstioMode::Set(mode) => istio_mode = Some(mode),
@@ -141,6 +137,11 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
             istio_proxy_config(&annotations, &mut tuned_by)?.apply_to(&mut settings);
         }
         warn_unknown_keys(&annotations);
+        match mesh {
+            Some(Mesh::Istio) => istio::warn_unsupported(&annotations),
+            Some(Mesh::Linkerd) => linkerd::warn_unsupported(&annotations),
+            None => {}
+        }
     }
     if let Some(mode) = istio_mode {
         settings.interception_mode = mode;
@@ -169,7 +170,10 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     } else {
         format!("{reason}; tuned by {}", tuned_by.join(", "))
     };
-    Ok(Decision::Intercept { settings, reason })
+    Ok(Decision::Intercept {
+        settings: Box::new(settings),
+        reason,
+    })
 }
 
 enum Selection {
@@ -261,7 +265,7 @@ mod tests {
 
     fn settings_for(keys: Value, annotations: Value) -> PlanSettings {
         match decide_with(keys, annotations.clone()).unwrap() {
-            Decision::Intercept { settings, .. } => settings,
+            Decision::Intercept { settings, .. } => *settings,
             Decision::Skip { reason } => panic!("{annotations}: skipped: {reason}"),
         }
     }
@@ -337,7 +341,7 @@ mod tests {
         let Decision::Intercept { settings, reason } = decide(&c, None).unwrap() else {
             panic!("skipped");
         };
-        assert_eq!(settings, c.settings);
+        assert_eq!(*settings, c.settings);
         assert!(reason.contains("podSelection all"), "{reason}");
     }
 
@@ -407,7 +411,7 @@ mod tests {
         let reason = intercept_reason(json!({}), json!({ENABLED: "true"}));
         assert_eq!(reason, "annotation intercept-cni.io/enabled=\"true\"");
         let s = settings_for(json!({"proxyUID": 5}), json!({ENABLED: "true"}));
-        assert_eq!(s.proxy_uid, 5);
+        assert_eq!(s.proxy_uids, vec![5]);
         assert!(s.exclude_inbound_ports.is_empty());
         let reason = skip_reason(json!({"podSelection": "all"}), json!({ENABLED: "false"}));
         assert_eq!(reason, "annotation intercept-cni.io/enabled=\"false\"");
@@ -429,7 +433,10 @@ mod tests {
     fn an_istio_injected_pod_gets_istios_defaults_and_annotations() {
         let s = settings_for(json!({}), fixture("istio-injected.json"));
         assert_eq!((s.inbound_port, s.outbound_port), (15006, 15001));
-        assert_eq!((s.proxy_uid, s.proxy_gid), (1337, Some(1337)));
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![1337], vec![1337])
+        );
         assert_eq!(s.exclude_inbound_ports, ports(&ISTIO_OWN));
         assert_eq!(
             s.exclude_outbound_ports,
@@ -468,7 +475,13 @@ mod tests {
 
     #[test]
     fn istio_include_lists_read_star_and_empty_as_istio_does() {
-        let plan = |a: Value| build_plan(&settings_for(json!({}), istio_pod(a)), Families::BOTH);
+        let plan = |a: Value| {
+            build_plan(
+                &settings_for(json!({}), istio_pod(a)),
+                Families::BOTH,
+                false,
+            )
+        };
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: "*"})).unwrap();
         assert_eq!(
             p.inbound_ports,
@@ -476,10 +489,11 @@ mod tests {
         );
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: ""})).unwrap();
         assert_eq!(p.inbound_ports, InboundPorts::None);
+        // istio-iptables redirects an include list as given: its exclusions do not apply.
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: "8080, 9000-9100,15021"})).unwrap();
         assert_eq!(
             p.inbound_ports,
-            InboundPorts::Only(ports(&[(8080, 8080), (9000, 9100)]))
+            InboundPorts::Only(ports(&[(8080, 8080), (9000, 9100), (15021, 15021)]))
         );
         let p = plan(json!({ISTIO_INCLUDE_OUTBOUND_RANGES: "*"})).unwrap();
         assert_eq!(p.outbound_cidrs, OutboundCidrs::AllExcept(vec![]));
@@ -602,7 +616,10 @@ mod tests {
     fn a_linkerd_injected_pod_gets_linkerds_defaults_and_annotations() {
         let s = settings_for(json!({}), fixture("linkerd-injected.json"));
         assert_eq!((s.inbound_port, s.outbound_port), (4143, 4140));
-        assert_eq!((s.proxy_uid, s.proxy_gid), (2102, None));
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![2102], vec![])
+        );
         assert_eq!(
             s.exclude_inbound_ports,
             ports(&[(25, 25), (8000, 8010), (4190, 4190), (4191, 4191)])
@@ -619,7 +636,7 @@ mod tests {
             "{reason}"
         );
         let s = settings_for(json!({}), linkerd_pod(json!({LINKERD_PROXY_UID: "3000"})));
-        assert_eq!(s.proxy_uid, 3000);
+        assert_eq!(s.proxy_uids, vec![3000]);
         assert_eq!(s.exclude_inbound_ports, ports(&LINKERD_OWN));
     }
 
@@ -640,7 +657,7 @@ mod tests {
         );
         assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
         assert_eq!(s.exclude_inbound_sources, nets(&["192.168.0.0/16"]));
-        assert_eq!(s.proxy_uid, 2103);
+        assert_eq!(s.proxy_uids, vec![2103]);
     }
 
     #[test]
@@ -678,8 +695,8 @@ mod tests {
         let expected = PlanSettings {
             inbound_port: 16006,
             outbound_port: 16001,
-            proxy_uid: 4000,
-            proxy_gid: Some(4001),
+            proxy_uids: vec![4000],
+            proxy_gids: vec![4001],
             exclude_inbound_ports: ports(&[(8001, 8001)]),
             exclude_inbound_sources: vec![],
             exclude_outbound_ports: ports(&[(53, 53), (853, 853)]),
@@ -712,8 +729,8 @@ mod tests {
             linkerd_pod(json!({})),
         );
         assert_eq!(
-            (s.inbound_port, s.outbound_port, s.proxy_uid),
-            (14143, 4140, 2222)
+            (s.inbound_port, s.outbound_port, s.proxy_uids.clone()),
+            (14143, 4140, vec![2222])
         );
         // ...the mesh's annotations beat the netconf...
         let keys = json!({"excludeOutboundPorts": [53], "proxyUID": 2222});
@@ -721,7 +738,7 @@ mod tests {
             keys.clone(),
             linkerd_pod(json!({LINKERD_PROXY_UID: "3000"})),
         );
-        assert_eq!(s.proxy_uid, 3000);
+        assert_eq!(s.proxy_uids, vec![3000]);
         let s = settings_for(
             keys.clone(),
             istio_pod(json!({ISTIO_EXCLUDE_OUTBOUND_PORTS: "3306"})),
@@ -732,7 +749,7 @@ mod tests {
             keys.clone(),
             linkerd_pod(json!({LINKERD_PROXY_UID: "3000", PROXY_UID: "4000"})),
         );
-        assert_eq!(s.proxy_uid, 4000);
+        assert_eq!(s.proxy_uids, vec![4000]);
         let s = settings_for(
             keys,
             istio_pod(json!({
@@ -754,8 +771,8 @@ mod tests {
             json!({}),
             istio_pod(json!({LINKERD_SKIP_OUTBOUND_PORTS: "25", LINKERD_PROXY_UID: "1"})),
         );
-        assert!(s.exclude_outbound_ports.is_empty());
-        assert_eq!(s.proxy_uid, 1337);
+        assert_eq!(s.exclude_outbound_ports, ports(&[(15020, 15020)]));
+        assert_eq!(s.proxy_uids, vec![1337]);
         let s = settings_for(
             json!({}),
             json!({ENABLED: "true", ISTIO_EXCLUDE_OUTBOUND_PORTS: "25"}),
@@ -784,7 +801,7 @@ mod tests {
             keys,
             linkerd_pod(json!({LINKERD_SKIP_SUBNETS: "0.0.0.0/0", LINKERD_PROXY_UID: "0"})),
         );
-        assert_eq!((s.inbound_port, s.proxy_uid), (4143, 2102));
+        assert_eq!((s.inbound_port, s.proxy_uids.clone()), (4143, vec![2102]));
         assert!(s.exclude_inbound_sources.is_empty());
         assert_eq!(s.exclude_inbound_ports, ports(&LINKERD_OWN));
     }
@@ -798,9 +815,11 @@ mod tests {
             e.msg
         );
         assert!(e.msg.contains("must differ"), "{}", e.msg);
-        // A netconf port equal to a mesh default port.
-        let e = error(json!({"inboundPort": 4140}), linkerd_pod(json!({})));
-        assert!(e.msg.contains("mesh's defaults"), "{}", e.msg);
+        // The meshes accept equal ports (Linkerd's own test setup uses them).
+        let s = settings_for(json!({"inboundPort": 4140}), linkerd_pod(json!({})));
+        assert_eq!((s.inbound_port, s.outbound_port), (4140, 4140));
+        let s = settings_for(json!({}), istio_pod(json!({})));
+        build_plan(&s, Families::BOTH, false).unwrap();
     }
 
     #[test]

@@ -16,7 +16,11 @@ pub(super) const EXCLUDE_INBOUND_PORTS: &str = "intercept-cni.io/exclude-inbound
 pub(super) const EXCLUDE_OUTBOUND_PORTS: &str = "intercept-cni.io/exclude-outbound-ports";
 pub(super) const INCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/include-outbound-cidrs";
 pub(super) const EXCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/exclude-outbound-cidrs";
-pub(super) const OURS: [&str; 10] = [
+pub(super) const INCLUDE_OUTBOUND_PORTS: &str = "intercept-cni.io/include-outbound-ports";
+pub(super) const EXCLUDE_INTERFACES: &str = "intercept-cni.io/exclude-interfaces";
+pub(super) const OURS: [&str; 12] = [
+    INCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_INTERFACES,
     ENABLED,
     INBOUND_PORT,
     OUTBOUND_PORT,
@@ -39,8 +43,10 @@ pub(super) fn overlay(a: &Annotations, used: &mut Vec<String>) -> Result<Setting
     Ok(SettingsOverlay {
         inbound_port: r.port(INBOUND_PORT)?,
         outbound_port: r.port(OUTBOUND_PORT)?,
-        proxy_uid: r.id(PROXY_UID)?,
-        proxy_gid: r.id(PROXY_GID)?,
+        proxy_uids: r.ids(PROXY_UID)?,
+        proxy_gids: r.ids(PROXY_GID)?,
+        include_outbound_ports: r.excluded_ports(INCLUDE_OUTBOUND_PORTS)?,
+        exclude_interfaces: r.interfaces(EXCLUDE_INTERFACES)?,
         include_inbound_ports: r.ports(INCLUDE_INBOUND_PORTS, ListForm::Include)?,
         exclude_inbound_ports: r.excluded_ports(EXCLUDE_INBOUND_PORTS)?,
         exclude_outbound_ports: r.excluded_ports(EXCLUDE_OUTBOUND_PORTS)?,
@@ -54,6 +60,7 @@ pub(super) fn overlay(a: &Annotations, used: &mut Vec<String>) -> Result<Setting
     })
 }
 
+/// A misspelt annotation of ours is a warning, not an error: a newer plugin's annotation on a
 /// node that still runs this one must not stop the pod.
 pub(super) fn warn_unknown_keys(a: &Annotations) {
     for key in a.0.keys().filter(|k| k.starts_with(PREFIX)) {

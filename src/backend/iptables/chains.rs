@@ -2,8 +2,8 @@
 //! they are hooked, the jump rule, and the address families. Rendering (`render`) and reading
 //! `-save` output (`save`) both depend on this, not on each other.
 
+use crate::plan::rules::IpFamily;
 use crate::plan::InterceptPlan;
-use ipnetwork::IpNetwork;
 
 /// Every chain this plugin creates starts with this; nothing else does.
 pub const CHAIN_PREFIX: &str = "ICNI_";
@@ -44,17 +44,10 @@ impl Family {
         }
     }
 
-    pub fn holds(self, net: &IpNetwork) -> bool {
-        matches!(
-            (self, net),
-            (Family::V4, IpNetwork::V4(_)) | (Family::V6, IpNetwork::V6(_))
-        )
-    }
-
-    pub fn loopback(self) -> &'static str {
+    pub fn ip(self) -> IpFamily {
         match self {
-            Family::V4 => "127.0.0.0/8",
-            Family::V6 => "::1/128",
+            Family::V4 => IpFamily::V4,
+            Family::V6 => IpFamily::V6,
         }
     }
 }

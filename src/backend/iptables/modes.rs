@@ -104,12 +104,16 @@ pub fn nat_chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
     }]
 }
 
-/// `-m owner --uid-owner N` and, with a GID, `-m owner --gid-owner N`.
-fn owner_matches(plan: &InterceptPlan) -> impl Iterator<Item = String> {
-    std::iter::once(format!("-m owner --uid-owner {}", plan.proxy_uid)).chain(
-        plan.proxy_gid
-            .map(|gid| format!("-m owner --gid-owner {gid}")),
-    )
+/// `-m owner --uid-owner N` for each proxy UID, then `-m owner --gid-owner N` for each GID.
+fn owner_matches(plan: &InterceptPlan) -> impl Iterator<Item = String> + '_ {
+    plan.proxy_uids
+        .iter()
+        .map(|uid| format!("-m owner --uid-owner {uid}"))
+        .chain(
+            plan.proxy_gids
+                .iter()
+                .map(|gid| format!("-m owner --gid-owner {gid}")),
+        )
 }
 
 /// The chains and jumps of one extra table (`EXTRA_TABLES`); empty when the plan needs none.
@@ -309,7 +313,7 @@ mod golden {
     /// Istio's dns.txt.golden and invalid-drop.txt.golden, both at once.
     fn dns_and_drop() -> InterceptPlan {
         let mut plan = InterceptPlan::with_defaults(Families::BOTH);
-        plan.proxy_gid = Some(1337);
+        plan.proxy_gids = vec![1337];
         plan.exclude_outbound_ports = vec![PortRange::single(15020).unwrap()];
         plan.dns = Some(DnsCapture::istio());
         plan.drop_invalid = true;
@@ -319,7 +323,7 @@ mod golden {
     /// Istio's tproxy.txt.golden.
     fn tproxy() -> InterceptPlan {
         let mut plan = InterceptPlan::with_defaults(Families::BOTH);
-        plan.proxy_gid = Some(1337);
+        plan.proxy_gids = vec![1337];
         plan.inbound_ports = InboundPorts::AllExcept(
             [15020, 15021, 15090]
                 .map(|p| PortRange::single(p).unwrap())

@@ -7,7 +7,8 @@
 
 use super::chains::{jump_spec, Chain, Family, Hook, HOOKS, INBOUND_CHAIN, OUTBOUND_CHAIN};
 use super::save::{Jump, NatTable};
-use crate::plan::{InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs, PortRange};
+use crate::plan::rules::{Action, Match, NetList, Program, Rule};
+use crate::plan::{InterceptPlan, PortRange};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
 
@@ -28,90 +29,94 @@ pub fn nat_hooks(plan: &InterceptPlan) -> Vec<Hook> {
 
 /// The nat chains `apply(plan)` installs for one family, in order.
 pub fn chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
+    let program = Program::of(plan);
     let mut chains = vec![
         Chain {
             name: INBOUND_CHAIN,
-            rules: inbound_rules(plan, family),
+            rules: render(plan, &program.inbound, family),
         },
         Chain {
             name: OUTBOUND_CHAIN,
-            rules: outbound_rules(plan, family),
+            rules: render(plan, &program.outbound, family),
         },
     ];
     chains.extend(super::modes::nat_chains(plan, family));
     chains
 }
 
-fn inbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
-    let mut rules = Vec::new();
-    // Under TPROXY, inbound connections are diverted in the mangle table (`modes`).
-    if plan.inbound_ports == InboundPorts::None || plan.mode != InterceptionMode::Redirect {
-        return rules;
-    }
-    let redirect = format!("-j REDIRECT --to-ports {}", plan.inbound_port);
-    // The proxy's own ports are never redirected to itself.
-    rules.push(format!(
-        "-p tcp -m tcp --dport {} -j RETURN",
-        plan.inbound_port
-    ));
-    if plan.outbound_port != plan.inbound_port {
-        rules.push(format!(
-            "-p tcp -m tcp --dport {} -j RETURN",
-            plan.outbound_port
-        ));
-    }
-    for source in plan
-        .exclude_inbound_sources
-        .iter()
-        .filter(|n| family.holds(n))
-    {
-        rules.push(format!("{}-j RETURN", address_match("-s", source)));
-    }
-    match &plan.inbound_ports {
-        InboundPorts::AllExcept(excluded) => {
-            for ports in multiport_lists(excluded) {
-                rules.push(format!("-p tcp -m multiport --dports {ports} -j RETURN"));
-            }
-            rules.push(format!("-p tcp {redirect}"));
-        }
-        InboundPorts::Only(included) => {
-            for ports in multiport_lists(included) {
-                rules.push(format!("-p tcp -m multiport --dports {ports} {redirect}"));
-            }
-        }
-        InboundPorts::None => {}
-    }
+/// The rules of one of our nat chains for one family.
+fn render(plan: &InterceptPlan, rules: &[Rule], family: Family) -> Vec<String> {
     rules
+        .iter()
+        .filter(|r| r.applies_to(family.ip()))
+        .flat_map(|r| render_rule(plan, r))
+        .collect()
 }
 
-fn outbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
-    let redirect = format!("-p tcp -j REDIRECT --to-ports {}", plan.outbound_port);
-    // Owners by number only: a name would need an NSS lookup that can stall (istio/istio#48416).
-    let mut rules = vec![format!("-m owner --uid-owner {} -j RETURN", plan.proxy_uid)];
-    if let Some(gid) = plan.proxy_gid {
-        rules.push(format!("-m owner --gid-owner {gid} -j RETURN"));
-    }
-    rules.push(format!("-d {} -j RETURN", family.loopback()));
-    for ports in multiport_lists(&plan.exclude_outbound_ports) {
-        rules.push(format!("-p tcp -m multiport --dports {ports} -j RETURN"));
-    }
-    match &plan.outbound_cidrs {
-        OutboundCidrs::AllExcept(excluded) => {
-            for net in excluded.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}-j RETURN", address_match("-d", net)));
+/// One rule in `-save`'s order (`-s`, `-d`, `-i`, `-o`, `-p`, matches, target). A list of
+/// networks becomes one rule per network, and a port list longer than multiport takes several
+/// rules in a row, as iptables itself expands them: they match the same.
+fn render_rule(plan: &InterceptPlan, rule: &Rule) -> Vec<String> {
+    let mut sources = vec![String::new()];
+    let mut dests = vec![String::new()];
+    let mut ifaces = String::new();
+    let mut ports = vec![String::new()];
+    let mut owner = String::new();
+    let mut tcp = !matches!(rule.action, Action::Return);
+    let each = |flag: &str, list: &NetList| -> Vec<String> {
+        list.nets.iter().map(|n| address_match(flag, n)).collect()
+    };
+    for m in &rule.matches {
+        match m {
+            Match::Source(list) => sources = each("-s", list),
+            Match::Dest(list) => dests = each("-d", list),
+            Match::NotDest(net) => dests = vec![format!("! {}", address_match("-d", net))],
+            Match::InIface(name) => ifaces += &format!("-i {name} "),
+            Match::OutIface(name) => ifaces += &format!("-o {name} "),
+            Match::DestPorts(list) => {
+                tcp = true;
+                ports = match &list.ports[..] {
+                    [one] => vec![format!("-m tcp --dport {} ", colon(one))],
+                    many => multiport_lists(many)
+                        .into_iter()
+                        .map(|l| format!("-m multiport --dports {l} "))
+                        .collect(),
+                };
             }
-            rules.push(redirect);
+            Match::NotDestPort(port) => {
+                tcp = true;
+                ports = vec![format!("-m tcp ! --dport {port} ")];
+            }
+            Match::Uid(id) => owner += &format!("-m owner --uid-owner {id} "),
+            Match::NotUid(id) => owner += &format!("-m owner ! --uid-owner {id} "),
+            Match::Gid(id) => owner += &format!("-m owner --gid-owner {id} "),
+            Match::NotGid(id) => owner += &format!("-m owner ! --gid-owner {id} "),
         }
-        OutboundCidrs::Only { include, exclude } => {
-            for net in exclude.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}-j RETURN", address_match("-d", net)));
-            }
-            for net in include.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}{redirect}", address_match("-d", net)));
+    }
+    let target = match rule.action {
+        Action::Return => "-j RETURN".to_string(),
+        Action::ToInbound => format!("-j REDIRECT --to-ports {}", plan.inbound_port),
+        Action::ToOutbound => format!("-j REDIRECT --to-ports {}", plan.outbound_port),
+    };
+    let proto = if tcp { "-p tcp " } else { "" };
+    let mut out = Vec::new();
+    for s in &sources {
+        for d in &dests {
+            for p in &ports {
+                out.push(format!("{s}{d}{ifaces}{proto}{p}{owner}{target}"));
             }
         }
     }
-    rules
+    out
+}
+
+/// `8000:8100`, as iptables writes a range.
+fn colon(range: &PortRange) -> String {
+    if range.is_single() {
+        range.start().to_string()
+    } else {
+        format!("{}:{}", range.start(), range.end())
+    }
 }
 
 /// `-d 10.0.0.0/8 ` as `-save` prints it: network address, prefix always shown, and nothing at
@@ -276,7 +281,7 @@ pub fn remove_section(table: &str, existing: &NatTable) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts, OutboundCidrs};
 
     fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
         list.iter()
@@ -338,7 +343,7 @@ mod tests {
 #[cfg(test)]
 mod golden {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts, OutboundCidrs};
     use std::path::PathBuf;
 
     fn net(s: &str) -> IpNetwork {
@@ -354,8 +359,8 @@ mod golden {
         InterceptPlan {
             inbound_port: 15106,
             outbound_port: 15101,
-            proxy_uid: 2102,
-            proxy_gid: Some(2103),
+            proxy_uids: vec![2102],
+            proxy_gids: vec![2103],
             inbound_ports: InboundPorts::Only(vec![range("80"), range("8000-8100")]),
             exclude_inbound_sources: vec![net("10.9.0.0/16"), net("fd00:9::/32")],
             exclude_outbound_ports: vec![range("22"), range("3306"), range("9000-9100")],
@@ -506,8 +511,8 @@ mod golden {
         let mut extreme = custom();
         extreme.inbound_port = u16::MAX;
         extreme.outbound_port = 1;
-        extreme.proxy_uid = u32::MAX;
-        extreme.proxy_gid = Some(0);
+        extreme.proxy_uids = vec![u32::MAX];
+        extreme.proxy_gids = vec![0];
         extreme.exclude_outbound_ports = vec![PortRange::new(1, u16::MAX).unwrap()];
         extreme.exclude_inbound_sources = vec![net("::ffff:1.2.3.4/128"), net("0.0.0.0/0")];
         for plan in [custom(), excludes(), extreme] {

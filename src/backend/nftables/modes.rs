@@ -388,8 +388,8 @@ enum Owner {
 }
 
 fn owners(plan: &InterceptPlan) -> Vec<Owner> {
-    std::iter::once(Owner::Uid(plan.proxy_uid))
-        .chain(plan.proxy_gid.map(Owner::Gid))
+    let uids = plan.proxy_uids.iter().copied().map(Owner::Uid);
+    uids.chain(plan.proxy_gids.iter().copied().map(Owner::Gid))
         .collect()
 }
 
