@@ -61,6 +61,7 @@ fn render_rule(plan: &InterceptPlan, rule: &Rule) -> Vec<String> {
     let mut dests = vec![String::new()];
     let mut ifaces = String::new();
     let mut ports = vec![String::new()];
+    let mut not_ports: Vec<String> = Vec::new();
     let mut owner = String::new();
     let mut tcp = !matches!(rule.action, Action::Return);
     let each = |flag: &str, list: &NetList| -> Vec<String> {
@@ -85,7 +86,11 @@ fn render_rule(plan: &InterceptPlan, rule: &Rule) -> Vec<String> {
             }
             Match::NotDestPort(port) => {
                 tcp = true;
-                ports = vec![format!("-m tcp ! --dport {port} ")];
+                not_ports.push(port.to_string());
+                ports = match &not_ports[..] {
+                    [one] => vec![format!("-m tcp ! --dport {one} ")],
+                    many => vec![format!("-m multiport ! --dports {} ", many.join(","))],
+                };
             }
             Match::Uid(id) => owner += &format!("-m owner --uid-owner {id} "),
             Match::NotUid(id) => owner += &format!("-m owner ! --uid-owner {id} "),
