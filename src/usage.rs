@@ -68,7 +68,7 @@ Flags:
 
 pub const DOCTOR: &str = "\
 usage: intercept-cni doctor [--backend auto|nftables|iptables] [--iptables-mode auto|legacy|nft]
-         [--ipv6] [--host-root DIR] [--json]
+         [--ipv6] [--dns-capture] [--tproxy] [--drop-invalid] [--host-root DIR] [--json]
 
 Checks the kernel modules the backend needs on this host: one row per module with its state,
 where that was learned, and the remedy when it is missing. With `auto` it first answers what the
@@ -80,6 +80,12 @@ Flags:
   --iptables-mode M      with --backend iptables: auto, legacy or nft (default: auto, the
                          variant the host already uses)
   --ipv6                 also check the IPv6 modules (default: IPv4 only)
+  --dns-capture          also require DNS capture's modules (a config with \"dnsCapture\": true,
+                         or pods with Istio's ISTIO_META_DNS_CAPTURE)
+  --tproxy               also require TPROXY's modules (\"interceptionMode\": \"TPROXY\", or pods
+                         with sidecar.istio.io/interceptionMode: TPROXY)
+  --drop-invalid         also require INVALID drop's modules (\"dropInvalid\": true, or pods with
+                         Istio's INVALID_DROP)
   --host-root DIR        read every host path under DIR, an existing directory where a container
                          has the host's / mounted; skips the kernel probe (default: this system)
   --json                 print the report as JSON: `problems` lists only what stands in the way

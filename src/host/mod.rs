@@ -38,6 +38,7 @@ use crate::backend::{BackendKind, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::{Families, InterceptPlan};
 use detect::{Evidence, Finding, Sources, Tristate};
+pub use modules::Modes;
 use modules::{KernelVersion, Requirement};
 use serde::{Deserialize, Serialize};
 
@@ -281,6 +282,20 @@ fn remedy(finding: &Finding, (module, symbol): (&str, &str), release: Option<&st
 }
 
 impl Report {
+    /// Marks the modules the rules of `modes` need as required (for a config that asks for
+    /// them) and sums the report up again.
+    pub fn require_modes(&mut self, ipv6: bool, modes: Modes) {
+        if !modes.any() {
+            return;
+        }
+        for m in &mut self.modules {
+            if Requirement::find(&m.name).is_some_and(|r| r.required_by(ipv6, modes)) {
+                m.required = true;
+            }
+        }
+        self.summarize();
+    }
+
     /// Only unverified modules stand between this report and a pass: the probe can decide.
     fn needs_probe(&self) -> bool {
         let failing = self.required_missing();
