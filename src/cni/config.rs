@@ -856,6 +856,35 @@ mod tests {
     }
 
     #[test]
+    fn mesh_keys_parse() {
+        let conf = parse(
+            br#"{"proxyUID": [1337, 1338], "proxyGID": 7, "includeOutboundPorts": [9999],
+                 "excludeInterfaces": ["net1"], "rerouteInterfaces": ["tap0"], "dualStack": false}"#,
+        )
+        .unwrap();
+        let s = &conf.settings;
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![1337, 1338], vec![7])
+        );
+        assert_eq!(s.include_outbound_ports, ports(&[(9999, 9999)]));
+        assert_eq!(s.exclude_interfaces[0].as_str(), "net1");
+        assert_eq!(s.reroute_interfaces[0].as_str(), "tap0");
+        assert_eq!(s.dual_stack, Some(false));
+        for bad in [
+            r#"{"proxyUID": []}"#,
+            r#"{"proxyGID": [-1]}"#,
+            r#"{"rerouteInterfaces": [""]}"#,
+        ] {
+            assert_eq!(
+                parse(bad.as_bytes()).unwrap_err().code,
+                Code::InvalidConfig,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn log_file_max_bytes_has_a_floor() {
         let conf = parse(br#"{"logFileMaxBytes": 4096}"#).unwrap();
         assert_eq!(conf.log_file_max_bytes, 4096);
@@ -928,6 +957,12 @@ mod tests {
             ("host-prerequisites", "hostPrerequisites"),
             ("prev-result-not-object", "prevResult"),
             ("gc-attachments-shape", "cni.dev/valid-attachments"),
+            (
+                "exclude-interfaces",
+                "excludeInterfaces: invalid value \"eth0 -j ACCEPT\"",
+            ),
+            ("proxy-uid-list", "proxyUID: invalid value \"x\""),
+            ("dual-stack", "dualStack: invalid value \"yes\""),
         ];
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/config");
         let on_disk = std::fs::read_dir(dir)

@@ -823,6 +823,137 @@ mod tests {
     }
 
     #[test]
+    fn istio_skips_gateways_and_pods_that_program_themselves() {
+        let reason = skip_reason(json!({}), istio_pod(json!({ISTIO_TEMPLATES: "gateway"})));
+        assert!(reason.contains("gateway"), "{reason}");
+        skip_reason(
+            json!({}),
+            istio_pod(json!({ISTIO_TEMPLATES: "sidecar, gateway"})),
+        );
+        let with_init = json!({ISTIO_STATUS: r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#});
+        assert!(skip_reason(json!({}), with_init).contains("istio-init"));
+        let proxyless = json!({ISTIO_STATUS: r#"{"initContainers":["grpc-bootstrap-init"],"containers":["traffic"]}"#});
+        assert!(skip_reason(json!({}), proxyless).contains("no istio-proxy"));
+        // Native sidecars list the proxy among the init containers; CNI mode has istio-validation.
+        let native = json!({ISTIO_STATUS: r#"{"initContainers":["istio-validation","istio-proxy"],"containers":null}"#});
+        intercept_reason(json!({}), native);
+        intercept_reason(json!({}), istio_pod(json!({ISTIO_TEMPLATES: "sidecar"})));
+        // Even our opt-in does not install a second rule set next to istio-init's.
+        let mut opted = json!({ISTIO_STATUS: r#"{"initContainers":["istio-init"]}"#});
+        opted[ENABLED] = json!("true");
+        skip_reason(json!({}), opted);
+        let e = error(json!({}), json!({ISTIO_STATUS: "not json"}));
+        assert!(
+            e.msg.starts_with("pod annotation sidecar.istio.io/status"),
+            "{}",
+            e.msg
+        );
+    }
+
+    #[test]
+    fn istio_knobs_reach_the_plan() {
+        let s = settings_for(
+            json!({}),
+            istio_pod(json!({
+                ISTIO_INCLUDE_OUTBOUND_PORTS: "9999,10000-10010",
+                ISTIO_EXCLUDE_INTERFACES: "net1, net2",
+                ISTIO_KUBEVIRT_INTERFACES: "old0",
+                ISTIO_STATUS_PORT: "16020",
+            })),
+        );
+        assert_eq!(s.semantics, crate::plan::Semantics::Istio);
+        assert_eq!(
+            s.include_outbound_ports,
+            ports(&[(9999, 9999), (10000, 10010)])
+        );
+        let names = |l: &[crate::plan::IfName]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&s.exclude_interfaces), ["net1", "net2"]);
+        assert_eq!(names(&s.reroute_interfaces), ["old0"]);
+        assert!(s
+            .exclude_inbound_ports
+            .contains(&ports(&[(16020, 16020)])[0]));
+        // The new name wins over the deprecated one.
+        let s = settings_for(
+            json!({}),
+            istio_pod(json!({ISTIO_KUBEVIRT_INTERFACES: "old0", ISTIO_REROUTE_INTERFACES: "new0"})),
+        );
+        assert_eq!(names(&s.reroute_interfaces), ["new0"]);
+        // IPv6 only with dual-stack or an IPv6-first pod; IPv4 always.
+        let v4_only = Families {
+            ipv4: true,
+            ipv6: false,
+        };
+        let s = settings_for(json!({}), istio_pod(json!({})));
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            v4_only
+        );
+        assert_eq!(
+            build_plan(&s, Families::BOTH, true).unwrap().families,
+            Families::BOTH
+        );
+        let s = settings_for(json!({"dualStack": true}), istio_pod(json!({})));
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            Families::BOTH
+        );
+    }
+
+    #[test]
+    fn linkerd_appends_skip_inbound_ports_and_reads_its_port_and_gid_annotations() {
+        let s = settings_for(
+            json!({"excludeInboundPorts": [25]}),
+            linkerd_pod(json!({
+                LINKERD_SKIP_INBOUND_PORTS: "9080",
+                LINKERD_SKIP_OUTBOUND_PORTS: "3306",
+                LINKERD_INBOUND_PORT: "5143",
+                LINKERD_OUTBOUND_PORT: "5140",
+                LINKERD_PROXY_GID: "2103",
+                LINKERD_ADMIN_PORT: "5191",
+            })),
+        );
+        assert_eq!((s.inbound_port, s.outbound_port), (5143, 5140));
+        assert_eq!(s.proxy_gids, vec![2103]);
+        // The netconf's list, then the admin port and the annotation's, then the proxy's own.
+        assert_eq!(
+            s.exclude_inbound_ports,
+            ports(&[
+                (25, 25),
+                (5191, 5191),
+                (9080, 9080),
+                (4190, 4190),
+                (4191, 4191)
+            ])
+        );
+        // skip-outbound-ports replaces, as linkerd-cni does.
+        let s = settings_for(
+            json!({"excludeOutboundPorts": [53]}),
+            linkerd_pod(json!({LINKERD_SKIP_OUTBOUND_PORTS: "3306"})),
+        );
+        assert_eq!(s.exclude_outbound_ports, ports(&[(3306, 3306)]));
+        // proxy-init writes owner rules only for IDs above 0; IPv6 only with dualStack.
+        let s = settings_for(json!({}), linkerd_pod(json!({LINKERD_PROXY_GID: "0"})));
+        let plan = build_plan(&s, Families::BOTH, true).unwrap();
+        assert!(plan.proxy_gids.is_empty());
+        assert_eq!(
+            plan.families,
+            Families {
+                ipv4: true,
+                ipv6: false
+            }
+        );
+    }
+
+    #[test]
+    fn our_id_lists() {
+        let s = settings_for(
+            json!({}),
+            json!({ENABLED: "true", PROXY_UID: "1337, 1338", PROXY_GID: "7"}),
+        );
+        assert_eq!((s.proxy_uids, s.proxy_gids), (vec![1337, 1338], vec![7]));
+    }
+
+    #[test]
     fn hostile_values_are_code_7_naming_the_annotation() {
         let huge_list = (1..=MAX_LIST_ITEMS + 1)
             .map(|p| p.to_string())
@@ -839,7 +970,9 @@ mod tests {
             INCLUDE_INBOUND_PORTS,
             ISTIO_EXCLUDE_OUTBOUND_PORTS,
             ISTIO_INCLUDE_INBOUND_PORTS,
+            ISTIO_INCLUDE_OUTBOUND_PORTS,
             LINKERD_SKIP_INBOUND_PORTS,
+            INCLUDE_OUTBOUND_PORTS,
         ];
         let port_values = [
             "80;drop",
@@ -882,6 +1015,11 @@ mod tests {
             PROXY_UID,
             PROXY_GID,
             LINKERD_PROXY_UID,
+            LINKERD_PROXY_GID,
+            LINKERD_INBOUND_PORT,
+            LINKERD_OUTBOUND_PORT,
+            LINKERD_ADMIN_PORT,
+            ISTIO_STATUS_PORT,
         ];
         let number_values = [
             "-1",
@@ -906,15 +1044,45 @@ mod tests {
                     .iter()
                     .flat_map(|k| number_values.iter().map(move |v| (*k, *v))),
             )
-            .chain([(INBOUND_PORT, "0"), (OUTBOUND_PORT, "65536")]);
+            .chain(
+                [
+                    ISTIO_EXCLUDE_INTERFACES,
+                    ISTIO_KUBEVIRT_INTERFACES,
+                    ISTIO_REROUTE_INTERFACES,
+                    EXCLUDE_INTERFACES,
+                ]
+                .iter()
+                .flat_map(|k| {
+                    [
+                        "eth0;x",
+                        "eth0 -j ACCEPT",
+                        "a/b",
+                        "abcdefghijklmnopq",
+                        "eth0,,eth1",
+                        "..",
+                        "eth0\n*nat",
+                        "*",
+                    ]
+                    .map(move |v| (*k, v))
+                }),
+            )
+            .chain([
+                (INBOUND_PORT, "0"),
+                (OUTBOUND_PORT, "65536"),
+                (PROXY_UID, "1337,,1338"),
+                (PROXY_GID, "1337;1338"),
+            ]);
         for (key, value) in cases {
             // Linkerd reads "" as unset, and only its own pods read its annotations.
-            if key == LINKERD_PROXY_UID && value.is_empty() {
+            if key.starts_with("config.linkerd.io/") && value.is_empty() {
                 continue;
             }
             let mut annotations = if key.starts_with("config.linkerd.io/") {
                 linkerd_pod(json!({}))
-            } else if key.starts_with("traffic.sidecar.istio.io/") {
+            } else if key.starts_with("traffic.sidecar.istio.io/")
+                || key.starts_with("istio.io/")
+                || key.starts_with("status.sidecar.istio.io/")
+            {
                 istio_pod(json!({}))
             } else {
                 json!({ENABLED: "true"})

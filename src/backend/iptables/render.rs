@@ -348,7 +348,7 @@ mod tests {
 #[cfg(test)]
 mod golden {
     use super::*;
-    use crate::plan::{Families, InboundPorts, OutboundCidrs};
+    use crate::plan::{Families, InboundPorts, OutboundCidrs, Semantics};
     use std::path::PathBuf;
 
     fn net(s: &str) -> IpNetwork {
@@ -424,6 +424,62 @@ mod golden {
     fn golden_excludes() {
         compare("excludes-v4.rules", &excludes(), Family::V4);
         compare("excludes-v6.rules", &excludes(), Family::V6);
+    }
+
+    /// A default Istio pod: istio/istio `cni/pkg/plugin/testdata/basic.txt.golden`, rule for
+    /// rule (its ISTIO_REDIRECT / ISTIO_IN_REDIRECT jumps written as the REDIRECTs they hold).
+    fn istio() -> InterceptPlan {
+        InterceptPlan {
+            semantics: Semantics::Istio,
+            proxy_gids: vec![1337],
+            inbound_ports: InboundPorts::AllExcept(vec![
+                range("15020"),
+                range("15021"),
+                range("15090"),
+            ]),
+            exclude_outbound_ports: vec![range("15020")],
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        }
+    }
+
+    /// Istio with includes, interfaces and two proxy UIDs (capture testdata
+    /// `ipnets-with-kube-virt-interfaces.golden`, `outbound-ports-include.golden`).
+    fn istio_tuned() -> InterceptPlan {
+        InterceptPlan {
+            proxy_uids: vec![3, 4],
+            proxy_gids: vec![1, 2],
+            inbound_ports: InboundPorts::Only(vec![range("4000"), range("5000")]),
+            include_outbound_ports: vec![range("32000")],
+            outbound_cidrs: OutboundCidrs::Only {
+                include: vec![net("10.0.0.0/8"), net("2001:db8::/32")],
+                exclude: vec![],
+            },
+            exclude_interfaces: vec!["not-istio-nic".parse().unwrap()],
+            reroute_interfaces: vec!["eth1".parse().unwrap(), "eth2".parse().unwrap()],
+            ..istio()
+        }
+    }
+
+    /// A default Linkerd pod (linkerd2-proxy-init `pkg/iptables/iptables.go`).
+    fn linkerd() -> InterceptPlan {
+        InterceptPlan {
+            semantics: Semantics::Linkerd,
+            inbound_port: 4143,
+            outbound_port: 4140,
+            proxy_uids: vec![2102],
+            inbound_ports: InboundPorts::AllExcept(vec![range("4190"), range("4191")]),
+            exclude_inbound_sources: vec![net("10.244.0.0/16")],
+            exclude_outbound_ports: vec![range("3306")],
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        }
+    }
+
+    #[test]
+    fn golden_meshes() {
+        compare("istio-v4.rules", &istio(), Family::V4);
+        compare("istio-tuned-v4.rules", &istio_tuned(), Family::V4);
+        compare("istio-tuned-v6.rules", &istio_tuned(), Family::V6);
+        compare("linkerd-v4.rules", &linkerd(), Family::V4);
     }
 
     #[test]
