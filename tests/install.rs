@@ -76,8 +76,15 @@ impl Node {
         fs::read(self.conf.join(name)).unwrap()
     }
 
+    /// The file's JSON with the installer's stamp left out of our entries.
     fn json(&self, name: &str) -> Value {
-        serde_json::from_slice(&self.read(name)).unwrap()
+        let mut doc: Value = serde_json::from_slice(&self.read(name)).unwrap();
+        if let Some(plugins) = doc["plugins"].as_array_mut() {
+            for plugin in plugins.iter_mut().filter(|p| is_ours(p)) {
+                plugin.as_object_mut().unwrap().remove("installer");
+            }
+        }
+        doc
     }
 
     fn plugins(&self, name: &str) -> Vec<Value> {
@@ -107,11 +114,20 @@ impl Node {
 
     /// Starts `install --watch`, its log going to a file that `eventually` shows on failure.
     fn spawn_watch(&self) -> Watcher {
-        let log = fs::File::create(self.watch_log()).unwrap();
+        self.spawn_watch_with(&[])
+    }
+
+    fn spawn_watch_with(&self, extra: &[&str]) -> Watcher {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.watch_log())
+            .unwrap();
         let child = Command::new(BIN)
             .arg("install")
             .args(self.dirs())
             .arg("--watch")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -480,7 +496,7 @@ fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
 #[test]
 fn watch_follows_a_new_file_that_becomes_first() {
     let node = Node::with(&["10-calico.conflist"]);
-    let mut watcher = node.spawn_watch();
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     node.eventually("first install", || {
         chained_last(&node, "10-calico.conflist")
     });
@@ -544,9 +560,35 @@ fn watch_ignores_its_own_writes() {
 }
 
 #[test]
-fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
+fn sigterm_leaves_the_node_intercepting() {
     let node = Node::with(&["10-calico.conflist", "10-flannel.conflist"]);
     let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let before = node.snapshot();
+    // A rolling update: the old agent stops before the new one starts.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(node.snapshot(), before, "entry and binary stay");
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(fs::read(node.binary()).unwrap(), fs::read(BIN).unwrap());
+    // The next agent takes the entry over (its stamp), then `uninstall` removes it for good.
+    let mut next = node.spawn_watch();
+    node.eventually("the new agent's entry", || node.snapshot() != before);
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(next.signal(Signal::SIGTERM).code(), Some(0));
+    node.uninstall();
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+}
+
+#[test]
+fn uninstall_on_exit_removes_entry_and_binary_and_exits_zero() {
+    let node = Node::with(&["10-calico.conflist", "10-flannel.conflist"]);
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     node.eventually("first install", || {
         chained_last(&node, "10-calico.conflist")
     });
@@ -556,8 +598,8 @@ fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
     assert_eq!(status.code(), Some(0));
     assert!(!node.binary().exists());
     assert_eq!(
-        node.json("10-calico.conflist"),
-        fixture_json("10-calico.conflist")
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
     );
     assert_eq!(
         node.read("10-flannel.conflist"),
@@ -571,7 +613,7 @@ fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
 #[test]
 fn watch_waits_for_a_first_network_and_stops_on_sigint() {
     let node = Node::with(&["05-broken.conflist"]);
-    let mut watcher = node.spawn_watch();
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         !node.binary().exists(),
@@ -624,11 +666,8 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
     });
     let entry = node.plugins("10-flannel.conflist").pop().unwrap();
     assert_eq!(entry["podSelection"], "annotated");
-    // Only an exec'd installer gets the SIGTERM and exits 0 after cleaning up.
+    // Only an exec'd installer gets the SIGTERM and exits 0; entry and binary stay.
     assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
-    assert!(!node.binary().exists());
-    assert_eq!(
-        node.json("10-flannel.conflist"),
-        fixture_json("10-flannel.conflist")
-    );
+    assert!(node.binary().exists());
+    assert!(chained_last(&node, "10-flannel.conflist"));
 }
