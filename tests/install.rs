@@ -671,3 +671,505 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
     assert!(node.binary().exists());
     assert!(chained_last(&node, "10-flannel.conflist"));
 }
+
+/// Runs `command` to its end, killing it and failing after `secs`: a hang is a failure, not a
+/// stuck test run.
+fn output_within(command: &mut Command, secs: u64) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {secs} s; stderr: {}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A ConfigMap volume as the kubelet lays it out: `NAME -> ..data/NAME`, `..data -> ..vN`;
+/// an update writes a new `..vN` and renames a new `..data` link over the old one.
+struct ConfigMap {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMap {
+    fn new(dir: PathBuf, name: &str, content: &str) -> ConfigMap {
+        fs::create_dir(&dir).unwrap();
+        let mut map = ConfigMap { dir, version: 0 };
+        map.update(name, content);
+        std::os::unix::fs::symlink(format!("..data/{name}"), map.dir.join(name)).unwrap();
+        map
+    }
+
+    fn update(&mut self, name: &str, content: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        fs::create_dir(self.dir.join(&version)).unwrap();
+        fs::write(self.dir.join(&version).join(name), content).unwrap();
+        std::os::unix::fs::symlink(&version, self.dir.join("..data_tmp")).unwrap();
+        fs::rename(self.dir.join("..data_tmp"), self.dir.join("..data")).unwrap();
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// Our entry in `name`, stamp included.
+fn our_entry(node: &Node, name: &str) -> Option<Value> {
+    let doc: Value = serde_json::from_slice(&fs::read(node.conf.join(name)).ok()?).ok()?;
+    doc["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| is_ours(p))
+        .cloned()
+}
+
+fn watch_log(node: &Node) -> String {
+    fs::read_to_string(node.watch_log()).unwrap_or_default()
+}
+
+/// The primary agent's conflist with a marker of which of its writes it is.
+fn calico_with_marker(marker: u32) -> Vec<u8> {
+    let mut doc = fixture_json("10-calico.conflist");
+    doc["plugins"][0]["mtu"] = json!(marker);
+    serde_json::to_vec_pretty(&doc).unwrap()
+}
+
+/// Issue 13, point 4: another agent writing about when the watcher writes must never lose its
+/// write, and the watcher must then chain into that write.
+#[test]
+fn a_second_writer_is_never_lost_and_the_watcher_converges() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let target = node.conf.join("10-calico.conflist");
+    for trial in 0..40u32 {
+        let (first, second) = (2 * trial + 1000, 2 * trial + 1001);
+        let conf = node.conf.clone();
+        // The other agent: a write, then another one about when the watcher acts on the first.
+        let writer = std::thread::spawn(move || {
+            let write = |marker: u32| {
+                let path = conf.join("10-calico.conflist");
+                if marker % 4 < 2 {
+                    fs::write(&path, calico_with_marker(marker)).unwrap();
+                } else {
+                    let temp = conf.join("calico.agent-tmp");
+                    fs::write(&temp, calico_with_marker(marker)).unwrap();
+                    fs::rename(&temp, &path).unwrap();
+                }
+            };
+            write(first);
+            std::thread::sleep(Duration::from_millis(85 + u64::from(trial % 8) * 5));
+            write(second);
+        });
+        writer.join().unwrap();
+        node.eventually(&format!("trial {trial}: the second write, chained"), || {
+            let Ok(doc) = serde_json::from_slice::<Value>(&fs::read(&target).unwrap()) else {
+                return false;
+            };
+            doc["plugins"][0]["mtu"] == second && chained_last(&node, "10-calico.conflist")
+        });
+    }
+    assert_no_temp_files(&node.conf);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// Issue 13, point 5: a network that is a symlink (a ConfigMap-mounted conf dir) is refused,
+/// and the link and its target stay as they are.
+#[test]
+fn a_symlinked_network_is_refused_and_the_link_kept() {
+    let node = Node::with(&[]);
+    let map = ConfigMap::new(
+        node.conf.join("..cm"),
+        "10-calico.conflist",
+        &String::from_utf8(fs::read(testdata("10-calico.conflist")).unwrap()).unwrap(),
+    );
+    std::os::unix::fs::symlink(
+        "..cm/10-calico.conflist",
+        node.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let out = node.run("install", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    let link = fs::symlink_metadata(node.conf.join("10-calico.conflist")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(
+        fs::read(map.path("10-calico.conflist")).unwrap(),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+    assert!(!node.binary().exists());
+    // uninstall leaves a link alone too.
+    node.uninstall();
+    assert!(fs::symlink_metadata(node.conf.join("10-calico.conflist"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+/// Issue 13, point 6: the primary's raw text survives install byte for byte outside our entry,
+/// and uninstall (one-shot and on exit) gives back its exact bytes.
+#[test]
+fn the_primary_bytes_survive_install_and_uninstall() {
+    let original = fs::read(testdata("10-numbers.conflist")).unwrap();
+    let node = Node::with(&["10-numbers.conflist"]);
+    node.install(&[]);
+    let installed = node.read("10-numbers.conflist");
+    assert!(chained_last(&node, "10-numbers.conflist"));
+    let text = String::from_utf8(installed).unwrap();
+    for kept in [
+        "123456789012345678901234567890",
+        "\"mtu\": 1e3",
+        "-0,",
+        "1.50",
+        "2.0E+2",
+        "0.1e-7",
+        "\\u00e9\\/",
+    ] {
+        assert!(text.contains(kept), "{kept} lost:\n{text}");
+    }
+    node.uninstall();
+    assert_eq!(node.read("10-numbers.conflist"), original);
+
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
+    node.eventually("install", || chained_last(&node, "10-numbers.conflist"));
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(node.read("10-numbers.conflist"), original);
+}
+
+/// Issue 13, point 7: temp files of killed runs (any PID) are swept at start; look-alikes that
+/// we could not have created stay.
+#[test]
+fn stale_temp_files_are_swept_at_start() {
+    let node = Node::with(&["10-calico.conflist"]);
+    fs::write(
+        node.conf
+            .join(".10-calico.conflist.999999.intercept-cni-tmp"),
+        vec![b'x'; 1 << 20],
+    )
+    .unwrap();
+    fs::write(
+        node.bin.join(".intercept-cni.424242.intercept-cni-tmp"),
+        "half a binary",
+    )
+    .unwrap();
+    let keep = [
+        "10-x.intercept-cni-tmp",
+        ".a.conflist.12a.intercept-cni-tmp",
+        ".a.conflist.12.intercept-cni-tmp.bak",
+    ];
+    for name in keep {
+        fs::write(node.conf.join(name), "not ours").unwrap();
+    }
+    fs::create_dir(node.conf.join(".d.conflist.7.intercept-cni-tmp")).unwrap();
+    std::os::unix::fs::symlink(
+        testdata("10-calico.conflist"),
+        node.conf.join(".l.conflist.8.intercept-cni-tmp"),
+    )
+    .unwrap();
+    let out = output_within(Command::new(BIN).arg("install").args(node.dirs()), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut expected: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+    expected.extend([
+        ".d.conflist.7.intercept-cni-tmp".into(),
+        ".l.conflist.8.intercept-cni-tmp".into(),
+        "10-calico.conflist".into(),
+    ]);
+    expected.sort();
+    assert_eq!(node.names(), expected);
+    assert_eq!(names(&node.bin), ["intercept-cni"]);
+    assert_eq!(
+        fs::read(testdata("10-calico.conflist")).unwrap().len(),
+        fs::metadata(node.conf.join(".l.conflist.8.intercept-cni-tmp"))
+            .unwrap()
+            .len() as usize
+    );
+}
+
+/// `install`/`uninstall` with their address space capped: reading /dev/zero or a huge file
+/// whole would fail instead of taking the machine's memory.
+fn capped(subcommand: &str, node: &Node) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    command.arg(subcommand).args(node.dirs());
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Issue 13, point 12: a FIFO named like a config hangs neither install nor the exit of
+/// --watch, and a link to /dev/zero or a huge file is not read into memory.
+#[test]
+fn fifos_devices_and_huge_files_neither_hang_nor_flood() {
+    let node = Node::with(&["10-calico.conflist"]);
+    nix::unistd::mkfifo(
+        &node.conf.join("05-fifo.conflist"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", node.conf.join("00-zero.conf")).unwrap();
+    // Sparse: large to read, nothing on disk.
+    fs::File::create(node.conf.join("01-huge.conf"))
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let out = output_within(&mut capped("install", &node), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(chained_last(&node, "10-calico.conflist"));
+    for why in ["00-zero.conf", "01-huge.conf", "05-fifo.conflist"] {
+        assert!(
+            stderr(&out).contains(why),
+            "{why} not reported: {}",
+            stderr(&out)
+        );
+    }
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
+    std::thread::sleep(Duration::from_millis(300));
+    // The watcher's exit reads the dir again to uninstall: it must not block on the FIFO.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+    let out = output_within(&mut capped("uninstall", &node), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Issue 13, point 15: two watchers with different configs (a rolling update with surge)
+/// converge on the higher generation's entry, and stopping the other keeps it.
+#[test]
+fn two_watchers_converge_and_the_loser_stops_rewriting() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let old_config = node.root.path().join("old.json");
+    let new_config = node.root.path().join("new.json");
+    fs::write(&old_config, r#"{"podSelection": "annotated"}"#).unwrap();
+    fs::write(&new_config, r#"{"podSelection": "all"}"#).unwrap();
+    let mut old = node.spawn_watch_with(&[
+        "--generation",
+        "3",
+        "--uninstall-on-exit",
+        "--plugin-config",
+        old_config.to_str().unwrap(),
+    ]);
+    node.eventually("old entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "annotated")
+    });
+    let mut new = node.spawn_watch_with(&[
+        "--generation",
+        "4",
+        "--plugin-config",
+        new_config.to_str().unwrap(),
+    ]);
+    node.eventually("new entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+    });
+    // The primary agent rewrites its file: both react, the new entry ends up there, and then
+    // nobody writes any more.
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("new entry again", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+            && chained_last(&node, "10-calico.conflist")
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let settled = fs::metadata(node.conf.join("10-calico.conflist")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let later = fs::metadata(node.conf.join("10-calico.conflist")).unwrap();
+    assert_eq!(
+        (settled.ino(), settled.mtime_nsec()),
+        (later.ino(), later.mtime_nsec()),
+        "still rewriting:\n{}",
+        watch_log(&node)
+    );
+    // The old one stops (even with --uninstall-on-exit): the new one's entry and binary stay.
+    assert_eq!(old.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(
+        our_entry(&node, "10-calico.conflist").unwrap()["podSelection"],
+        "all"
+    );
+    assert!(node.binary().exists());
+    assert_eq!(new.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
+/// Issue 15, point 1: a config the plugin would refuse is never chained: one-shot install
+/// fails; a watcher keeps the last good entry, and says why with a hint.
+#[test]
+fn a_typod_config_is_refused_and_the_old_entry_stays() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut map = ConfigMap::new(
+        node.root.path().join("config"),
+        "plugin-config.json",
+        r#"{"podSelection": "all", "excludeNamespaces": ["kube-system"]}"#,
+    );
+    let config = map.path("plugin-config.json");
+    for bad in [
+        r#"{"inboundPort": 0}"#,
+        r#"{"backend": "nftabels"}"#,
+        r#"{"excludeNamespace": ["kube-system"]}"#,
+        "{",
+    ] {
+        let path = node.root.path().join("bad.json");
+        fs::write(&path, bad).unwrap();
+        let out = node.run("install", &["--plugin-config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert_eq!(
+            node.read("10-calico.conflist"),
+            fs::read(testdata("10-calico.conflist")).unwrap()
+        );
+        assert!(!node.binary().exists());
+    }
+    let out = node.run(
+        "install",
+        &[
+            "--plugin-config",
+            node.root.path().join("bad.json").to_str().unwrap(),
+        ],
+    );
+    assert!(stderr(&out).contains("plugin config"), "{}", stderr(&out));
+
+    let mut watcher = node.spawn_watch_with(&["--plugin-config", &config]);
+    node.eventually("good entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+    });
+    let good = node.read("10-calico.conflist");
+    // A ConfigMap update with a typo: refused, the entry stays as it was.
+    map.update(
+        "plugin-config.json",
+        r#"{"podSelection": "annotated", "excludeNamespace": ["kube-system"]}"#,
+    );
+    node.eventually("the refusal in the log", || {
+        watch_log(&node).contains("did you mean \\\"excludeNamespaces\\\"")
+            || watch_log(&node).contains("did you mean \"excludeNamespaces\"")
+    });
+    // The primary agent rewrites its file meanwhile: the last good entry goes back in.
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("last good entry back", || {
+        node.read("10-calico.conflist") == good
+    });
+    // Fixed: the new config is chained (an edited config is reloaded).
+    map.update(
+        "plugin-config.json",
+        r#"{"podSelection": "annotated", "excludeNamespaces": ["kube-system"]}"#,
+    );
+    node.eventually("fixed entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "annotated")
+    });
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert!(watcher.signal(Signal::SIGTERM).success());
+
+    // A new agent starting with a bad config leaves the node as the old one left it.
+    let before = node.snapshot();
+    map.update("plugin-config.json", r#"{"inboundPort": 0}"#);
+    let mut bad = node.spawn_watch_with(&["--plugin-config", &config]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node.snapshot(), before);
+    assert_eq!(bad.signal(Signal::SIGTERM).code(), Some(0));
+}
+
+/// Issue 15, point 5: a deleted, replaced or chmod'ed binary comes back.
+#[test]
+fn a_deleted_or_replaced_binary_comes_back() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    let ours = fs::read(BIN).unwrap();
+    let is_ours_binary = || {
+        fs::read(node.binary()).is_ok_and(|b| b == ours)
+            && fs::metadata(node.binary()).unwrap().permissions().mode() & 0o777 == 0o755
+    };
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist") && is_ours_binary()
+    });
+    fs::remove_file(node.binary()).unwrap();
+    node.eventually("binary back after delete", is_ours_binary);
+    fs::write(node.binary(), "#!/bin/sh\nexit 0\n").unwrap();
+    node.eventually("binary back after overwrite", is_ours_binary);
+    fs::set_permissions(node.binary(), fs::Permissions::from_mode(0o644)).unwrap();
+    node.eventually("binary back after chmod", is_ours_binary);
+    assert_no_temp_files(&node.bin);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// Issue 15, point 1: pods of a namespace the config excludes start even when another key of
+/// that config is invalid; other pods still get the error.
+#[test]
+fn excluded_namespaces_survive_an_invalid_config() {
+    let prev = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": [{"address": "10.1.0.5/24", "interface": 0}]});
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "intercept-cni", "backend": "nftabels",
+                      "excludeNamespaces": ["kube-system"], "prevResult": prev});
+    for (command, namespace, ok) in [
+        ("ADD", "kube-system", true),
+        ("CHECK", "kube-system", true),
+        ("ADD", "default", false),
+    ] {
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .envs([
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "3f2a9c"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/var/run/netns/intercept-cni-no-such-netns"),
+                ("CNI_PATH", "/opt/cni/bin"),
+                (
+                    "CNI_ARGS",
+                    &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=p"),
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{command} {namespace}: {stdout} {}",
+            stderr(&out)
+        );
+        match (command, ok) {
+            ("ADD", true) => {
+                let answer: Value = serde_json::from_str(&stdout).unwrap();
+                assert_eq!(answer["ips"], prev["ips"]);
+            }
+            ("CHECK", true) => assert_eq!(stdout, ""),
+            _ => assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["code"], 7),
+        }
+    }
+}
