@@ -656,6 +656,7 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
         .env("CNI_CONF_DIR", &node.conf)
         .env("CNI_BIN_DIR", &node.bin)
         .env("PLUGIN_CONFIG", testdata("plugin-config.json"))
+        .env("GENERATION", "5")
         .stdout(Stdio::null())
         .stderr(fs::File::create(node.watch_log()).unwrap())
         .spawn()
@@ -666,6 +667,8 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
     });
     let entry = node.plugins("10-flannel.conflist").pop().unwrap();
     assert_eq!(entry["podSelection"], "annotated");
+    let stamped = our_entry(&node, "10-flannel.conflist").unwrap();
+    assert_eq!(stamped["installer"]["generation"], 5);
     // Only an exec'd installer gets the SIGTERM and exits 0; entry and binary stay.
     assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
     assert!(node.binary().exists());
