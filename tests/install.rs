@@ -99,12 +99,13 @@ impl Node {
         self.bin.join("intercept-cni")
     }
 
-    /// Every file of both dirs, by path, with its bytes.
+    /// Every file of both dirs, by path, with its bytes; a running watcher's lock aside.
     fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         [&self.conf, &self.bin]
             .iter()
             .flat_map(|dir| fs::read_dir(dir).unwrap())
             .map(|e| e.unwrap().path())
+            .filter(|p| !p.to_string_lossy().ends_with(".lock"))
             .map(|p| {
                 let bytes = fs::read(&p).unwrap();
                 (p, bytes)
@@ -1017,6 +1018,55 @@ fn two_watchers_converge_and_the_loser_stops_rewriting() {
     assert!(node.binary().exists());
     assert_eq!(new.signal(Signal::SIGTERM).code(), Some(0));
     assert!(chained_last(&node, "10-calico.conflist"));
+}
+
+/// Issue 13, point 15: the entry of an installer that is gone (killed, or its DaemonSet deleted
+/// and re-created with generations starting over) never holds back a live one.
+#[test]
+fn a_gone_installers_entry_does_not_hold_back_a_live_one() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let configs: Vec<PathBuf> = ["annotated", "all", "annotated"]
+        .iter()
+        .enumerate()
+        .map(|(i, selection)| {
+            let path = node.root.path().join(format!("config-{i}.json"));
+            fs::write(&path, format!(r#"{{"podSelection": "{selection}"}}"#)).unwrap();
+            path
+        })
+        .collect();
+    let arg = |i: usize| configs[i].to_str().unwrap().to_owned();
+    let mut high = node.spawn_watch_with(&["--generation", "9", "--plugin-config", &arg(0)]);
+    node.eventually("generation 9", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 9)
+    });
+    // SIGKILL: no chance to clean up; the kernel drops its lock.
+    high.0.as_mut().unwrap().kill().unwrap();
+    high.0.take().unwrap().wait().unwrap();
+    let mut low = node.spawn_watch_with(&["--generation", "1", "--plugin-config", &arg(1)]);
+    node.eventually("generation 1 takes over", || {
+        our_entry(&node, "10-calico.conflist")
+            .is_some_and(|e| e["installer"]["generation"] == 1 && e["podSelection"] == "all")
+    });
+    // A live higher generation does win, and after its SIGTERM the live lower one takes over.
+    let mut higher = node.spawn_watch_with(&["--generation", "2", "--plugin-config", &arg(2)]);
+    node.eventually("generation 2", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 2)
+    });
+    assert_eq!(higher.signal(Signal::SIGTERM).code(), Some(0));
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("generation 1 again", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 1)
+    });
+    assert_eq!(low.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(
+        !node.names().iter().any(|n| n.ends_with(".lock")),
+        "{:?}",
+        node.names()
+    );
 }
 
 /// Issue 15, point 1: a config the plugin would refuse is never chained: one-shot install

@@ -351,32 +351,34 @@ pub enum Plan {
 /// `STEM.conflist` (same network name and cniVersion, its text kept as the first plugin) so that
 /// it stays first in the runtime's order and can hold a chain. `restamp`: an entry with the same
 /// config but a lower stamp is rewritten with ours (a watcher claims it; a one-shot install
-/// leaves it be).
+/// leaves it be). `live`: whether the installer of a stamp still runs; the entry of one that is
+/// gone never holds back a live one (a DaemonSet re-created starts its generations over).
 pub fn plan_install(
     network: &Network,
     files: &[ConfFile],
     entry: &Entry,
     restamp: bool,
+    live: &dyn Fn(Stamp) -> bool,
 ) -> Result<Plan> {
     if network.symlink {
         return Err(symlink_refused(&network.file_name));
     }
     match network.kind {
-        FileKind::List => plan_list(&network.file_name, &network.text, entry, restamp),
+        FileKind::List => plan_list(&network.file_name, &network.text, entry, restamp, live),
         FileKind::Single => {
             if has_our_type(&network.doc) {
                 return Err(no_primary(&network.file_name));
             }
             let target = conflist_name(&network.file_name);
             let existing = check_conversion_target(&network.file_name, &target, files)?;
-            if let Some(by) = existing.and_then(|f| higher_stamp(&f.bytes, entry.stamp)) {
+            if let Some(by) = existing.and_then(|f| higher_stamp(&f.bytes, entry.stamp, live)) {
                 return Ok(Plan::Superseded {
                     file_name: target,
                     by,
                 });
             }
             let text = converted_text(network)?;
-            let Plan::Write(plan) = plan_list(&target, &text, entry, true)? else {
+            let Plan::Write(plan) = plan_list(&target, &text, entry, true, live)? else {
                 return Err(Error::new(Code::Internal, "conversion planned no write"));
             };
             Ok(Plan::Write(InstallPlan {
@@ -387,14 +389,15 @@ pub fn plan_install(
     }
 }
 
-fn plan_list(file_name: &str, text: &str, entry: &Entry, restamp: bool) -> Result<Plan> {
+fn plan_list(
+    file_name: &str,
+    text: &str,
+    entry: &Entry,
+    restamp: bool,
+    live: &dyn Fn(Stamp) -> bool,
+) -> Result<Plan> {
     let plugins = Plugins::of(text)?;
-    if let Some(by) = plugins
-        .ours()
-        .map(Stamp::of)
-        .filter(|s| *s > entry.stamp)
-        .max()
-    {
+    if let Some(by) = higher_stamp(text.as_bytes(), entry.stamp, live) {
         return Ok(Plan::Superseded {
             file_name: file_name.into(),
             by,
@@ -428,12 +431,15 @@ fn config_of(plugin: &Value) -> Map<String, Value> {
     config
 }
 
-/// The highest stamp of our entries in a conflist's bytes, if above `ours`.
-fn higher_stamp(bytes: &[u8], ours: Stamp) -> Option<Stamp> {
+/// The highest stamp above `ours` of a live installer's entry in a conflist's bytes.
+fn higher_stamp(bytes: &[u8], ours: Stamp, live: &dyn Fn(Stamp) -> bool) -> Option<Stamp> {
     let text = std::str::from_utf8(bytes).ok()?;
     let plugins = Plugins::of(text).ok()?;
-    let highest = plugins.ours().map(Stamp::of).max()?;
-    (highest > ours).then_some(highest)
+    plugins
+        .ours()
+        .map(Stamp::of)
+        .filter(|s| *s > ours && live(*s))
+        .max()
 }
 
 /// A conflist holding the single plugin's text as it was, untouched.
@@ -581,7 +587,7 @@ mod tests {
     /// The plan of a pass that must write.
     fn write_plan(files: &[ConfFile], entry: &Entry) -> InstallPlan {
         let network = active_network(files).0.unwrap();
-        match plan_install(&network, files, entry, true).unwrap() {
+        match plan_install(&network, files, entry, true, &|_| true).unwrap() {
             Plan::Write(plan) => plan,
             other => panic!("expected a write, got {other:?}"),
         }
@@ -769,7 +775,7 @@ mod tests {
         let again = vec![written(&first)];
         let network = active_network(&again).0.unwrap();
         assert_eq!(
-            plan_install(&network, &again, &default_entry(), true).unwrap(),
+            plan_install(&network, &again, &default_entry(), true, &|_| true).unwrap(),
             Plan::Unchanged {
                 file_name: "10-kind.conflist".into()
             }
@@ -792,12 +798,17 @@ mod tests {
         let network = active_network(&installed).0.unwrap();
         // The older installer leaves it, whatever its config.
         assert_eq!(
-            plan_install(&network, &installed, &default_entry(), true).unwrap(),
+            plan_install(&network, &installed, &default_entry(), true, &|_| true).unwrap(),
             Plan::Superseded {
                 file_name: "10-kind.conflist".into(),
                 by: newer
             }
         );
+        // ...unless that installer is gone.
+        assert!(matches!(
+            plan_install(&network, &installed, &default_entry(), true, &|_| false).unwrap(),
+            Plan::Write(_)
+        ));
         // A newer one takes it over; with the same config a one-shot install leaves it be.
         let newest = Stamp {
             generation: 2,
@@ -808,13 +819,21 @@ mod tests {
                 &network,
                 &installed,
                 &entry_with(other.clone(), newest),
-                true
+                true,
+                &|_| true
             )
             .unwrap(),
             Plan::Write(_)
         ));
         assert!(matches!(
-            plan_install(&network, &installed, &entry_with(other, newest), false).unwrap(),
+            plan_install(
+                &network,
+                &installed,
+                &entry_with(other, newest),
+                false,
+                &|_| true
+            )
+            .unwrap(),
             Plan::Unchanged { .. }
         ));
         // Removal on exit takes only an entry of one's own stamp.
@@ -830,7 +849,7 @@ mod tests {
         link.symlink = true;
         let files = vec![link.clone()];
         let network = active_network(&files).0.unwrap();
-        let err = plan_install(&network, &files, &default_entry(), true).unwrap_err();
+        let err = plan_install(&network, &files, &default_entry(), true, &|_| true).unwrap_err();
         assert!(err.msg.contains("symbolic link"), "{err}");
         let mut installed = written(&write_plan(
             &[file("10-kind.conflist", bridge_list())],
@@ -879,7 +898,7 @@ mod tests {
             raw("10-bridge.conflist", "{ broken"),
         ];
         let network = active_network(&foreign).0.unwrap();
-        let err = plan_install(&network, &foreign, &entry, true).unwrap_err();
+        let err = plan_install(&network, &foreign, &entry, true, &|_| true).unwrap_err();
         assert!(
             err.msg.contains("was not written by the installer"),
             "{err}"
@@ -893,7 +912,7 @@ mod tests {
             file("10-a.conf-b.conflist", bridge_list()),
         ];
         let network = active_network(&files).0.unwrap();
-        let err = plan_install(&network, &files, &default_entry(), true).unwrap_err();
+        let err = plan_install(&network, &files, &default_entry(), true, &|_| true).unwrap_err();
         assert!(
             err.msg.contains("10-a.conf-b.conflist would sort before"),
             "{err}"
@@ -908,13 +927,13 @@ mod tests {
             json!({"name": "x", "plugins": [{"type": "intercept-cni"}]}),
         )];
         let network = active_network(&lone).0.unwrap();
-        assert!(plan_install(&network, &lone, &entry, true).is_err());
+        assert!(plan_install(&network, &lone, &entry, true, &|_| true).is_err());
         let single = vec![file(
             "00-x.conf",
             json!({"name": "x", "type": "intercept-cni"}),
         )];
         let network = active_network(&single).0.unwrap();
-        assert!(plan_install(&network, &single, &entry, true).is_err());
+        assert!(plan_install(&network, &single, &entry, true, &|_| true).is_err());
     }
 
     #[test]

@@ -341,8 +341,9 @@ fn is_temp_name(file_name: &str) -> bool {
     })
 }
 
-/// Removes temp files left by killed runs of any installer: our name pattern, a regular file
-/// owned by our user, not locked by a live writer. Returns how many it removed.
+/// Removes temp files left by killed runs of any installer, and the locks of watchers that are
+/// gone: our name patterns, a regular file owned by our user, not locked by a live process.
+/// Returns how many it removed.
 pub fn sweep_temps(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -354,7 +355,8 @@ pub fn sweep_temps(dir: &Path) -> usize {
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if !is_temp_name(&name) {
+        let lock_file = name.starts_with(LOCK_PREFIX) && name.ends_with(".lock");
+        if !is_temp_name(&name) && !lock_file {
             continue;
         }
         let Ok(meta) = fs::symlink_metadata(&path) else {
@@ -374,11 +376,58 @@ pub fn sweep_temps(dir: &Path) -> usize {
             .metadata()
             .is_ok_and(|m| m.ino() == meta.ino() && m.is_file());
         if same && lock(&file, true).is_ok() && fs::remove_file(&path).is_ok() {
-            log::info!("removed {}, left by an interrupted write", path.display());
+            log::info!("removed {}, left by a run that is gone", path.display());
             removed += 1;
         }
     }
     removed
+}
+
+/// The lock a running watcher holds for its stamp, so that others can tell a live installer's
+/// entry from one left by an installer that is gone (`LOCK_PREFIX.GENERATION.STARTED.lock`).
+pub fn lock_path(dir: &Path, generation: u64, started: u64) -> PathBuf {
+    dir.join(format!("{LOCK_PREFIX}.{generation}.{started}.lock"))
+}
+
+const LOCK_PREFIX: &str = ".intercept-cni-installer";
+
+/// Creates and locks `path` for as long as the returned file is open.
+pub fn hold_lock(path: &Path) -> Result<File> {
+    let failed = |e: std::io::Error| Error::io(format!("cannot lock {}", path.display()), e);
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(failed)?;
+        lock(&file, false).map_err(failed)?;
+        // A sweep may have removed the name between create and lock: lock a file that has it.
+        let ino = file.metadata().map_err(failed)?.ino();
+        if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+            return Ok(file);
+        }
+    }
+}
+
+/// Whether a live process holds the lock at `path` (a regular file of ours).
+pub fn is_locked(path: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.file_type().is_file() {
+        return false;
+    }
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .is_ok_and(|f| {
+            // SAFETY: flock on an fd we own.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+        })
 }
 
 /// Whether `dir/name` is a regular executable file with exactly the bytes of `source`.
@@ -551,9 +600,16 @@ mod tests {
             dir.path().join(".l.conf.2.intercept-cni-tmp"),
         )
         .unwrap();
-        // A live writer's temp file is locked and stays.
+        // A live writer's temp file is locked and stays; so is a live watcher's lock.
         let live = Temp::create(dir.path(), "b.conflist", b"y", 0o644).unwrap();
-        assert_eq!(sweep_temps(dir.path()), 1);
+        let held = hold_lock(&lock_path(dir.path(), 1, 2)).unwrap();
+        fs::write(lock_path(dir.path(), 3, 4), "").unwrap();
+        assert!(is_locked(&lock_path(dir.path(), 1, 2)));
+        assert!(!is_locked(&lock_path(dir.path(), 3, 4)));
+        assert_eq!(sweep_temps(dir.path()), 2);
+        assert!(lock_path(dir.path(), 1, 2).exists());
+        fs::remove_file(lock_path(dir.path(), 1, 2)).unwrap();
+        drop(held);
         assert!(live.path.exists());
         assert_eq!(
             names(dir.path()),

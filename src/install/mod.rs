@@ -86,7 +86,15 @@ impl Installer {
         let Some(network) = active_network_logged(&files) else {
             return Ok(Some(Pass::Waiting));
         };
-        let plan = match conflist::plan_install(&network, &files, &self.entry, self.restamp)? {
+        let live = |stamp: Stamp| {
+            fsops::is_locked(&fsops::lock_path(
+                &self.conf_dir,
+                stamp.generation,
+                stamp.started,
+            ))
+        };
+        let plan = match conflist::plan_install(&network, &files, &self.entry, self.restamp, &live)?
+        {
             Plan::Superseded { file_name, by } => {
                 // Its binary is the winner's to keep; only a missing one is put back.
                 if fsops::mode_of(&self.bin_dir.join(PLUGIN_TYPE))?.is_none() {

@@ -151,6 +151,24 @@ pub fn run(options: &Options) -> Result<()> {
         watches.push((add_watch(&inotify, dir, config_events())?, Role::Config));
     }
 
+    // Held while we run: others tell our entry from one of an installer that is gone.
+    let lock = fsops::lock_path(
+        &options.conf_dir,
+        options.stamp.generation,
+        options.stamp.started,
+    );
+    let _held = fsops::hold_lock(&lock)?;
+    let outcome = watch(options, &signals, &inotify, &watches);
+    let _ = std::fs::remove_file(&lock);
+    outcome
+}
+
+fn watch(
+    options: &Options,
+    signals: &SignalFd,
+    inotify: &Inotify,
+    watches: &[(WatchDescriptor, Role)],
+) -> Result<()> {
     let mut installer = None;
     let mut config_refused = reload(options, &mut installer);
     let mut backoff = None;
@@ -162,7 +180,7 @@ pub fn run(options: &Options) -> Result<()> {
         let state = report(&outcome, config_refused);
         backoff = (state == State::Failing)
             .then(|| backoff.map_or(FIRST_BACKOFF, |b: Duration| (b * 2).min(MAX_BACKOFF)));
-        match wait(&signals, &inotify, &watches, backoff)? {
+        match wait(signals, inotify, watches, backoff)? {
             Wake::Stop(signal) => return stop(options, signal),
             Wake::Changed { config: true } => config_refused = reload(options, &mut installer),
             Wake::Changed { config: false } | Wake::Retry => {}
