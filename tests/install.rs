@@ -1226,3 +1226,46 @@ fn excluded_namespaces_survive_an_invalid_config() {
         }
     }
 }
+
+/// A primary agent that rewrites its file every 50 ms for seconds on end does not starve the
+/// watcher (it acts at most a second after the first change), and nothing is left behind.
+#[test]
+fn a_writer_that_never_pauses_does_not_starve_the_watcher() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let conf = node.conf.clone();
+    let writer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut marker = 0;
+        while Instant::now() < deadline {
+            marker += 1;
+            let temp = conf.join("calico.agent-tmp");
+            fs::write(&temp, calico_with_marker(marker)).unwrap();
+            fs::rename(&temp, conf.join("10-calico.conflist")).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        marker
+    });
+    let mut seen_chained = 0;
+    while !writer.is_finished() {
+        // Chained into one of the storm's writes (the fixture's own mtu is 0).
+        let into_storm = serde_json::from_slice::<Value>(&node.read("10-calico.conflist"))
+            .is_ok_and(|doc| doc["plugins"][0]["mtu"].as_u64() > Some(0));
+        seen_chained += usize::from(into_storm && chained_last(&node, "10-calico.conflist"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let marker = writer.join().unwrap();
+    assert!(
+        seen_chained > 0,
+        "never chained while the agent kept writing"
+    );
+    node.eventually("the last write, chained", || {
+        chained_last(&node, "10-calico.conflist")
+            && node.json("10-calico.conflist")["plugins"][0]["mtu"] == marker
+    });
+    assert_no_temp_files(&node.conf);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}

@@ -80,39 +80,37 @@ impl Installer {
         ))
     }
 
-    /// `None`: another writer changed the file first.
+    /// `None`: another writer changed a file first.
     fn try_install(&self) -> Result<Option<Pass>> {
-        let files = fsops::read_conf_dir(&self.conf_dir)?;
-        let Some(network) = active_network_logged(&files) else {
-            return Ok(Some(Pass::Waiting));
-        };
-        let live = |stamp: Stamp| {
-            fsops::is_locked(&fsops::lock_path(
-                &self.conf_dir,
-                stamp.generation,
-                stamp.started,
-            ))
-        };
-        let plan = match conflist::plan_install(&network, &files, &self.entry, self.restamp, &live)?
-        {
-            Plan::Superseded { file_name, by } => {
+        let plan = match self.plan()? {
+            (_, None) => return Ok(Some(Pass::Waiting)),
+            (_, Some(Plan::Superseded { file_name, by })) => {
                 // Its binary is the winner's to keep; only a missing one is put back.
                 if fsops::mode_of(&self.bin_dir.join(PLUGIN_TYPE))?.is_none() {
                     self.install_binary()?;
                 }
                 return Ok(Some(Pass::Superseded { file_name, by }));
             }
-            Plan::Unchanged { file_name } => {
+            (_, Some(Plan::Unchanged { file_name })) => {
                 return Ok(Some(Pass::Installed {
                     file_name,
                     wrote: false,
                     binary_copied: self.install_binary()?,
                 }))
             }
-            Plan::Write(plan) => plan,
+            (_, Some(Plan::Write(plan))) => plan,
         };
         // The binary before the config: a network naming our plugin must never exist without it.
         let binary_copied = self.install_binary()?;
+        // Planned again from a fresh read, so that the copy is not part of the window in which
+        // another agent's write makes us start over.
+        let (files, Some(Plan::Write(again))) = self.plan()? else {
+            return Ok(None);
+        };
+        if again.file_name != plan.file_name {
+            return Ok(None);
+        }
+        let plan = again;
         let existing = files.iter().find(|f| f.name == plan.file_name);
         let mode_source = plan.replaces.as_deref().unwrap_or(&plan.file_name);
         let mode =
@@ -141,6 +139,23 @@ impl Installer {
             wrote: true,
             binary_copied,
         }))
+    }
+
+    /// The conf dir as read now, and what to do with it (`None`: no network yet).
+    fn plan(&self) -> Result<(Vec<ConfFile>, Option<Plan>)> {
+        let files = fsops::read_conf_dir(&self.conf_dir)?;
+        let Some(network) = active_network_logged(&files) else {
+            return Ok((files, None));
+        };
+        let live = |stamp: Stamp| {
+            fsops::is_locked(&fsops::lock_path(
+                &self.conf_dir,
+                stamp.generation,
+                stamp.started,
+            ))
+        };
+        let plan = conflist::plan_install(&network, &files, &self.entry, self.restamp, &live)?;
+        Ok((files, Some(plan)))
     }
 
     fn install_binary(&self) -> Result<bool> {

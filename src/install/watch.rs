@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 /// Quiet time after the last event before acting: an agent often removes, writes and renames in
 /// quick succession, and one pass over the settled dir is enough.
 const SETTLE: Duration = Duration::from_millis(100);
+const MAX_SETTLE: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -300,10 +301,17 @@ fn wait(
 ) -> Result<Wake> {
     let retry_at = backoff.map(|b| Instant::now() + b);
     let mut changed: Option<bool> = None;
+    let mut act_by = None;
     loop {
-        // Without a change: until the first event or the retry; after one, while events come.
+        // Without a change: until the first event or the retry; after one, while events come,
+        // but not longer than MAX_SETTLE (a writer that never pauses must not starve us).
         let timeout = match (changed, retry_at) {
-            (Some(_), _) => Some(SETTLE),
+            (Some(_), _) => {
+                let left = act_by.map_or(SETTLE, |at: Instant| {
+                    at.saturating_duration_since(Instant::now())
+                });
+                Some(left.min(SETTLE))
+            }
             (None, Some(at)) => Some(at.saturating_duration_since(Instant::now())),
             (None, None) => None,
         };
@@ -330,6 +338,12 @@ fn wait(
         }
         if let Some(config) = drain_events(inotify, watches)? {
             changed = Some(changed.unwrap_or(false) | config);
+            act_by.get_or_insert_with(|| Instant::now() + MAX_SETTLE);
+        }
+        if changed.is_some() && act_by.is_some_and(|at| Instant::now() >= at) {
+            return Ok(Wake::Changed {
+                config: changed.unwrap_or(false),
+            });
         }
     }
 }
