@@ -10,6 +10,9 @@ CNI_BIN_DIR="${CNI_BIN_DIR:-/host/opt/cni/bin}"
 PLUGIN_CONFIG="${PLUGIN_CONFIG:-}"
 GENERATION="${GENERATION:-}"
 UNINSTALL_ON_EXIT="${UNINSTALL_ON_EXIT:-false}"
+# The agent's HTTP endpoints (/healthz, /readyz, /metrics) and the host root its host check reads.
+LISTEN_ADDR="${LISTEN_ADDR:-}"
+HOST_ROOT="${HOST_ROOT:-}"
 
 set -- install --watch --cni-conf-dir "$CNI_CONF_DIR" --cni-bin-dir "$CNI_BIN_DIR"
 if [ -n "$PLUGIN_CONFIG" ]; then
@@ -20,5 +23,11 @@ if [ -n "$GENERATION" ]; then
 fi
 if [ "$UNINSTALL_ON_EXIT" = true ]; then
     set -- "$@" --uninstall-on-exit
+fi
+if [ -n "$LISTEN_ADDR" ]; then
+    set -- "$@" --listen "$LISTEN_ADDR"
+fi
+if [ -n "$HOST_ROOT" ]; then
+    set -- "$@" --host-root "$HOST_ROOT"
 fi
 exec /usr/local/bin/intercept-cni "$@"

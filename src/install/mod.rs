@@ -17,6 +17,7 @@ pub mod fsops;
 pub mod splice;
 pub mod watch;
 
+use crate::agent;
 use crate::cni::error::{Code, Error, Result};
 use conflist::{ConfFile, Entry, Network, Plan, Stamp, PLUGIN_TYPE};
 use fsops::Commit;
@@ -24,10 +25,7 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// The running executable: still readable through this link if its file was replaced.
-const SELF_EXE: &str = "/proc/self/exe";
-
-const USAGE: &str = "usage: intercept-cni install --cni-conf-dir DIR --cni-bin-dir DIR [--plugin-config FILE] [--watch] [--generation N] [--uninstall-on-exit]
-       intercept-cni uninstall --cni-conf-dir DIR --cni-bin-dir DIR";
+pub const SELF_EXE: &str = "/proc/self/exe";
 
 /// Exit status for a bad command line, as distinct from a failed install.
 const EXIT_USAGE: i32 = 2;
@@ -125,6 +123,7 @@ impl Installer {
         if written == Commit::Conflict {
             return Ok(None);
         }
+        agent::metrics::conflist_written();
         if let Some(replaced) = files
             .iter()
             .find(|f| Some(&f.name) == plan.replaces.as_ref())
@@ -161,6 +160,7 @@ impl Installer {
     fn install_binary(&self) -> Result<bool> {
         let copied = fsops::install_binary(&self.binary, &self.bin_dir, PLUGIN_TYPE)?;
         if copied {
+            agent::metrics::binary_written();
             log::info!("copied {PLUGIN_TYPE} to {}", self.bin_dir.display());
         }
         Ok(copied)
@@ -333,10 +333,23 @@ fn parse_args(words: &[String], install_flags: bool) -> std::result::Result<Args
 /// `intercept-cni install ...`; `words` are the arguments after the subcommand.
 pub fn install_main(words: &[String]) -> i32 {
     init_logging();
-    let args = match parse_args(words, true) {
-        Ok(args) => args,
-        Err(why) => return usage_error(&why),
+    let (agent_options, words) = match agent::Options::extract(words) {
+        Ok(extracted) => extracted,
+        Err(why) => return usage_error("install", &why),
     };
+    let args = match parse_args(&words, true) {
+        Ok(args) => args,
+        Err(why) => return usage_error("install", &why),
+    };
+    if args.uninstall_on_exit && !args.watch {
+        return usage_error("install", "--uninstall-on-exit needs --watch");
+    }
+    if agent_options.given && !args.watch {
+        return usage_error(
+            "install",
+            "--listen, --events-socket and --host-root need --watch",
+        );
+    }
     let result = check_dirs(&args).and_then(|()| {
         sweep(&args);
         let stamp = Stamp {
@@ -344,13 +357,18 @@ pub fn install_main(words: &[String]) -> i32 {
             started: now_micros(),
         };
         if args.watch {
-            return watch::run(&watch::Options {
+            let options = watch::Options {
                 conf_dir: args.conf_dir.clone(),
                 bin_dir: args.bin_dir.clone(),
                 plugin_config: args.plugin_config.clone(),
                 stamp,
                 uninstall_on_exit: args.uninstall_on_exit,
-            });
+            };
+            let signals = watch::block_stop_signals()?;
+            agent::start(&agent_options, &options)?;
+            let stopped = watch::run(&options, signals);
+            agent::events::unbind();
+            return stopped;
         }
         let installer = Installer {
             conf_dir: args.conf_dir.clone(),
@@ -389,7 +407,7 @@ pub fn uninstall_main(words: &[String]) -> i32 {
             sweep(&args);
             uninstall(&args.conf_dir, &args.bin_dir, None)
         })),
-        Err(why) => usage_error(&why),
+        Err(why) => usage_error("uninstall", &why),
     }
 }
 
@@ -428,8 +446,9 @@ pub fn load_plugin_config(path: Option<&Path>) -> Result<Map<String, Value>> {
     conflist::plugin_entry(operator_json.as_deref())
 }
 
-fn usage_error(why: &str) -> i32 {
-    log::error!("{why}\n{USAGE}");
+/// One line on stderr, pointing at the help.
+fn usage_error(subcommand: &str, why: &str) -> i32 {
+    eprintln!("intercept-cni {subcommand}: {why} (see `intercept-cni {subcommand} --help`)");
     EXIT_USAGE
 }
 

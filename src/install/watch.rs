@@ -16,6 +16,7 @@
 
 use super::conflist::{self, Entry, Stamp, PLUGIN_TYPE};
 use super::{fsops, load_plugin_config, uninstall, Installer, Pass, SELF_EXE};
+use crate::agent::metrics;
 use crate::cni::error::{Error, Result};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -94,6 +95,11 @@ fn report(outcome: &Result<Pass>, config_refused: bool) -> State {
         Ok(Pass::Installed { .. }) if config_refused => State::ConfigRefused,
         Ok(Pass::Installed { .. }) => State::Installed,
     };
+    metrics::pass(match state {
+        State::Installed | State::Superseded => metrics::Pass::Chained,
+        State::Waiting | State::Starting => metrics::Pass::Waiting,
+        State::ConfigRefused | State::Failing => metrics::Pass::Failed,
+    });
     let previous = State::from_u8(STATE.swap(state as u8, Ordering::Relaxed));
     if previous != state {
         match outcome {
@@ -128,9 +134,10 @@ enum Wake {
     Retry,
 }
 
-pub fn run(options: &Options) -> Result<()> {
-    // Both are set up before the first pass so that no change or signal after it is missed.
-    let signals = block_stop_signals()?;
+/// `signals`: from `block_stop_signals`, called before any other thread is started (a thread
+/// with the signals unblocked would take SIGTERM's default action: death without a word).
+pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
+    // Set up before the first pass so that no change after it is missed.
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .map_err(|e| Error::io("cannot start inotify", e))?;
     let mut watches = vec![
@@ -281,7 +288,9 @@ fn config_events() -> AddWatchFlags {
     conf_events() | AddWatchFlags::IN_CREATE
 }
 
-fn block_stop_signals() -> Result<SignalFd> {
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts after) and returns the
+/// signalfd that receives them.
+pub fn block_stop_signals() -> Result<SignalFd> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
