@@ -148,22 +148,38 @@ struct Temp {
     file: File,
 }
 
+/// A name of ours beside `name` that nobody holds: `.NAME.PID-N.intercept-cni-tmp`. The PID
+/// alone is not unique: installers in two pods are both PID 1 in their own PID namespaces.
+fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 | 1);
+        let _ = NEXT.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 1_000_000_000_000;
+    dir.join(format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id()))
+}
+
 impl Temp {
     fn create(dir: &Path, name: &str, content: &[u8], mode: u32) -> std::io::Result<Temp> {
         // Dot-prefixed and without a config extension: no runtime ever reads it as a network.
-        let path = dir.join(format!(".{name}.{}{TEMP_SUFFIX}", std::process::id()));
-        if let Err(e) = fs::remove_file(&path) {
-            // A temp file left by a killed run with our pid: ours to replace.
-            if e.kind() != ErrorKind::NotFound {
-                return Err(e);
+        let (path, mut file) = loop {
+            let path = temp_name(dir, name);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+            {
+                Ok(file) => break (path, file),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)?;
+        };
         let temp = Temp {
             path,
             file: file.try_clone()?,
@@ -290,11 +306,7 @@ pub fn remove_unchanged(dir: &Path, expected: &ConfFile) -> Result<bool> {
     if !holds(&target, expected) {
         return Ok(false);
     }
-    let aside = dir.join(format!(
-        ".{}.{}{TEMP_SUFFIX}",
-        expected.name,
-        std::process::id()
-    ));
+    let aside = temp_name(dir, &expected.name);
     match fs::rename(&target, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
@@ -328,7 +340,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot sync {}", dir.display()), e))
 }
 
-/// Whether `file_name` is one of our temp names: `.NAME.PID.intercept-cni-tmp`.
+/// Whether `file_name` is one of our temp names: `.NAME.PID.intercept-cni-tmp` or
+/// `.NAME.PID-N.intercept-cni-tmp`.
 fn is_temp_name(file_name: &str) -> bool {
     let Some(rest) = file_name
         .strip_prefix('.')
@@ -336,8 +349,13 @@ fn is_temp_name(file_name: &str) -> bool {
     else {
         return false;
     };
-    rest.rsplit_once('.').is_some_and(|(name, pid)| {
-        !name.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    rest.rsplit_once('.').is_some_and(|(name, id)| {
+        !name.is_empty()
+            && match id.split_once('-') {
+                Some((pid, n)) => digits(pid) && digits(n),
+                None => digits(id),
+            }
     })
 }
 
@@ -583,6 +601,9 @@ mod tests {
     fn temp_names_and_sweep() {
         assert!(is_temp_name(".10-x.conflist.123.intercept-cni-tmp"));
         assert!(is_temp_name(".intercept-cni.9.intercept-cni-tmp"));
+        assert!(is_temp_name(".intercept-cni.1-123456.intercept-cni-tmp"));
+        assert!(!is_temp_name(".intercept-cni.1-.intercept-cni-tmp"));
+        assert!(!is_temp_name(".intercept-cni.-1.intercept-cni-tmp"));
         for bad in [
             "10-x.conflist.123.intercept-cni-tmp",
             ".10-x.conflist.12a.intercept-cni-tmp",
@@ -614,7 +635,7 @@ mod tests {
         assert_eq!(
             names(dir.path()),
             [
-                ".b.conflist.".to_owned() + &std::process::id().to_string() + TEMP_SUFFIX,
+                live.path.file_name().unwrap().to_str().unwrap().to_owned(),
                 ".d.conflist.1.intercept-cni-tmp".into(),
                 ".l.conf.2.intercept-cni-tmp".into()
             ]
