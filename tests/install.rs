@@ -823,6 +823,30 @@ fn a_symlinked_network_is_refused_and_the_link_kept() {
         .is_symlink());
 }
 
+/// Issue 15, point 6: uninstall never leaves a network naming a missing binary: a file it
+/// may not clean (a symlink) keeps the binary in place.
+#[test]
+fn uninstall_keeps_the_binary_while_a_network_still_names_it() {
+    let node = Node::with(&["10-calico.conflist"]);
+    node.install(&[]);
+    // The chained file becomes a link's target, as a ConfigMap-mounted conf dir would have it.
+    fs::rename(
+        node.conf.join("10-calico.conflist"),
+        node.root.path().join("chained.conflist"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        node.root.path().join("chained.conflist"),
+        node.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let out = node.run("uninstall", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("still names"), "{}", stderr(&out));
+    assert!(node.binary().exists());
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
 /// Issue 13, point 6: the primary's raw text survives install byte for byte outside our entry,
 /// and uninstall (one-shot and on exit) gives back its exact bytes.
 #[test]
