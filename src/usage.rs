@@ -68,7 +68,9 @@ pub const UNINSTALL: &str = "\
 usage: intercept-cni uninstall --cni-conf-dir DIR --cni-bin-dir DIR
 
 Removes every `intercept-cni` entry from the network configs of the conf dir, then the plugin
-binary from the bin dir (in that order: a network naming a missing plugin fails every pod).
+binary from the bin dir (in that order, and the binary only if no network still names it: a
+network naming a missing plugin fails every pod). Every other byte of the configs is restored as
+it was, a `.conf` that install turned into a conflist included.
 
 Flags:
   --cni-conf-dir DIR     the runtime's network config dir (required)

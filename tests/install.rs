@@ -393,12 +393,12 @@ fn uninstall_removes_only_our_entry_and_our_binary() {
 
     assert!(!node.binary().exists());
     assert_eq!(names(&node.bin), ["bridge"]);
-    // The converted network stays a conflist, with its primary plugin alone.
+    // The converted network is the primary's .conf again, byte for byte.
     assert_eq!(
-        node.json("10-bridge.conflist"),
-        json!({"cniVersion": "1.0.0", "name": "bridge-net", "plugins": [fixture_json("10-bridge.conf")]})
+        node.names(),
+        ["10-bridge.conf", "10-calico.conflist", "99-loopback.conf"]
     );
-    for name in ["10-calico.conflist", "99-loopback.conf"] {
+    for name in ["10-bridge.conf", "10-calico.conflist", "99-loopback.conf"] {
         assert_eq!(node.read(name), fs::read(testdata(name)).unwrap(), "{name}");
     }
     // Uninstalling again finds nothing to do.
@@ -420,7 +420,11 @@ fn uninstall_also_cleans_a_network_that_is_no_longer_first() {
         node.json("10-calico.conflist"),
         fixture_json("10-calico.conflist")
     );
-    assert!(!node.plugins("05-bridge.conflist").iter().any(is_ours));
+    assert_eq!(
+        node.read("05-bridge.conf"),
+        fs::read(testdata("10-bridge.conf")).unwrap()
+    );
+    assert_eq!(node.names(), ["05-bridge.conf", "10-calico.conflist"]);
 }
 
 #[test]
@@ -534,13 +538,14 @@ fn watch_follows_a_new_file_that_becomes_first() {
     assert!(chained_last(&node, "01-bridge.conflist"));
 
     assert!(watcher.signal(Signal::SIGTERM).success());
-    for name in [
-        "01-bridge.conflist",
-        "05-flannel.conflist",
-        "10-calico.conflist",
-    ] {
+    for name in ["05-flannel.conflist", "10-calico.conflist"] {
         assert!(!node.plugins(name).iter().any(is_ours), "{name} cleaned");
     }
+    assert_eq!(
+        node.read("01-bridge.conf"),
+        fs::read(testdata("10-bridge.conf")).unwrap()
+    );
+    assert!(!node.conf.join("01-bridge.conflist").exists());
 }
 
 #[test]

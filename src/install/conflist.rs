@@ -364,7 +364,14 @@ pub fn plan_install(
         return Err(symlink_refused(&network.file_name));
     }
     match network.kind {
-        FileKind::List => plan_list(&network.file_name, &network.text, entry, restamp, live),
+        FileKind::List => plan_list(
+            &network.file_name,
+            &network.text,
+            entry,
+            restamp,
+            live,
+            None,
+        ),
         FileKind::Single => {
             if has_our_type(&network.doc) {
                 return Err(no_primary(&network.file_name));
@@ -377,8 +384,9 @@ pub fn plan_install(
                     by,
                 });
             }
-            let text = converted_text(network)?;
-            let Plan::Write(plan) = plan_list(&target, &text, entry, true, live)? else {
+            let (text, conversion) = converted_text(network);
+            let Plan::Write(plan) = plan_list(&target, &text, entry, true, live, Some(conversion))?
+            else {
                 return Err(Error::new(Code::Internal, "conversion planned no write"));
             };
             Ok(Plan::Write(InstallPlan {
@@ -395,6 +403,7 @@ fn plan_list(
     entry: &Entry,
     restamp: bool,
     live: &dyn Fn(Stamp) -> bool,
+    conversion: Option<Value>,
 ) -> Result<Plan> {
     let plugins = Plugins::of(text)?;
     if let Some(by) = higher_stamp(text.as_bytes(), entry.stamp, live) {
@@ -403,7 +412,12 @@ fn plan_list(
             by,
         });
     }
-    let wanted = entry.value();
+    // A conflist we made from a `.conf` keeps the record of it, for uninstall to put it back.
+    let conversion = conversion.or_else(|| plugins.ours().find_map(|p| conversion_of(p).cloned()));
+    let mut wanted = entry.value();
+    if let Some(conversion) = conversion {
+        wanted[STAMP_KEY][CONVERTED_KEY] = conversion;
+    }
     let in_place = plugins.ours().count() == 1
         && plugins.values.last().is_some_and(|last| {
             is_ours(last) && (*last == wanted || (!restamp && config_of(last) == entry.config))
@@ -443,7 +457,9 @@ fn higher_stamp(bytes: &[u8], ours: Stamp, live: &dyn Fn(Stamp) -> bool) -> Opti
 }
 
 /// A conflist holding the single plugin's text as it was, untouched.
-fn converted_text(network: &Network) -> Result<String> {
+/// ... and the record of what it was made from: the `.conf`'s name and the spacing around its
+/// JSON, so that uninstall can write back its exact bytes.
+fn converted_text(network: &Network) -> (String, Value) {
     let mut header = String::new();
     if let Some(version) = network.doc.get("cniVersion") {
         header.push_str(&format!("  \"cniVersion\": {version},\n"));
@@ -454,10 +470,19 @@ fn converted_text(network: &Network) -> Result<String> {
         None => Value::String(file_stem(&network.file_name).to_owned()),
     };
     header.push_str(&format!("  \"name\": {name},\n"));
-    Ok(format!(
-        "{{\n{header}  \"plugins\": [\n    {}\n  ]\n}}\n",
-        network.text.trim()
-    ))
+    let body = network.text.trim();
+    let before = &network.text[..network.text.len() - network.text.trim_start().len()];
+    let after = &network.text[network.text.trim_end().len()..];
+    let text = format!("{{\n{header}  \"plugins\": [\n    {body}\n  ]\n}}\n");
+    let conversion =
+        serde_json::json!({"name": network.file_name, "before": before, "after": after});
+    (text, conversion)
+}
+
+const CONVERTED_KEY: &str = "convertedFrom";
+
+fn conversion_of(plugin: &Value) -> Option<&Value> {
+    plugin.get(STAMP_KEY)?.get(CONVERTED_KEY)
 }
 
 fn symlink_refused(file_name: &str) -> Error {
@@ -520,11 +545,21 @@ fn check_conversion_target<'a>(
     Ok(existing)
 }
 
-/// The conflist without our entries, byte for byte as it was before they were added; `None`
-/// when `file` is not a conflist holding one, or is a symbolic link (never written by us).
-/// A list holding nothing but our entries is left alone: we never write one, so it is not ours.
+/// What uninstall does to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uninstall {
+    /// The conflist without our entries, byte for byte as it was before they were added.
+    Rewrite(Vec<u8>),
+    /// The conflist was made by install from the single-plugin file `name`: write that back
+    /// with its exact bytes (unless the primary agent wrote it again) and remove the conflist.
+    Restore { name: String, content: Vec<u8> },
+}
+
+/// What to do about our entries in `file`; `None` when it is not a conflist holding one, or is
+/// a symbolic link (never written by us). A list holding nothing but our entries is left
+/// alone: we never write one, so it is not ours.
 /// `only`: remove them only if every one carries this stamp (another installer owns the rest).
-pub fn plan_uninstall(file: &ConfFile, only: Option<Stamp>) -> Result<Option<Vec<u8>>> {
+pub fn plan_uninstall(file: &ConfFile, only: Option<Stamp>) -> Result<Option<Uninstall>> {
     let Ok(network) = load_network(file) else {
         return Ok(None);
     };
@@ -540,7 +575,45 @@ pub fn plan_uninstall(file: &ConfFile, only: Option<Stamp>) -> Result<Option<Vec
             return Ok(None);
         }
     }
-    without_ours(&network.text).map(|t| Some(t.into_bytes()))
+    let text = without_ours(&network.text)?;
+    if let Some(restore) = restore_of(&network, &plugins, &text)? {
+        return Ok(Some(restore));
+    }
+    Ok(Some(Uninstall::Rewrite(text.into_bytes())))
+}
+
+/// The single-plugin file a conflist of ours was made from, if it still is just that: its name
+/// matches, it holds no key we did not write, and one plugin is left.
+fn restore_of(network: &Network, plugins: &Plugins, text: &str) -> Result<Option<Uninstall>> {
+    let Some(conversion) = plugins.ours().find_map(conversion_of) else {
+        return Ok(None);
+    };
+    let field = |key: &str| conversion.get(key).and_then(Value::as_str);
+    let (Some(name), Some(before), Some(after)) = (field("name"), field("before"), field("after"))
+    else {
+        return Ok(None);
+    };
+    let only_ours = network
+        .doc
+        .keys()
+        .all(|k| matches!(k.as_str(), "cniVersion" | "name" | "plugins"));
+    let spacing = |s: &str| s.bytes().all(|b| b.is_ascii_whitespace());
+    if FileKind::of(name) != Some(FileKind::Single)
+        || conflist_name(name) != network.file_name
+        || !only_ours
+        || !spacing(before)
+        || !spacing(after)
+    {
+        return Ok(None);
+    }
+    let left = Plugins::of(text)?;
+    let [(start, end)] = left.array.elements[..] else {
+        return Ok(None);
+    };
+    Ok(Some(Uninstall::Restore {
+        name: name.to_owned(),
+        content: format!("{before}{}{after}", &text[start..end]).into_bytes(),
+    }))
 }
 
 #[cfg(test)]
@@ -765,7 +838,7 @@ mod tests {
         let files = vec![raw("10-numbers.conflist", &text)];
         let plan = write_plan(&files, &default_entry());
         let back = plan_uninstall(&written(&plan), None).unwrap().unwrap();
-        assert_eq!(String::from_utf8(back).unwrap(), text);
+        assert_eq!(back, Uninstall::Rewrite(text.into_bytes()));
     }
 
     #[test]
@@ -865,13 +938,47 @@ mod tests {
         let plan = write_plan(&files, &default_entry());
         assert_eq!(plan.file_name, "10-bridge.conflist");
         assert_eq!(plan.replaces.as_deref(), Some("10-bridge.conf"));
+        let mut entry = default_entry().value();
+        entry["installer"]["convertedFrom"] =
+            json!({"name": "10-bridge.conf", "before": "", "after": ""});
         assert_eq!(
             parse(&plan.content),
-            json!({"cniVersion": "1.0.0", "name": "kind", "plugins": [bridge_conf(), default_entry().value()]})
+            json!({"cniVersion": "1.0.0", "name": "kind", "plugins": [bridge_conf(), entry]})
         );
         let text = String::from_utf8(plan.content.clone()).unwrap();
         assert!(text.contains(std::str::from_utf8(&files[0].bytes).unwrap()));
         assert!(load_network(&written(&plan)).is_ok());
+    }
+
+    #[test]
+    fn a_converted_conf_comes_back_byte_for_byte() {
+        let original = "\n  {\"cniVersion\": \"1.0.0\", \"name\": \"kind\", \"type\": \"bridge\", \"mtu\": 1e3}\n\n";
+        let files = vec![raw("10-bridge.conf", original)];
+        let plan = write_plan(&files, &default_entry());
+        // A watcher's later pass keeps the record of the conversion.
+        let newer = entry_with(
+            plugin_entry(None).unwrap(),
+            Stamp {
+                generation: 1,
+                started: 200,
+            },
+        );
+        let again = write_plan(&[written(&plan)], &newer);
+        assert_eq!(
+            plan_uninstall(&written(&again), None).unwrap(),
+            Some(Uninstall::Restore {
+                name: "10-bridge.conf".into(),
+                content: original.as_bytes().to_vec()
+            })
+        );
+        // A key added by someone else: only our entry goes.
+        let mut doc = parse(&again.content);
+        doc["disableCheck"] = json!(true);
+        let edited = file("10-bridge.conflist", doc);
+        assert!(matches!(
+            plan_uninstall(&edited, None).unwrap(),
+            Some(Uninstall::Rewrite(_))
+        ));
     }
 
     #[test]
@@ -941,7 +1048,7 @@ mod tests {
         let original = file("10-kind.conflist", bridge_list());
         let installed = write_plan(std::slice::from_ref(&original), &default_entry());
         let back = plan_uninstall(&written(&installed), None).unwrap().unwrap();
-        assert_eq!(back, original.bytes);
+        assert_eq!(back, Uninstall::Rewrite(original.bytes));
         let mut conf_naming_us = bridge_conf();
         conf_naming_us["plugins"] = json!([{"type": "intercept-cni"}, {"type": "x"}]);
         for untouched in [

@@ -8,9 +8,7 @@
 //! `intercept-cni uninstall --cni-conf-dir DIR --cni-bin-dir DIR` removes every `intercept-cni`
 //! entry from the conflists of the conf dir, then the binary, unless an entry it could not
 //! remove still names it: a network pointing at a missing binary would fail every pod. A
-//! conflist that install made from a `.conf` stays a conflist (its primary plugin alone, its
-//! text as it was): runtimes read it the same way, and the primary agent rewrites its own file
-//! on its next start anyway.
+//! conflist that install made from a `.conf` becomes that `.conf` again, byte for byte.
 
 pub mod conflist;
 pub mod fsops;
@@ -19,7 +17,7 @@ pub mod watch;
 
 use crate::agent;
 use crate::cni::error::{Code, Error, Result};
-use conflist::{ConfFile, Entry, Network, Plan, Stamp, PLUGIN_TYPE};
+use conflist::{ConfFile, Entry, Network, Plan, Stamp, Uninstall, PLUGIN_TYPE};
 use fsops::Commit;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -241,13 +239,30 @@ fn names_us(file: &ConfFile) -> bool {
 fn remove_entry(conf_dir: &Path, file: &ConfFile, only: Option<Stamp>) -> Result<bool> {
     let mut file = file.clone();
     for _ in 0..CONFLICT_RETRIES {
-        let Some(content) = conflist::plan_uninstall(&file, only)? else {
+        let Some(plan) = conflist::plan_uninstall(&file, only)? else {
             return Ok(false);
         };
         let mode = fsops::mode_of(&conf_dir.join(&file.name))?.unwrap_or(fsops::NEW_CONFIG_MODE);
-        if fsops::commit(conf_dir, &file.name, Some(&file), &content, mode)? == Commit::Written {
-            log::info!("removed {PLUGIN_TYPE} from {}", file.name);
-            return Ok(true);
+        match plan {
+            Uninstall::Rewrite(content) => {
+                if fsops::commit(conf_dir, &file.name, Some(&file), &content, mode)?
+                    == Commit::Written
+                {
+                    log::info!("removed {PLUGIN_TYPE} from {}", file.name);
+                    return Ok(true);
+                }
+            }
+            Uninstall::Restore { name, content } => {
+                // The single-plugin file first (never over one the primary agent wrote again),
+                // then our conflist: at no moment is there no network.
+                if fsops::commit(conf_dir, &name, None, &content, mode)? == Commit::Written {
+                    log::info!("restored {name}, from which {} was made", file.name);
+                }
+                if fsops::remove_unchanged(conf_dir, &file)? {
+                    log::info!("removed {}, made by install", file.name);
+                    return Ok(true);
+                }
+            }
         }
         match fsops::read_conf_dir(conf_dir)?
             .into_iter()
