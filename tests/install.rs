@@ -1300,3 +1300,64 @@ fn a_writer_that_never_pauses_does_not_starve_the_watcher() {
     assert_no_temp_files(&node.conf);
     assert!(watcher.signal(Signal::SIGTERM).success());
 }
+
+/// `GET path` from the agent whose address `install --watch --listen` logged.
+fn http_get(node: &Node, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let log = watch_log(node);
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("/metrics on ").nth(1))
+        .expect("the agent logs its address")
+        .trim()
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// Issue 15, point 1: under --watch a refused config keeps the last good entry and makes the
+/// agent not ready until a good one is loaded.
+#[test]
+fn a_refused_config_makes_the_agent_not_ready() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut map = ConfigMap::new(
+        node.root.path().join("config"),
+        "plugin-config.json",
+        r#"{"backend": "nftables"}"#,
+    );
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/hosts/builtin-only");
+    let mut watcher = node.spawn_watch_with(&[
+        "--plugin-config",
+        &map.path("plugin-config.json"),
+        "--listen",
+        "127.0.0.1:0",
+        "--host-root",
+        host.to_str().unwrap(),
+    ]);
+    node.eventually("ready", || {
+        watch_log(&node).contains("/metrics on ") && http_get(&node, "/readyz").0 == 200
+    });
+    let good = node.read("10-calico.conflist");
+    map.update(
+        "plugin-config.json",
+        r#"{"backend": "nftables", "inboundPort": 0}"#,
+    );
+    node.eventually("not ready", || {
+        let (status, text) = http_get(&node, "/readyz");
+        status == 503 && text.contains("plugin config is refused")
+    });
+    assert_eq!(node.read("10-calico.conflist"), good);
+    map.update(
+        "plugin-config.json",
+        r#"{"backend": "nftables", "inboundPort": 15106}"#,
+    );
+    node.eventually("ready again", || http_get(&node, "/readyz").0 == 200);
+    assert_eq!(
+        our_entry(&node, "10-calico.conflist").unwrap()["inboundPort"],
+        15106
+    );
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
