@@ -441,6 +441,8 @@ fn istio_pod_asks_for_dns_capture_in_its_proxy_config() {
         assert_eq!(udp_query(&lab.pod, server, None), Some(server), "{name}");
         assert!(agent.join().unwrap().is_some(), "{name}");
         lab.outbound_to_proxy(server, None, DNS_PORT);
+        // Both ends just closed: let the agent's port leave FIN_WAIT before listening again.
+        std::thread::sleep(Duration::from_millis(100));
         lab.outbound_to_proxy(v4(POD_V4, 53), None, DNS_PORT);
         assert_lands(&lab.pod, v4(POD_V4, 53), PROXY, &lab.pod, v4(POD_V4, 53));
         lab.outbound_to_proxy(v4(POD_V4, 8080), PROXY, INBOUND_PORT);
