@@ -10,7 +10,8 @@ use intercept_cni::backend::Backend;
 use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::netns::PodNetns;
 use intercept_cni::plan::{
-    Families, IfName, InboundPorts, InterceptPlan, OutboundCidrs, PortRange, Semantics,
+    DnsCapture, Families, IfName, InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs,
+    PortRange, Semantics, Tproxy,
 };
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -98,8 +99,32 @@ fn golden_cases() -> Vec<(&'static str, InterceptPlan)> {
         exclude_inbound_sources: nets(&["10.244.0.0/16"]),
         ..InterceptPlan::with_defaults(V4_ONLY)
     };
+    // Istio's modes (dns.txt.golden + invalid-drop.txt.golden; tproxy.txt.golden), dual-stack.
+    let istio_dns_drop = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        ..istio_tuned.clone()
+    };
+    let istio_tproxy = InterceptPlan {
+        semantics: Semantics::Istio,
+        proxy_gids: vec![1337],
+        inbound_ports: InboundPorts::AllExcept(ports(&["15020", "15021", "15090"])),
+        exclude_outbound_ports: ports(&["15020"]),
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(Families::BOTH)
+    };
+    // Every mode on an IPv4-only plain pod: the other family passes the mode chains untouched.
+    let ipv4_only_modes = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(V4_ONLY)
+    };
     vec![
         ("defaults_dual_stack", defaults),
+        ("ipv4_only_modes", ipv4_only_modes),
+        ("istio_dns_drop", istio_dns_drop),
+        ("istio_tproxy", istio_tproxy),
         ("ipv4_only_excludes", v4_excludes),
         ("ipv4_only_includes", v4_includes),
         ("inbound_none", no_inbound),
