@@ -1,6 +1,7 @@
 //! intercept-cni: a chained CNI plugin that installs transparent service-mesh interception
 //! (inbound and outbound TCP to the sidecar proxy) inside each pod's network namespace.
 
+pub mod agent;
 pub mod backend;
 pub mod cmd;
 pub mod cni;
@@ -12,3 +13,4 @@ pub mod plan;
 pub mod policy;
 pub mod route;
 pub mod trusted_path;
+pub mod usage;

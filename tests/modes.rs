@@ -413,3 +413,40 @@ fn hostile_mode_values_are_refused_before_anything_is_applied() {
     let rules = lab.pod.ip(&["rule", "show"]);
     assert!(!rules.contains("lookup 133"), "{rules}");
 }
+
+/// An Istio pod asks for DNS capture in `proxy.istio.io/config`, as Istio users do: the app's
+/// queries (UDP and TCP, also to the pod's own address) reach the agent, and the proxy's TCP to
+/// port 53 of its own pod is left alone while its other connections to the pod go to the
+/// inbound port (istio-iptables' `! --dports 53,15008`).
+#[test]
+fn istio_pod_asks_for_dns_capture_in_its_proxy_config() {
+    for (name, backend) in backends() {
+        let lab = Lab::new();
+        let annotations = json!({
+            "sidecar.istio.io/status": "{}",
+            "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+        });
+        let keys = with(
+            &backend,
+            json!({
+                "podSelection": "annotated",
+                "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations},
+            }),
+        );
+        let conf = lab.config("1.0.0", keys);
+        lab.cni("ADD", &conf).ok();
+        lab.cni("CHECK", &conf).ok();
+        let server = v4(PEER_V4, 53);
+        let agent = udp_server(&lab.pod, v4(Ipv4Addr::LOCALHOST, DNS_PORT), PROXY);
+        assert_eq!(udp_query(&lab.pod, server, None), Some(server), "{name}");
+        assert!(agent.join().unwrap().is_some(), "{name}");
+        lab.outbound_to_proxy(server, None, DNS_PORT);
+        // Both ends just closed: let the agent's port leave FIN_WAIT before listening again.
+        std::thread::sleep(Duration::from_millis(100));
+        lab.outbound_to_proxy(v4(POD_V4, 53), None, DNS_PORT);
+        assert_lands(&lab.pod, v4(POD_V4, 53), PROXY, &lab.pod, v4(POD_V4, 53));
+        lab.outbound_to_proxy(v4(POD_V4, 8080), PROXY, INBOUND_PORT);
+        lab.outbound_direct(server, PROXY);
+        lab.cni("DEL", &conf).ok();
+    }
+}

@@ -10,7 +10,8 @@ use intercept_cni::backend::Backend;
 use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::netns::PodNetns;
 use intercept_cni::plan::{
-    Families, IfName, InboundPorts, InterceptPlan, OutboundCidrs, PortRange, Semantics,
+    DnsCapture, Families, IfName, InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs,
+    PortRange, Semantics, Tproxy,
 };
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -98,8 +99,32 @@ fn golden_cases() -> Vec<(&'static str, InterceptPlan)> {
         exclude_inbound_sources: nets(&["10.244.0.0/16"]),
         ..InterceptPlan::with_defaults(V4_ONLY)
     };
+    // Istio's modes (dns.txt.golden + invalid-drop.txt.golden; tproxy.txt.golden), dual-stack.
+    let istio_dns_drop = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        ..istio_tuned.clone()
+    };
+    let istio_tproxy = InterceptPlan {
+        semantics: Semantics::Istio,
+        proxy_gids: vec![1337],
+        inbound_ports: InboundPorts::AllExcept(ports(&["15020", "15021", "15090"])),
+        exclude_outbound_ports: ports(&["15020"]),
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(Families::BOTH)
+    };
+    // Every mode on an IPv4-only plain pod: the other family passes the mode chains untouched.
+    let ipv4_only_modes = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(V4_ONLY)
+    };
     vec![
         ("defaults_dual_stack", defaults),
+        ("ipv4_only_modes", ipv4_only_modes),
+        ("istio_dns_drop", istio_dns_drop),
+        ("istio_tproxy", istio_tproxy),
         ("ipv4_only_excludes", v4_excludes),
         ("ipv4_only_includes", v4_includes),
         ("inbound_none", no_inbound),
@@ -249,6 +274,26 @@ fn check_names_what_drifted() {
     reapply();
     nft(&ns, &["delete", "chain", "inet", TABLE_NAME, "prerouting"]);
     assert_drift("chain prerouting is missing");
+
+    // rustables reads a drop policy back as accept: the kernel's own value is compared.
+    for chain in ["output", "prerouting"] {
+        reapply();
+        nft(
+            &ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                TABLE_NAME,
+                chain,
+                "{ policy drop; }",
+            ],
+        );
+        assert!(ns.nft_ruleset().contains("policy drop;"));
+        assert_drift(&format!(
+            "chain {chain} is not a nat chain at {chain} priority -100 with policy accept"
+        ));
+    }
 
     reapply();
     nft(&ns, &["add", "chain", "inet", TABLE_NAME, "extra"]);
@@ -541,4 +586,35 @@ fn check_notices_a_set_element_added_or_removed() {
         "\tset other_v6 {\n\t\ttype ipv6_addr\n\t}\n\n\tchain prerouting {",
     ));
     assert_drift("unexpected set other_v6");
+}
+
+/// CHECK warns (and passes) about other tables that take a connection past ours: a nat chain
+/// of another table on our hooks at an earlier priority, and a notrack rule. ADD still works
+/// and the pod is intercepted; CHECK fails nothing for them.
+#[test]
+fn check_warns_about_other_tables_that_bypass_ours() {
+    let lab = Lab::new();
+    let conf = lab.config("1.0.0", serde_json::json!({"backend": "nftables"}));
+    lab.cni("ADD", &conf).ok();
+    let quiet = lab.cni("CHECK", &conf).ok();
+    assert!(!quiet.stderr.contains("WARN"), "{}", quiet.stderr);
+    let others = "table ip early {\n\tchain out {\n\t\ttype nat hook output priority -150; policy accept;\n\t\ttcp dport 9 accept\n\t}\n}\ntable inet untrack {\n\tchain pre {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\ttcp dport 9 notrack\n\t}\n}\ntable ip late {\n\tchain out {\n\t\ttype nat hook output priority 100; policy accept;\n\t\ttcp dport 9 accept\n\t}\n}\n";
+    let script = std::env::temp_dir().join(format!("icni-bypass-{}.nft", std::process::id()));
+    std::fs::write(&script, others).unwrap();
+    nft(&lab.pod, &["-f", script.to_str().unwrap()]);
+    std::fs::remove_file(&script).unwrap();
+    let warned = lab.cni("CHECK", &conf).ok();
+    for needle in [
+        "table ip early chain out (nat hook output priority -150) runs at or before",
+        "table inet untrack chain pre (filter hook prerouting priority -300) turns connection tracking off",
+    ] {
+        assert!(warned.stderr.contains(needle), "{needle:?} not in {}", warned.stderr);
+    }
+    assert!(
+        !warned.stderr.contains("table ip late"),
+        "{}",
+        warned.stderr
+    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.cni("DEL", &conf).ok();
 }

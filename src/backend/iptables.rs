@@ -12,6 +12,7 @@ mod tools;
 pub use chains::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 pub use detect::{choose_mode, detect_mode, HostRules};
 
+use super::nftables::listing;
 use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
@@ -72,7 +73,7 @@ impl Iptables {
         let tools = self.tools();
         let i = family.index();
         let existing = tools.read_nat_if(self.mode, family, present[0][i])?;
-        let mut input = render::apply_input(plan, family, &existing)?;
+        let mut input = render::apply_input(plan, family, &existing);
         for (table, exists) in modes::EXTRA_TABLES.iter().zip(&present[1..]) {
             let (chains, hooks) = modes::table(plan, family, table);
             if chains.is_empty() && !exists[i] {
@@ -81,9 +82,9 @@ impl Iptables {
             let existing = tools.read_table_if(self.mode, family, table, exists[i])?;
             if chains.is_empty() {
                 // Left from an earlier ADD with other modes.
-                input += &render::remove_section(table, &existing)?.unwrap_or_default();
+                input += &render::remove_section(table, &existing).unwrap_or_default();
             } else {
-                input += &render::section(table, &chains, &hooks, &existing)?;
+                input += &render::section(table, &chains, &hooks, &existing);
             }
         }
         Ok(input)
@@ -99,7 +100,7 @@ impl Iptables {
                 continue;
             }
             let existing = tools.read_table_if(mode, family, table, true)?;
-            input += &render::remove_section(table, &existing)?.unwrap_or_default();
+            input += &render::remove_section(table, &existing).unwrap_or_default();
         }
         match input.is_empty() {
             false => tools.restore(mode, family, &input),
@@ -134,6 +135,39 @@ impl Iptables {
         errors
     }
 
+    /// What CHECK warns about (it fails nothing): rules outside our nat jumps that take a
+    /// connection past them. This variant's raw table turning connection tracking off on our
+    /// hooks, and nftables chains (other than iptables-nft's own tables, judged through -save)
+    /// that translate or untrack connections before ours.
+    fn bypasses(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for family in Family::ALL {
+            // Only tables that exist are listed: reading creates none.
+            let Ok(text) = self.tools().save_all(self.mode, family) else {
+                continue;
+            };
+            for chain in ["PREROUTING", "OUTPUT"] {
+                for rule in save::notrack_rules(&text, chain) {
+                    found.push(format!(
+                        "{} raw table rule `-A {chain} {rule}` turns connection tracking off: \
+                         the connections it matches are never NATed, so never intercepted",
+                        family.label()
+                    ));
+                }
+            }
+        }
+        let own_tables = |c: &listing::BaseChain| {
+            self.mode == IptablesMode::Nft
+                && matches!(c.family, listing::IPV4 | listing::IPV6)
+                && matches!(c.table.as_str(), "nat" | "raw")
+        };
+        match listing::base_chains() {
+            Ok(chains) => found.extend(listing::bypasses(&chains, own_tables)),
+            Err(e) => log::debug!("{e}"),
+        }
+        found
+    }
+
     fn other_mode(&self) -> IptablesMode {
         match self.mode {
             IptablesMode::Legacy => IptablesMode::Nft,
@@ -154,6 +188,7 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let (enabled, disabled): (Vec<Family>, Vec<Family>) =
             Family::ALL.into_iter().partition(|f| f.enabled_in(plan));
         // The restores start first: each spends its first millisecond loading its libraries,
@@ -207,7 +242,11 @@ impl Backend for Iptables {
     }
 
     fn check(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let mut drift = Vec::new();
+        for warning in self.bypasses() {
+            log::warn!("{}: {warning}", self.name());
+        }
         let present = tools::tables_present(self.mode, &TABLES);
         for family in Family::ALL {
             let enabled = family.enabled_in(plan);
@@ -238,6 +277,7 @@ impl Backend for Iptables {
     }
 
     fn remove(&self) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         // The families' tables are separate, so each is cleaned on its own thread (a thread
         // starts in its creator's netns): DEL waits for one family's save and restore, not two.
         let mut errors: Vec<Error> = std::thread::scope(|s| {

@@ -48,6 +48,7 @@
 //! `remove` deletes the table; an absent table is success.
 
 mod expr;
+pub(crate) mod listing;
 mod modes;
 mod sets;
 mod transport;
@@ -552,21 +553,32 @@ impl Ruleset {
             .map(|body| expr::parse_rule(body))
             .filter(|rule| rule.table == TABLE_NAME)
             .collect();
+        let raw = listing::base_chains()?;
+        let is_ours = |c: &listing::BaseChain| c.family == listing::INET && c.table == TABLE_NAME;
+        for warning in listing::bypasses(&raw, is_ours) {
+            log::warn!("nftables: {warning}");
+        }
         let compare = |name: &str,
                        want: Chain,
+                       kind: String,
                        expected: Vec<(String, Vec<expr::Canonical>)>,
                        drift: &mut Vec<String>| {
             let Some(found) = chains.iter().find(|c| c.get_name() == want.get_name()) else {
                 drift.push(format!("chain {name} is missing"));
                 return;
             };
+            // The policy as the kernel sent it: rustables reads NF_DROP back as accept. A
+            // regular chain (a mode's jump target) has none.
+            let policy = raw
+                .iter()
+                .find(|c| is_ours(c) && c.name == name)
+                .and_then(|c| c.policy);
+            let wanted_policy = want.get_hook().map(|_| listing::NF_ACCEPT);
             if found.get_hook() != want.get_hook()
                 || found.get_type() != want.get_type()
-                || found.get_policy() != want.get_policy()
+                || policy != wanted_policy
             {
-                drift.push(format!(
-                    "chain {name} is not of the expected type, hook, priority and policy"
-                ));
+                drift.push(format!("chain {name} is not {kind}"));
             }
             let rules: Vec<&expr::ParsedRule> =
                 all_rules.iter().filter(|r| r.chain == name).collect();
@@ -597,7 +609,11 @@ impl Ruleset {
             for rule in &spec.rules {
                 expected.push((rule.to_string(), canonical_rule(&rule.to_rule(&want)?)));
             }
-            compare(spec.name, want, expected, &mut drift);
+            let kind = format!(
+                "a nat chain at {} priority {NAT_PRIORITY} with policy accept",
+                spec.hook.name()
+            );
+            compare(spec.name, want, kind, expected, &mut drift);
         }
         for chain in &self.modes {
             let expected = chain
@@ -612,7 +628,14 @@ impl Ruleset {
                     (rule.text.clone(), exprs)
                 })
                 .collect();
-            compare(chain.name, chain.to_chain(&table()), expected, &mut drift);
+            let kind = chain.kind();
+            compare(
+                chain.name,
+                chain.to_chain(&table()),
+                kind,
+                expected,
+                &mut drift,
+            );
         }
         for chain in &chains {
             let name = chain.get_name().map_or("", String::as_str);

@@ -24,11 +24,13 @@
 //! the merge, such as RHEL 8).
 
 mod cache;
+mod choice;
 mod detect;
 mod doctor;
 mod modules;
 
 pub use cache::{first_run, usable, Policy};
+pub use choice::{choose, Chosen};
 pub use detect::HostRoot;
 pub use doctor::doctor_main;
 
@@ -36,6 +38,7 @@ use crate::backend::{BackendKind, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::{Families, InterceptPlan};
 use detect::{Evidence, Finding, Sources, Tristate};
+pub use modules::Modes;
 use modules::{KernelVersion, Requirement};
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +77,6 @@ pub struct ModuleReport {
     pub needed_for: String,
     pub source: String,
     /// What to do about it; empty when nothing needs doing.
-    #[serde(skip)]
     pub remedy: String,
     #[serde(skip)]
     evidence: Evidence,
@@ -97,8 +99,10 @@ pub struct Report {
     /// Every required module is usable and the kernel is new enough.
     pub ok: bool,
     pub modules: Vec<ModuleReport>,
-    /// Sentences for the operator, each with its remedy.
+    /// What stands in the way, one sentence each with its remedy; empty when `ok`.
     pub problems: Vec<String>,
+    /// Advice that is no problem in itself (e.g. making a `modprobe` stick across reboots).
+    pub tips: Vec<String>,
     #[serde(skip)]
     kernel_problem: Option<String>,
     #[serde(skip)]
@@ -147,6 +151,7 @@ pub fn check(kind: BackendKind, ipv6: bool, root: &HostRoot) -> Report {
         ok: false,
         modules,
         problems: Vec::new(),
+        tips: Vec::new(),
         kernel_problem,
         probe: Probe::NotRun,
     };
@@ -277,6 +282,20 @@ fn remedy(finding: &Finding, (module, symbol): (&str, &str), release: Option<&st
 }
 
 impl Report {
+    /// Marks the modules the rules of `modes` need as required (for a config that asks for
+    /// them) and sums the report up again.
+    pub fn require_modes(&mut self, ipv6: bool, modes: Modes) {
+        if !modes.any() {
+            return;
+        }
+        for m in &mut self.modules {
+            if Requirement::find(&m.name).is_some_and(|r| r.required_by(ipv6, modes)) {
+                m.required = true;
+            }
+        }
+        self.summarize();
+    }
+
     /// Only unverified modules stand between this report and a pass: the probe can decide.
     fn needs_probe(&self) -> bool {
         let failing = self.required_missing();
@@ -334,8 +353,9 @@ impl Report {
             ),
             Probe::NotRun | Probe::Passed => {}
         }
+        self.tips.clear();
         if modprobe {
-            problems.push(
+            self.tips.push(
                 "Make loaded modules stick across reboots by listing them in \
                  /etc/modules-load.d/intercept-cni.conf. If they exist but do not load on \
                  demand, SELinux policy may be blocking automatic module loading (seen on some \
@@ -357,6 +377,15 @@ pub(crate) mod tests {
     const NFT: BackendKind = BackendKind::Nftables;
     const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
     const IPT_NFT: BackendKind = BackendKind::Iptables(IptablesMode::Nft);
+
+    /// A temp dir usable as a state dir as it is: private (tempfile makes them 0755 here).
+    pub(crate) fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap()
+    }
 
     pub(crate) fn fixture(name: &str) -> HostRoot {
         HostRoot::new(format!(
@@ -476,7 +505,7 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(
-            text.contains("nft_nat is missing (/boot/config-5.10.162+ has no CONFIG_NFT_NAT)"),
+            text.contains("nft_redir is missing (/boot/config-5.10.162+ has no CONFIG_NFT_REDIR)"),
             "{text}"
         );
         assert!(!check(IPT_NFT, false, &root).ok);
@@ -522,7 +551,11 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("then `modprobe ip6table_nat`"), "{text}");
-        assert!(text.contains("SELinux"), "{text}");
+        assert!(
+            !text.contains("SELinux"),
+            "a tip among the problems: {text}"
+        );
+        assert!(r.tips.iter().any(|t| t.contains("SELinux")), "{:?}", r.tips);
         assert_eq!(state(&r, "bridge").0, ModuleState::Builtin);
     }
 
@@ -587,7 +620,7 @@ pub(crate) mod tests {
             )
         );
         assert_eq!(state(&r, "nf_conntrack").0, ModuleState::Builtin);
-        assert_eq!(module(&r, "nft_nat").evidence, Evidence::Unverified);
+        assert_eq!(module(&r, "nft_redir").evidence, Evidence::Unverified);
         assert!(
             problems(&r).contains("without --host-root"),
             "{}",
@@ -598,10 +631,10 @@ pub(crate) mod tests {
         let mut passed = r.clone();
         passed.confirm_by_probe();
         assert!(passed.ok, "{}", problems(&passed));
-        assert!(module(&passed, "nft_nat")
+        assert!(module(&passed, "nft_redir")
             .source
             .starts_with("functional probe"));
-        assert_eq!(module(&passed, "nft_nat").state, ModuleState::Builtin);
+        assert_eq!(module(&passed, "nft_redir").state, ModuleState::Builtin);
         // Optional modules are not the probe's business.
         assert_eq!(module(&passed, "nft_socket").state, ModuleState::Missing);
 
@@ -675,7 +708,14 @@ pub(crate) mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["backend", "kernelRelease", "modules", "ok", "problems"]
+            [
+                "backend",
+                "kernelRelease",
+                "modules",
+                "ok",
+                "problems",
+                "tips"
+            ]
         );
         let mut keys: Vec<&str> = v["modules"][0]
             .as_object()
@@ -684,7 +724,10 @@ pub(crate) mod tests {
             .map(String::as_str)
             .collect();
         keys.sort();
-        assert_eq!(keys, ["name", "neededFor", "required", "source", "state"]);
+        assert_eq!(
+            keys,
+            ["name", "neededFor", "remedy", "required", "source", "state"]
+        );
         assert_eq!(v["modules"][0]["state"], "loaded");
         assert_eq!(v["backend"], "nftables");
     }
@@ -735,7 +778,7 @@ pub(crate) mod tests {
     #[test]
     fn probe_decides_what_the_files_cannot() {
         for (kind, probed) in [
-            (NFT, "nft_nat"),
+            (NFT, "nft_redir"),
             (LEGACY, "iptable_nat"),
             (IPT_NFT, "xt_owner"),
         ] {
@@ -759,7 +802,7 @@ pub(crate) mod tests {
         let legacy = check(LEGACY, false, &fixture("no-nftables"));
         assert!(status_of(legacy.ok, &legacy.backend, &legacy.problems).is_ok());
         // This machine can serve the nftables backend.
-        let state = tempfile::tempdir().unwrap();
+        let state = private_tempdir();
         status(NFT, true, state.path()).unwrap();
     }
 }

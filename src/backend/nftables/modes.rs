@@ -80,6 +80,24 @@ impl ModeChain {
         }
     }
 
+    /// What kind of chain it is, for CHECK's messages.
+    pub fn kind(&self) -> String {
+        match self.base {
+            None => "a regular chain".to_string(),
+            Some(base) => format!(
+                "a {:?} chain at {} priority {} with policy accept",
+                base.kind,
+                if base.prerouting {
+                    "prerouting"
+                } else {
+                    "output"
+                },
+                base.priority
+            )
+            .to_lowercase(),
+        }
+    }
+
     /// NFT_MSG_NEWRULE messages for the rules, in order.
     pub fn rule_messages(&self) -> Vec<Vec<u8>> {
         self.rules
@@ -142,6 +160,14 @@ fn octets(addr: IpAddr) -> Vec<u8> {
 impl R {
     fn new() -> R {
         R(Vec::new(), Vec::new())
+    }
+    /// A rule of a base chain that only the plan's family may pass when it has one (iptables
+    /// writes such rules for that family's table only).
+    fn within(plan: &InterceptPlan) -> R {
+        match families(plan)[..] {
+            [only] => R::new().nfproto(only),
+            _ => R::new(),
+        }
     }
     fn add(mut self, text: impl Into<String>, exprs: impl IntoIterator<Item = Expr>) -> R {
         self.0.push(text.into());
@@ -404,15 +430,15 @@ pub fn chains(plan: &InterceptPlan) -> Vec<ModeChain> {
         let mut pre = Vec::new();
         if plan.drop_invalid {
             pre.push(
-                R::new()
+                R::within(plan)
                     .ct_state(expr::CT_STATE_INVALID, "invalid")
                     .verdict(expr::NF_DROP, None),
             );
         }
         if let Some(t) = tproxy {
-            pre.push(R::new().l4("tcp").jump("tproxy-inbound"));
+            pre.push(R::within(plan).l4("tcp").jump("tproxy-inbound"));
             pre.push(
-                R::new()
+                R::within(plan)
                     .l4("tcp")
                     .mark(t.mark, true)
                     .add(
@@ -471,14 +497,14 @@ fn dns_chains(plan: &InterceptPlan, dns: DnsCapture) -> Vec<ModeChain> {
     let mut out = Vec::new();
     for owner in owners(plan) {
         out.push(
-            R::new()
+            R::within(plan)
                 .port("udp", true, port53)
                 .owner(owner)
                 .ct_zone(DnsCapture::UPSTREAM_ZONE),
         );
         if let Some(agent) = single(dns.port) {
             out.push(
-                R::new()
+                R::within(plan)
                     .port("udp", false, agent)
                     .owner(owner)
                     .ct_zone(DnsCapture::CLIENT_ZONE),
@@ -486,11 +512,11 @@ fn dns_chains(plan: &InterceptPlan, dns: DnsCapture) -> Vec<ModeChain> {
         }
     }
     out.push(
-        R::new()
+        R::within(plan)
             .port("udp", true, port53)
             .ct_zone(DnsCapture::CLIENT_ZONE),
     );
-    let pre = vec![R::new()
+    let pre = vec![R::within(plan)
         .port("udp", false, port53)
         .ct_zone(DnsCapture::UPSTREAM_ZONE)];
     vec![
@@ -598,7 +624,11 @@ fn tproxy_chains(plan: &InterceptPlan, t: Tproxy) -> Vec<ModeChain> {
                 .verdict(expr::NF_ACCEPT, None)
         })
         .collect();
-    let mut output = vec![R::new().ifname(false).l4("tcp").mark(t.mark, true).ret()];
+    let mut output = vec![R::within(plan)
+        .ifname(false)
+        .l4("tcp")
+        .mark(t.mark, true)
+        .ret()];
     for owner in owners(plan) {
         for &fam in &fams {
             output.push(
@@ -613,7 +643,7 @@ fn tproxy_chains(plan: &InterceptPlan, t: Tproxy) -> Vec<ModeChain> {
         }
     }
     output.push(
-        R::new()
+        R::within(plan)
             .l4("tcp")
             .ct_mark(t.mark)
             .add(

@@ -6,7 +6,7 @@ use super::{
     exclude_out_interfaces, one, outbound_destinations, per_family, ports, return_ports, Action,
     Match, Program, Rule,
 };
-use crate::plan::{IfName, InboundPorts, InterceptPlan, OutboundCidrs};
+use crate::plan::{DnsCapture, IfName, InboundPorts, InterceptPlan, OutboundCidrs};
 
 /// The HBONE tunnel port: `-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN`, and never sent to
 /// the inbound port from `lo` either.
@@ -57,29 +57,26 @@ pub(super) fn program(plan: &InterceptPlan) -> Program {
         OutboundCidrs::Only { include, .. } => include.iter().any(|n| n.ip().is_loopback()),
         OutboundCidrs::AllExcept(_) => false,
     };
+    // With DNS capture, the UID rules leave port 53 alone (`! --dports 53,15008`): the agent's
+    // own queries to a resolver on the pod go there, not through the inbound port.
+    let dns_port = plan.dns.map(|_| Match::NotDestPort(DnsCapture::DNS_PORT));
     let owners = plan
         .proxy_uids
         .iter()
-        .map(|&id| (Match::Uid(id), Match::NotUid(id)))
+        .map(|&id| (Match::Uid(id), Match::NotUid(id), dns_port.clone()))
         .chain(
             plan.proxy_gids
                 .iter()
-                .map(|&id| (Match::Gid(id), Match::NotGid(id))),
+                .map(|&id| (Match::Gid(id), Match::NotGid(id), None)),
         );
-    for (is, is_not) in owners {
+    for (is, is_not, not_dns) in owners {
         // appN => Envoy (client) => Envoy (server) => appN: the proxy's connection to the pod
         // itself through lo, to anything but 127.0.0.1, goes to the inbound port.
         per_family(&mut outbound, |f| {
-            Rule::of(
-                f,
-                vec![
-                    lo(),
-                    Match::NotDest(f.localhost()),
-                    Match::NotDestPort(TUNNEL_PORT),
-                    is.clone(),
-                ],
-                Action::ToInbound,
-            )
+            let mut matches = vec![lo(), Match::NotDest(f.localhost())];
+            matches.extend(not_dns.clone());
+            matches.extend([Match::NotDestPort(TUNNEL_PORT), is.clone()]);
+            Rule::of(f, matches, Action::ToInbound)
         });
         // appN => appN by lo: direct.
         if !loopback_included {
