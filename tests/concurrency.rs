@@ -195,11 +195,7 @@ fn parallel_adds_on_distinct_namespaces_then_parallel_dels_leave_nothing() {
             "{name}: {published:?}"
         );
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(
-            mode(&state),
-            0o700,
-            "{name}: the state dir's mode changed"
-        );
+        assert_eq!(mode(&state), 0o700, "{name}: the state dir's mode changed");
         for file in files_under(&state) {
             assert_eq!(mode(&state.join(&file)), 0o600, "{name}: {file}");
         }

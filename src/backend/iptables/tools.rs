@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 
 /// Where the binaries are looked for when `iptablesPath` is not set.
 const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
@@ -73,7 +74,13 @@ impl Tools<'_> {
         else {
             return Ok(None);
         };
-        trusted_path::trusted_executable(&found)?;
+        // Once judged trusted, only root can change that: judged once per process.
+        static TRUSTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+        let mut trusted = TRUSTED.lock().unwrap_or_else(PoisonError::into_inner);
+        if !trusted.contains(&found) {
+            trusted_path::trusted_executable(&found)?;
+            trusted.push(found.clone());
+        }
         Ok(Some(found))
     }
 
