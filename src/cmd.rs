@@ -18,10 +18,11 @@
 //!   xtables lock file), so pods that come and go leave nothing behind; GC removes those of
 //!   namespaces that were gone before their DEL.
 
+use crate::agent::events;
 use crate::backend::iptables;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
 use crate::cni::config::{self, Attachment, NetConf};
-use crate::cni::env::{CniEnv, Command};
+use crate::cni::env::{CniEnv, Command, PodRef};
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
 use crate::host;
@@ -43,6 +44,41 @@ pub struct Trace {
     pub backend: Option<&'static str>,
     /// ADD and CHECK: whether the pod is intercepted, and what decided it.
     pub policy: Option<String>,
+    /// The verb, once `CNI_COMMAND` is read.
+    pub command: Option<Command>,
+    pub pod: PodRef,
+    pub container_id: Option<String>,
+    /// Where the invocation's event record goes (the config's `eventsSocket`).
+    pub events: events::Target,
+}
+
+/// Sends the invocation's record to the node agent, if one listens (see `agent::events`).
+/// VERSION, pure protocol, sends none; neither does an invocation without a valid verb.
+pub fn send_event(trace: &Trace, outcome: &Result<Option<Value>>, started: Instant) {
+    let Some(command) = trace.command.filter(|c| *c != Command::Version) else {
+        return;
+    };
+    events::send(&trace.events, || {
+        let error = outcome.as_ref().err();
+        events::Event {
+            verb: command.as_str().to_string(),
+            namespace: trace.pod.namespace.clone(),
+            pod: trace.pod.name.clone(),
+            container_id: trace.container_id.clone(),
+            outcome: if error.is_some() {
+                events::Outcome::Error
+            } else {
+                events::Outcome::Ok
+            },
+            code: error.map_or(0, |e| e.code as u32),
+            msg: error.map(|e| events::bounded(&e.msg)),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            backend: trace.backend.map(String::from),
+            policy: trace.policy.clone(),
+            warnings: logging::take_warnings(),
+            pid: std::process::id(),
+        }
+    });
 }
 
 /// Runs `invocation`, turning a panic into a code-199 error: `main` runs every CNI invocation
@@ -69,6 +105,8 @@ pub fn final_answer(outcome: Result<Option<Value>>, trace: &Trace) -> (Option<Va
 /// Runs one verb and logs one line about it. `Ok(Some)` is the JSON to print on stdout.
 pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     let started = Instant::now();
+    trace.pod = env.pod.clone();
+    trace.container_id = env.container_id.as_ref().map(|c| c.as_str().to_string());
     let outcome = run(env, stdin, trace);
     let status = match &outcome {
         Ok(_) => "ok".to_string(),
@@ -100,6 +138,8 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         return version_answer(stdin).map(Some);
     }
     let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
+    // Before validation: a config refused for another key still reports where it says.
+    trace.events = config::events_target(&obj).unwrap_or_default();
     let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {

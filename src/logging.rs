@@ -41,6 +41,21 @@ static LOGGER: Logger = Logger {
     file: Mutex::new(None),
 };
 
+/// This invocation's warnings, for its event record (bounded, see `agent::events`).
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The warnings logged so far, emptied.
+pub fn take_warnings() -> Vec<String> {
+    std::mem::take(&mut *WARNINGS.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+fn keep_warning(message: &str) {
+    let mut warnings = WARNINGS.lock().unwrap_or_else(PoisonError::into_inner);
+    if warnings.len() < crate::agent::events::MAX_WARNINGS {
+        warnings.push(crate::agent::events::bounded(message));
+    }
+}
+
 /// Installs the logger at `warn`: until the config is read, only trouble is worth printing.
 pub fn init() {
     if log::set_logger(&LOGGER).is_ok() {
@@ -363,6 +378,9 @@ impl Log for Logger {
             return;
         }
         let message = record.args().to_string();
+        if record.level() == log::Level::Warn {
+            keep_warning(&message);
+        }
         let line = format!(
             "{} {:<5} intercept-cni[{}]: {}\n",
             utc_timestamp(SystemTime::now()),
@@ -388,7 +406,7 @@ impl Log for Logger {
 }
 
 /// RFC 3339 in UTC, to the millisecond, without a date crate.
-fn utc_timestamp(now: SystemTime) -> String {
+pub(crate) fn utc_timestamp(now: SystemTime) -> String {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

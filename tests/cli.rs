@@ -422,3 +422,137 @@ fn an_endless_stdin_is_code_6_not_unbounded_memory() {
     let out = run(&pod_env("DEL", NO_SUCH_NETNS), &padded);
     assert_eq!(out.code, 0, "{}", out.stdout);
 }
+
+/// The node tool's command line: `args` run without any CNI_* variable.
+fn node_tool(args: &[&str]) -> Outcome {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run the node tool");
+    Outcome {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
+    for args in [&["--help"][..], &["-h"], &["help"]] {
+        let out = node_tool(args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        for sub in ["install", "uninstall", "doctor", "version", "help"] {
+            assert!(
+                out.stdout.contains(&format!("\n  {sub} ")),
+                "{args:?}: {sub} undescribed:\n{}",
+                out.stdout
+            );
+        }
+    }
+    let flags: [(&str, &[&str]); 4] = [
+        (
+            "install",
+            &[
+                "--cni-conf-dir",
+                "--cni-bin-dir",
+                "--plugin-config",
+                "--watch",
+                "--listen",
+                "--events-socket",
+                "--host-root",
+                "/var/run/intercept-cni/events.sock",
+            ],
+        ),
+        ("uninstall", &["--cni-conf-dir", "--cni-bin-dir"]),
+        (
+            "doctor",
+            &[
+                "--backend",
+                "--iptables-mode",
+                "--ipv6",
+                "--host-root",
+                "--json",
+                "default: auto",
+            ],
+        ),
+        ("version", &["usage: intercept-cni version"]),
+    ];
+    for (sub, needles) in flags {
+        let texts = [
+            node_tool(&["help", sub]),
+            node_tool(&[sub, "--help"]),
+            node_tool(&[sub, "-h"]),
+        ];
+        for out in &texts {
+            assert_eq!(out.code, 0, "{sub}: {}", out.stderr);
+            assert_eq!(out.stdout, texts[0].stdout);
+            for needle in needles {
+                assert!(out.stdout.contains(needle), "{sub}: no {needle}");
+            }
+        }
+    }
+    // Each flag line of a subcommand says what its default is, or that it is required.
+    for sub in ["install", "doctor"] {
+        let text = node_tool(&["help", sub]).stdout;
+        let flags = text.split("Flags:\n").nth(1).unwrap();
+        for entry in flags.split("\n  --").skip(1) {
+            let entry = entry.split("\n  -h").next().unwrap();
+            assert!(
+                entry.contains("default") || entry.contains("required"),
+                "{sub}: --{entry}"
+            );
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_clear_line() {
+    for args in [
+        &["bogus"][..],
+        &["help", "bogus"],
+        &["help", "install", "doctor"],
+        &["version", "extra"],
+        &["install"],
+        &["install", "--cni-conf-dir", "/tmp", "--cni-bin-dir"],
+        &["install", "--bogus"],
+        &[
+            "install",
+            "--cni-conf-dir",
+            "/tmp",
+            "--cni-bin-dir",
+            "/tmp",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            "install",
+            "--watch",
+            "--cni-conf-dir",
+            "/tmp",
+            "--cni-bin-dir",
+            "/tmp",
+            "--listen",
+            "nowhere",
+        ],
+        &["uninstall", "--watch"],
+        &["doctor", "--backend", "ebpf"],
+        &["doctor", "--host-root", "/nonexistent"],
+    ] {
+        let out = node_tool(args);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{args:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("intercept-cni") && out.stderr.contains("--help`)"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let version = node_tool(&["version"]);
+    assert_eq!(version.code, 0);
+    assert_eq!(
+        version.stdout,
+        format!("intercept-cni {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -65,6 +65,9 @@ pub(crate) struct Verdict {
     pub kernel_release: String,
     pub ok: bool,
     pub problems: Vec<String>,
+    /// Advice beside the problems (absent from verdicts cached by older versions).
+    #[serde(default)]
+    pub tips: Vec<String>,
 }
 
 /// Runs the host check once per boot (per backend and family) and applies `policy` to it.
@@ -94,7 +97,9 @@ fn apply(policy: Policy, verdict: &Verdict) -> Result<()> {
     let msg = format!(
         "host prerequisites for the {} backend are not met: {}",
         verdict.backend,
-        verdict.problems.join(" ")
+        [&verdict.problems[..], &verdict.tips[..]]
+            .concat()
+            .join(" ")
     );
     if policy == Policy::Warn {
         log::warn!("{msg}");
@@ -128,6 +133,7 @@ pub(crate) fn verdict_at(
             kernel_release: report.kernel_release,
             ok: report.ok,
             problems: report.problems,
+            tips: report.tips,
         }
     };
     let boot_id = fs::read_to_string(root.join("/proc/sys/kernel/random/boot_id"))
@@ -318,6 +324,7 @@ mod tests {
             kernel_release: "cached".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(cache_file(dir.path()), serde_json::to_vec(&cached).unwrap()).unwrap();
         let (v, wrote) =
@@ -336,6 +343,7 @@ mod tests {
             kernel_release: "old".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(cache_file(dir.path()), serde_json::to_vec(&stale).unwrap()).unwrap();
         let (v, wrote) = verdict_at(&root, LEGACY, false, dir.path(), false).unwrap();
@@ -371,6 +379,7 @@ mod tests {
             kernel_release: "forged".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(
             dir.path().join("forged"),
