@@ -830,6 +830,34 @@ fn check_warns_about_bypasses_elsewhere() {
             "{mode}: {}",
             warned.stderr
         );
+        if mode == "nft" {
+            common::must(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &lab.pod.name,
+                    "iptables-legacy",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "9",
+                    "-j",
+                    "RETURN",
+                ],
+            );
+            let warned = lab.cni("CHECK", &conf).ok();
+            let needle = "IPv4 iptables-legacy nat rule 1 of OUTPUT `-p tcp -m tcp --dport 9 -j RETURN` runs beside ours";
+            assert!(
+                warned.stderr.contains(needle),
+                "{needle:?} not in {}",
+                warned.stderr
+            );
+        }
         lab.cni("DEL", &conf).ok();
     }
 }

@@ -128,6 +128,26 @@ impl Iptables {
                 }
             }
         }
+        // iptables-legacy's nat table runs beside iptables-nft's, at the same priority, and
+        // nftables cannot see it.
+        if self.mode == IptablesMode::Nft {
+            let legacy = IptablesMode::Legacy;
+            let present = tools::nat_present(legacy);
+            for family in Family::ALL.into_iter().filter(|f| present[f.index()]) {
+                let Ok(table) = self.tools().read_nat(legacy, family) else {
+                    continue;
+                };
+                for base in ["PREROUTING", "OUTPUT"] {
+                    if let Some((number, rule)) = table.first_effective(base) {
+                        found.push(format!(
+                            "{} iptables-legacy nat rule {number} of {base} `{rule}` runs beside \
+                             ours: connections it translates first are not intercepted",
+                            family.label()
+                        ));
+                    }
+                }
+            }
+        }
         let own_tables = |c: &listing::BaseChain| {
             self.mode == IptablesMode::Nft
                 && matches!(c.family, listing::IPV4 | listing::IPV6)

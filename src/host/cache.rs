@@ -215,13 +215,14 @@ fn read_current(path: &Path, boot_id: &str) -> Option<Verdict> {
     Some(verdict)
 }
 
-/// Opens `path` read-only, or read-write and created 0600 when `create`; never via a symlink.
+/// Opens `path` read-only, or read-write and created 0600 when `create`; never via a symlink,
+/// and without blocking on a FIFO (which is then no verdict, or no lock).
 fn open_nofollow(path: &Path, create: bool) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(create)
         .create(create)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
         .mode(0o600)
         .open(path)
 }
