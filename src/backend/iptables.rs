@@ -3,6 +3,7 @@
 //! `iptables-{legacy,nft}-restore --noflush`, one atomic restore per family.
 
 mod detect;
+mod netlink_removal;
 mod render;
 mod save;
 mod tools;
@@ -66,17 +67,35 @@ impl Iptables {
         family: Family,
         nat_present: bool,
     ) -> Result<String> {
-        let existing = self.tools().read_nat_if(self.mode, family, nat_present)?;
+        let existing = match self.tools().read_nat_if(self.mode, family, nat_present) {
+            // A rule made with `nft` that -save cannot print: ours go over netlink (with every
+            // jump to them, that rule too if it is one), then the table is read again.
+            Err(e) if self.mode == IptablesMode::Nft && e.code == Code::Backend => {
+                log::warn!("{e}; removing ours over netlink, then reading again");
+                netlink_removal::remove_own(family)?;
+                self.tools().read_nat_if(self.mode, family, nat_present)?
+            }
+            other => other?,
+        };
         Ok(render::apply_input(plan, family, &existing))
     }
 
-    /// Removes our chains and jumps of one mode and family, if there are any.
+    /// Removes our chains and jumps of one mode and family, if there are any. When iptables-nft
+    /// cannot read or write a table that holds rules made with `nft`, they go over netlink.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
-        let existing = tools.read_nat(mode, family)?;
-        match render::remove_input(&existing) {
-            Some(input) => tools.restore(mode, family, &input),
-            None => Ok(()),
+        let removed = tools
+            .read_nat(mode, family)
+            .and_then(|existing| match render::remove_input(&existing) {
+                Some(input) => tools.restore(mode, family, &input),
+                None => Ok(()),
+            });
+        match removed {
+            Err(e) if mode == IptablesMode::Nft => {
+                log::warn!("{e}; removing over netlink instead");
+                netlink_removal::remove_own(family)
+            }
+            other => other,
         }
     }
 
