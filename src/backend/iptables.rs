@@ -26,6 +26,11 @@ pub fn sweep_stale_lock_files() -> Result<usize> {
     tools::sweep_lock_files(&live)
 }
 
+/// Whether `name` is one of the per-netns lock files (they share the default state dir).
+pub fn is_lock_file_name(name: &str) -> bool {
+    tools::lock_file_inode(name).is_some()
+}
+
 /// For STATUS: the IPv4 save/restore pair ADD would spawn exists (code 50 naming it otherwise).
 pub fn restore_binaries_present(mode: IptablesMode, options: &BackendOptions) -> Result<()> {
     let tools = Tools {

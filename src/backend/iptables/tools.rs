@@ -360,7 +360,7 @@ pub fn sweep_lock_files(live: &std::collections::HashSet<u64>) -> Result<usize> 
 }
 
 /// The namespace inode in a lock file's name (`xtables-N.lock`, `xtables6-N.lock`).
-fn lock_file_inode(name: &str) -> Option<u64> {
+pub fn lock_file_inode(name: &str) -> Option<u64> {
     let stem = name.strip_suffix(".lock")?;
     let digits = stem
         .strip_prefix("xtables-")
