@@ -7,9 +7,18 @@ set -eu
 CNI_CONF_DIR="${CNI_CONF_DIR:-/host/etc/cni/net.d}"
 CNI_BIN_DIR="${CNI_BIN_DIR:-/host/opt/cni/bin}"
 PLUGIN_CONFIG="${PLUGIN_CONFIG:-}"
+# The agent's HTTP endpoints (/healthz, /readyz, /metrics) and the host root its host check reads.
+LISTEN_ADDR="${LISTEN_ADDR:-}"
+HOST_ROOT="${HOST_ROOT:-}"
 
 set -- install --watch --cni-conf-dir "$CNI_CONF_DIR" --cni-bin-dir "$CNI_BIN_DIR"
 if [ -n "$PLUGIN_CONFIG" ]; then
     set -- "$@" --plugin-config "$PLUGIN_CONFIG"
+fi
+if [ -n "$LISTEN_ADDR" ]; then
+    set -- "$@" --listen "$LISTEN_ADDR"
+fi
+if [ -n "$HOST_ROOT" ]; then
+    set -- "$@" --host-root "$HOST_ROOT"
 fi
 exec /usr/local/bin/intercept-cni "$@"

@@ -7,6 +7,7 @@
 //! narrowed: the intent is ambiguous, and the error says which forms would be accepted.
 
 use super::error::{Code, Error, Result};
+use crate::agent::events;
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use crate::host::Policy as HostPolicy;
 use crate::logging;
@@ -222,6 +223,7 @@ const KNOWN_KEYS: &[&str] = &[
     "logFile",
     "logFileMaxBytes",
     "hostPrerequisites",
+    "eventsSocket",
 ];
 
 pub const DEFAULT_STATE_DIR: &str = "/var/run/intercept-cni";
@@ -371,6 +373,24 @@ fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>>
     Ok(Some(path))
 }
 
+/// Where the invocation's event record goes (`eventsSocket`): an absolute path short enough for
+/// a unix socket address, `""` for nowhere, or by default the agent's socket.
+pub fn events_target(obj: &Map<String, Value>) -> Result<events::Target> {
+    match field::<String>(obj, "eventsSocket")? {
+        None => Ok(events::Target::default()),
+        Some(s) if s.is_empty() => Ok(events::Target::Off),
+        // sun_path holds 108 bytes with the terminating NUL.
+        Some(s) if s.starts_with('/') && s.len() < 108 => {
+            Ok(events::Target::Socket(PathBuf::from(s)))
+        }
+        Some(_) => Err(invalid(
+            "eventsSocket",
+            &obj["eventsSocket"],
+            "must be an absolute path shorter than 108 bytes, or \"\" for none",
+        )),
+    }
+}
+
 fn log_file_max_bytes(obj: &Map<String, Value>) -> Result<u64> {
     match field::<u64>(obj, "logFileMaxBytes")? {
         None => Ok(logging::DEFAULT_MAX_BYTES),
@@ -446,6 +466,9 @@ impl NetConf {
             Some(v @ Value::Object(_)) => Some(v.clone()),
             Some(v) => return Err(invalid("prevResult", v, "must be a JSON object")),
         };
+
+        // Read again by `cmd` even when other keys are invalid; validated here like every key.
+        events_target(obj)?;
 
         let valid_attachments = match field(obj, "cni.dev/valid-attachments")? {
             Some(list) => list,

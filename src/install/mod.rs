@@ -13,6 +13,7 @@ pub mod conflist;
 pub mod fsops;
 pub mod watch;
 
+use crate::agent;
 use crate::cni::error::{Code, Error, Result};
 use conflist::{ConfFile, Network, PLUGIN_TYPE};
 use serde_json::{Map, Value};
@@ -21,9 +22,6 @@ use std::path::{Path, PathBuf};
 
 /// The running executable: still readable through this link if its file was replaced.
 const SELF_EXE: &str = "/proc/self/exe";
-
-const USAGE: &str = "usage: intercept-cni install --cni-conf-dir DIR --cni-bin-dir DIR [--plugin-config FILE] [--watch]
-       intercept-cni uninstall --cni-conf-dir DIR --cni-bin-dir DIR";
 
 /// Exit status for a bad command line, as distinct from a failed install.
 const EXIT_USAGE: i32 = 2;
@@ -54,6 +52,7 @@ impl Installer {
         let plan = conflist::plan_install(&network, &files, &self.entry)?;
         // The binary before the config: a network naming our plugin must never exist without it.
         if fsops::install_binary(&self.binary, &self.bin_dir, PLUGIN_TYPE)? {
+            agent::metrics::binary_written();
             log::info!("copied {PLUGIN_TYPE} to {}", self.bin_dir.display());
         }
         let current = files.iter().find(|f| f.name == plan.file_name);
@@ -68,6 +67,7 @@ impl Installer {
                 fsops::remove(&self.conf_dir, replaced)?;
                 log::info!("converted {replaced} to {}", plan.file_name);
             }
+            agent::metrics::conflist_written();
             log::info!("chained {PLUGIN_TYPE} last in {}", plan.file_name);
         }
         Ok(Some(Installed {
@@ -173,13 +173,26 @@ fn parse_args(words: &[String], install_flags: bool) -> std::result::Result<Args
 /// `intercept-cni install ...`; `words` are the arguments after the subcommand.
 pub fn install_main(words: &[String]) -> i32 {
     init_logging();
-    let args = match parse_args(words, true) {
-        Ok(args) => args,
-        Err(why) => return usage_error(&why),
+    let (agent_options, words) = match agent::Options::extract(words) {
+        Ok(extracted) => extracted,
+        Err(why) => return usage_error("install", &why),
     };
+    let args = match parse_args(&words, true) {
+        Ok(args) => args,
+        Err(why) => return usage_error("install", &why),
+    };
+    if agent_options.given && !args.watch {
+        return usage_error(
+            "install",
+            "--listen, --events-socket and --host-root need --watch",
+        );
+    }
     let result = installer(&args).and_then(|installer| {
         if args.watch {
-            watch::run(&installer)
+            agent::start(&agent_options, &installer)?;
+            let stopped = watch::run(&installer);
+            agent::events::unbind();
+            stopped
         } else {
             installer.install()?.map(|_| ()).ok_or_else(|| {
                 Error::new(
@@ -201,7 +214,7 @@ pub fn uninstall_main(words: &[String]) -> i32 {
     init_logging();
     match parse_args(words, false) {
         Ok(args) => exit_status(uninstall(&args.conf_dir, &args.bin_dir)),
-        Err(why) => usage_error(&why),
+        Err(why) => usage_error("uninstall", &why),
     }
 }
 
@@ -226,8 +239,9 @@ fn installer(args: &Args) -> Result<Installer> {
     })
 }
 
-fn usage_error(why: &str) -> i32 {
-    log::error!("{why}\n{USAGE}");
+/// One line on stderr, pointing at the help.
+fn usage_error(subcommand: &str, why: &str) -> i32 {
+    eprintln!("intercept-cni {subcommand}: {why} (see `intercept-cni {subcommand} --help`)");
     EXIT_USAGE
 }
 

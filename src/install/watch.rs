@@ -6,6 +6,7 @@
 //! for what is Linux-only anyway.
 
 use super::{conflist, content_hash, fsops, uninstall, Installed, Installer};
+use crate::agent::metrics::{self, Pass};
 use crate::cni::error::{Error, Result};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -45,7 +46,9 @@ pub fn run(installer: &Installer) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot watch {}", installer.conf_dir.display()), e))?;
 
     // A failing first pass ends the run: a DaemonSet pod in a crash loop is seen at once.
-    let mut last = installer.install()?;
+    let mut last = installer
+        .install()
+        .inspect_err(|_| metrics::pass(Pass::Failed))?;
     log_waiting_if_none(installer, &last);
     loop {
         match wait(&signals, &inotify)? {
@@ -64,6 +67,7 @@ pub fn run(installer: &Installer) -> Result<()> {
                 installed
             }
             Err(e) => {
+                metrics::pass(Pass::Failed);
                 log::error!("{e}; trying again at the next change");
                 None
             }
@@ -72,6 +76,11 @@ pub fn run(installer: &Installer) -> Result<()> {
 }
 
 fn log_waiting_if_none(installer: &Installer, installed: &Option<Installed>) {
+    metrics::pass(if installed.is_some() {
+        Pass::Chained
+    } else {
+        Pass::Waiting
+    });
     if installed.is_none() {
         log::info!(
             "no valid CNI network config in {} yet: waiting for one",
