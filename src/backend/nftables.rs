@@ -49,7 +49,7 @@
 
 pub(crate) mod listing;
 mod sets;
-mod transport;
+pub(crate) mod transport;
 mod wire;
 
 use super::Backend;
