@@ -545,6 +545,55 @@ fn istio_excluded_interface(backend: Value) {
     run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
 }
 
+/// DNS capture (dns.txt.golden): the lo rules spare TCP 53 for the DNS rules, but only the UID
+/// rule spares it from the inbound port; a GID member's query to a resolver on lo meets the GID's
+/// `ISTIO_IN_REDIRECT` rule.
+fn istio_dns(backend: Value) {
+    let lab = Lab::new();
+    let resolver = Ipv4Addr::new(127, 0, 0, 53);
+    let table = [
+        row(
+            From::Pod,
+            Some((4000, 1337)),
+            "lo",
+            v4(resolver, 53),
+            Inbound,
+            "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            ISTIO_PROXY,
+            "lo",
+            v4(resolver, 53),
+            App,
+            "! --dports 53,15008 --uid-owner 1337, then --uid-owner 1337 RETURN",
+        ),
+        row(
+            From::Pod,
+            Some((4000, 1337)),
+            "lo",
+            v4(POD_V4, 8080),
+            App,
+            "-o lo -p tcp ! --dport 53 ! --uid-owner 1337 RETURN comes first",
+        ),
+        row(
+            From::Pod,
+            APP_USER,
+            "lo",
+            v4(POD_V4, 8080),
+            App,
+            "-o lo -p tcp ! --dport 53 ! --uid-owner 1337 RETURN",
+        ),
+    ];
+    let conf = conf(
+        &lab,
+        backend,
+        json!({"dnsCapture": true}),
+        istio_pod(json!({})),
+    );
+    run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
+}
+
 /// Pods istio-cni leaves alone: a gateway, and a pod that runs istio-init itself.
 fn istio_skipped_pods(backend: Value) {
     let lab = Lab::new();
@@ -757,6 +806,7 @@ macro_rules! per_backend {
             #[test] fn istio_tuned() { super::istio_tuned(b()) }
             #[test] fn istio_excluded_interface() { super::istio_excluded_interface(b()) }
             #[test] fn istio_skipped_pods() { super::istio_skipped_pods(b()) }
+            #[test] fn istio_dns() { super::istio_dns(b()) }
             #[test] fn linkerd_default() { super::linkerd_default(b()) }
             #[test] fn own_pod() { super::own_pod(b()) }
         }

@@ -78,9 +78,14 @@ pub(super) fn program(plan: &InterceptPlan) -> Program {
             matches.extend([Match::NotDestPort(TUNNEL_PORT), is.clone()]);
             Rule::of(f, matches, Action::ToInbound)
         });
-        // appN => appN by lo: direct.
+        // appN => appN by lo: direct; with DNS capture not TCP 53, which goes on to the DNS
+        // rules (`-o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN`, and the same
+        // for each GID: a GID member's query to a resolver on lo meets the GID's inbound rule).
         if !loopback_included {
-            outbound.push(Rule::new(vec![lo(), is_not], Action::Return));
+            let mut matches = vec![lo()];
+            matches.extend(dns_port.clone());
+            matches.push(is_not);
+            outbound.push(Rule::new(matches, Action::Return));
         }
         outbound.push(Rule::new(vec![is], Action::Return));
     }
