@@ -511,6 +511,57 @@ fn istio_tuned(backend: Value) {
     run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
 }
 
+/// An IPv6-first pod: istio-cni programs both families without dual-stack (getLocalIP).
+fn istio_ipv6_first(backend: Value) {
+    let lab = Lab::new();
+    let table = [
+        row(
+            From::Peer,
+            ROOT,
+            "eth0",
+            v6(POD_V6, 8080),
+            Inbound,
+            "ip6tables ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Peer,
+            ROOT,
+            "eth0",
+            v4(POD_V4, 8080),
+            Inbound,
+            "iptables ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            APP_USER,
+            "eth0",
+            v6(PEER_V6, 8080),
+            Outbound,
+            "ip6tables ISTIO_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            ISTIO_PROXY,
+            "lo",
+            v6(POD_V6, 8080),
+            Inbound,
+            "-o lo ! -d ::1 --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            APP_USER,
+            "lo",
+            v6(POD_V6, 8080),
+            App,
+            "-o lo ! --uid-owner 1337 RETURN",
+        ),
+    ];
+    let mut conf = conf(&lab, backend, json!({}), istio_pod(json!({})));
+    let ips = conf["prevResult"]["ips"].as_array_mut().unwrap();
+    ips.reverse();
+    run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
+}
+
 /// excludeInterfaces: nothing through the pod's eth0 is redirected, either way.
 fn istio_excluded_interface(backend: Value) {
     let lab = Lab::new();
@@ -755,6 +806,7 @@ macro_rules! per_backend {
             fn b() -> Value { $conf }
             #[test] fn istio_default() { super::istio_default(b()) }
             #[test] fn istio_tuned() { super::istio_tuned(b()) }
+            #[test] fn istio_ipv6_first() { super::istio_ipv6_first(b()) }
             #[test] fn istio_excluded_interface() { super::istio_excluded_interface(b()) }
             #[test] fn istio_skipped_pods() { super::istio_skipped_pods(b()) }
             #[test] fn linkerd_default() { super::linkerd_default(b()) }
