@@ -353,6 +353,49 @@ mod golden {
         compare("tproxy-only-v4.rules", &only, Family::V4);
     }
 
+    /// DNS capture's jump must precede the outbound one: added to a table where the outbound
+    /// jump sits before another deciding rule, both are put back first, in order.
+    #[test]
+    fn dns_jump_goes_before_the_outbound_one() {
+        let mut plan = InterceptPlan::with_defaults(Families::BOTH);
+        plan.dns = Some(DnsCapture::istio());
+        let table = NatTable::parse(
+            "*nat\n:ICNI_INBOUND - [0:0]\n:ICNI_OUTBOUND - [0:0]\n\
+             -A PREROUTING -p tcp -j ICNI_INBOUND\n\
+             -A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
+             -A OUTPUT -p tcp -j RETURN\nCOMMIT\n",
+        );
+        let input = apply_input(&plan, Family::V4, &table);
+        let hooks: Vec<&str> = input
+            .lines()
+            .filter(|l| l.contains(" OUTPUT ") || l.contains(" PREROUTING "))
+            .collect();
+        assert_eq!(
+            hooks,
+            [
+                "-D OUTPUT 1",
+                "-I OUTPUT 1 -p tcp -j ICNI_OUTBOUND",
+                "-I OUTPUT 1 -j ICNI_DNS"
+            ]
+        );
+        // Turned off again: its chain and jump go.
+        let with_dns = NatTable::parse(
+            "*nat\n:ICNI_INBOUND - [0:0]\n:ICNI_OUTBOUND - [0:0]\n:ICNI_DNS - [0:0]\n\
+             -A PREROUTING -p tcp -j ICNI_INBOUND\n\
+             -A OUTPUT -j ICNI_DNS\n\
+             -A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
+             -A ICNI_DNS -j RETURN\nCOMMIT\n",
+        );
+        let input = apply_input(
+            &InterceptPlan::with_defaults(Families::BOTH),
+            Family::V4,
+            &with_dns,
+        );
+        assert!(input.contains("\n:ICNI_DNS - [0:0]\n"), "{input}");
+        assert!(input.contains("\n-D OUTPUT 1\n"), "{input}");
+        assert!(input.ends_with("-X ICNI_DNS\nCOMMIT\n"), "{input}");
+    }
+
     #[test]
     fn modes_off_add_nothing() {
         let plan = InterceptPlan::with_defaults(Families::BOTH);
