@@ -237,11 +237,10 @@ const NFT_NAT_CHAINS: &[Requirement] = &[
 
 #[rustfmt::skip]
 const NFTABLES: &[Requirement] = &[
-    row("nft_nat", "NFT_NAT", Any, Redirect, "dnat to the proxy ports"),
+    row("nft_nat", "NFT_NAT", Any, Redirect, "nat expression (DNS capture's dnat)"),
     row("nft_ct", "NFT_CT", Any, Mode(Modes::ALL),
         "ct expression: DNS capture's conntrack zones, TPROXY's and INVALID drop's state and marks"),
-    row("nft_redir", "NFT_REDIR", Any, NotUsed,
-        "redirect statement (Istio's rules; ours use dnat)"),
+    row("nft_redir", "NFT_REDIR", Any, Redirect, "redirect to the proxy ports"),
     row("nft_socket", "NFT_SOCKET", Any, NotUsed,
         "socket expression (other TPROXY rule sets), not used here"),
     row("nft_tproxy", "NFT_TPROXY", Any, Mode(Modes::TPROXY),
