@@ -5,6 +5,7 @@
 mod chains;
 mod detect;
 mod modes;
+mod netlink_removal;
 mod render;
 mod save;
 mod tools;
@@ -25,6 +26,11 @@ pub fn sweep_stale_lock_files() -> Result<usize> {
     let live = crate::netns::live_namespaces()
         .map_err(|e| Error::io("cannot list the live network namespaces", e))?;
     tools::sweep_lock_files(&live)
+}
+
+/// Whether `name` is one of the per-netns lock files (they share the default state dir).
+pub fn is_lock_file_name(name: &str) -> bool {
+    tools::lock_file_inode(name).is_some()
 }
 
 /// For STATUS: the IPv4 save/restore pair ADD would spawn exists (code 50 naming it otherwise).
@@ -72,7 +78,16 @@ impl Iptables {
     ) -> Result<String> {
         let tools = self.tools();
         let i = family.index();
-        let existing = tools.read_nat_if(self.mode, family, present[0][i])?;
+        let existing = match tools.read_nat_if(self.mode, family, present[0][i]) {
+            // A rule made with `nft` that -save cannot print: ours go over netlink (with every
+            // jump to them, that rule too if it is one), then the table is read again.
+            Err(e) if self.mode == IptablesMode::Nft && e.code == Code::Backend => {
+                log::warn!("{e}; removing ours over netlink, then reading again");
+                netlink_removal::remove_own(family)?;
+                tools.read_nat_if(self.mode, family, present[0][i])?
+            }
+            other => other?,
+        };
         let mut input = render::apply_input(plan, family, &existing);
         for (table, exists) in modes::EXTRA_TABLES.iter().zip(&present[1..]) {
             let (chains, hooks) = modes::table(plan, family, table);
@@ -91,20 +106,31 @@ impl Iptables {
     }
 
     /// Removes our chains and jumps of one mode and family, in every table, if there are any.
+    /// When iptables-nft cannot read or write a table that holds rules made with `nft`, they go
+    /// over netlink.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
-        let present = tools::tables_present(mode, &TABLES);
-        let mut input = String::new();
-        for (table, exists) in TABLES.iter().zip(&present) {
-            if !exists[family.index()] {
-                continue;
+        let removed = (|| {
+            let present = tools::tables_present(mode, &TABLES);
+            let mut input = String::new();
+            for (table, exists) in TABLES.iter().zip(&present) {
+                if !exists[family.index()] {
+                    continue;
+                }
+                let existing = tools.read_table_if(mode, family, table, true)?;
+                input += &render::remove_section(table, &existing).unwrap_or_default();
             }
-            let existing = tools.read_table_if(mode, family, table, true)?;
-            input += &render::remove_section(table, &existing).unwrap_or_default();
-        }
-        match input.is_empty() {
-            false => tools.restore(mode, family, &input),
-            true => Ok(()),
+            match input.is_empty() {
+                false => tools.restore(mode, family, &input),
+                true => Ok(()),
+            }
+        })();
+        match removed {
+            Err(e) if mode == IptablesMode::Nft => {
+                log::warn!("{e}; removing over netlink instead");
+                netlink_removal::remove_own(family)
+            }
+            other => other,
         }
     }
 
@@ -153,6 +179,26 @@ impl Iptables {
                          the connections it matches are never NATed, so never intercepted",
                         family.label()
                     ));
+                }
+            }
+        }
+        // iptables-legacy's nat table runs beside iptables-nft's, at the same priority, and
+        // nftables cannot see it.
+        if self.mode == IptablesMode::Nft {
+            let legacy = IptablesMode::Legacy;
+            let present = tools::tables_present(legacy, &["nat"])[0];
+            for family in Family::ALL.into_iter().filter(|f| present[f.index()]) {
+                let Ok(table) = self.tools().read_table_if(legacy, family, "nat", true) else {
+                    continue;
+                };
+                for base in ["PREROUTING", "OUTPUT"] {
+                    if let Some((number, rule)) = table.first_effective(base) {
+                        found.push(format!(
+                            "{} iptables-legacy nat rule {number} of {base} `{rule}` runs beside \
+                             ours: connections it translates first are not intercepted",
+                            family.label()
+                        ));
+                    }
                 }
             }
         }

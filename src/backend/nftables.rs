@@ -51,7 +51,7 @@ mod expr;
 pub(crate) mod listing;
 mod modes;
 mod sets;
-mod transport;
+pub(crate) mod transport;
 mod wire;
 
 use super::Backend;
