@@ -237,7 +237,7 @@ const NFT_NAT_CHAINS: &[Requirement] = &[
 
 #[rustfmt::skip]
 const NFTABLES: &[Requirement] = &[
-    row("nft_nat", "NFT_NAT", Any, Redirect, "nat expression (DNS capture's dnat)"),
+    row("nft_nat", "NFT_NAT", Any, Mode(Modes::DNS), "nat expression: DNS capture's dnat"),
     row("nft_ct", "NFT_CT", Any, Mode(Modes::ALL),
         "ct expression: DNS capture's conntrack zones, TPROXY's and INVALID drop's state and marks"),
     row("nft_redir", "NFT_REDIR", Any, Redirect, "redirect to the proxy ports"),
@@ -538,7 +538,10 @@ mod tests {
             ..Modes::default()
         };
         let legacy = BackendKind::Iptables(IptablesMode::Legacy);
-        assert_eq!(required(BackendKind::Nftables, dns, false), ["nft_ct"]);
+        assert_eq!(
+            required(BackendKind::Nftables, dns, false),
+            ["nft_nat", "nft_ct"]
+        );
         assert_eq!(
             required(BackendKind::Nftables, tproxy, true),
             ["nft_ct", "nft_tproxy", "nf_tproxy_ipv4", "nf_tproxy_ipv6"]
