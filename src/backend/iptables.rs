@@ -110,8 +110,8 @@ impl Iptables {
     /// over netlink.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
+        let present = tools::tables_present(mode, &TABLES);
         let removed = (|| {
-            let present = tools::tables_present(mode, &TABLES);
             let mut input = String::new();
             for (table, exists) in TABLES.iter().zip(&present) {
                 if !exists[family.index()] {
@@ -188,7 +188,7 @@ impl Iptables {
             let legacy = IptablesMode::Legacy;
             let present = tools::tables_present(legacy, &["nat"])[0];
             for family in Family::ALL.into_iter().filter(|f| present[f.index()]) {
-                let Ok(table) = self.tools().read_table_if(legacy, family, "nat", true) else {
+                let Ok(table) = self.tools().read_nat_if(legacy, family, true) else {
                     continue;
                 };
                 for base in ["PREROUTING", "OUTPUT"] {

@@ -355,17 +355,13 @@ impl Lists {
         source: bool,
         nets: &[IpNetwork],
     ) -> Option<Match> {
-        let mine: Vec<IpNetwork> = nets
-            .iter()
-            .copied()
-            .filter(|n| Family::of(n.ip()) == family)
-            .collect();
-        match mine[..] {
-            [] => None,
-            [net] if source => Some(Match::Saddr(net)),
-            [net] => Some(Match::Daddr(net)),
+        let mut mine = nets.iter().filter(|n| Family::of(n.ip()) == family);
+        match (mine.next(), mine.next()) {
+            (None, _) => None,
+            (Some(&net), None) if source => Some(Match::Saddr(net)),
+            (Some(&net), None) => Some(Match::Daddr(net)),
             _ => {
-                self.0.push(SetSpec::nets(name, family.key(), &mine));
+                self.0.push(SetSpec::nets(name, family.key(), nets));
                 Some(Match::AddrIn {
                     family,
                     source,
@@ -480,10 +476,10 @@ impl Ruleset {
         // Sets and their elements before the rules that look them up (a constant set takes
         // no elements once a rule is bound to it).
         for (id, set) in (1..).zip(&self.sets) {
-            for msg in set.messages(id) {
+            set.messages(id, |msg| {
                 batch.push(msg);
                 steps.push(Step::Set(set.name));
-            }
+            });
         }
         for spec in &self.chains {
             let chain = spec.to_chain();

@@ -336,8 +336,18 @@ fn port(obj: &Map<String, Value>, key: &str) -> Result<Option<u16>> {
     }
 }
 
+/// The array at `key`, borrowed (lists can hold thousands of entries; no copy); absent or null
+/// means "use the default".
+fn list<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a [Value]>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => Ok(Some(items)),
+        Some(v) => Err(invalid(key, v, "must be a list")),
+    }
+}
+
 fn port_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<PortRange>>> {
-    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+    let Some(items) = list(obj, key)? else {
         return Ok(None);
     };
     items
@@ -372,7 +382,7 @@ fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
 }
 
 fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork>>> {
-    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+    let Some(items) = list(obj, key)? else {
         return Ok(None);
     };
     items

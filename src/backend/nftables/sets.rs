@@ -95,10 +95,12 @@ impl SetSpec {
         SetSpec::new(name, KeyKind::Port, intervals)
     }
 
-    /// All networks must be of the family of `key` (`Ipv4` or `Ipv6`).
+    /// The networks of the family of `key` (`Ipv4` or `Ipv6`) among `nets`.
     pub fn nets(name: &'static str, key: KeyKind, nets: &[IpNetwork]) -> SetSpec {
+        let v6 = key == KeyKind::Ipv6;
         let intervals = nets
             .iter()
+            .filter(|n| n.is_ipv6() == v6)
             .map(|n| {
                 let (start, end) = match n {
                     IpNetwork::V4(n) => (
@@ -122,13 +124,18 @@ impl SetSpec {
     }
 
     /// The elements as the kernel holds them, ascending: (key, is interval end).
-    pub fn elements(&self) -> Vec<(u128, bool)> {
-        elements_of(&self.intervals, self.key)
+    pub fn elements(&self) -> impl Iterator<Item = (u128, bool)> + '_ {
+        let max = self.key.max();
+        self.intervals.iter().flat_map(move |&(start, end)| {
+            let after = (end < max).then(|| (end + 1, true));
+            std::iter::once((start, false)).chain(after)
+        })
     }
 
     /// NFT_MSG_NEWSET, then as many NFT_MSG_NEWSETELEM as the elements need (an attribute
-    /// holds at most 64 KiB). `id` names the set within the batch (the kernel wants one).
-    pub fn messages(&self, id: u32) -> Vec<Msg> {
+    /// holds at most 64 KiB), each handed to `emit` as soon as it is full. `id` names the set
+    /// within the batch (the kernel wants one).
+    pub fn messages(&self, id: u32, mut emit: impl FnMut(Msg)) {
         let mut set = Msg::new(
             sys::NFT_MSG_NEWSET as u16,
             ProtocolFamily::Inet,
@@ -140,7 +147,7 @@ impl SetSpec {
             .be32(sys::NFTA_SET_KEY_TYPE, self.key.nft_type())
             .be32(sys::NFTA_SET_KEY_LEN, self.key.len() as u32)
             .be32(sys::NFTA_SET_ID, id);
-        let mut msgs = vec![set];
+        emit(set);
         // list element + key + value + flags headers, key padded, flags value.
         let largest = 4 + 4 + 4 + self.key.len().next_multiple_of(4) + 8;
         let mut current: Option<Msg> = None;
@@ -149,7 +156,7 @@ impl SetSpec {
                 .as_ref()
                 .is_some_and(|m| m.open_len() + largest > wire::MAX_ATTR_PAYLOAD)
             {
-                msgs.push(close(current.take()));
+                emit(close(current.take()));
             }
             let msg = current.get_or_insert_with(|| self.element_list());
             msg.begin(sys::NFTA_LIST_ELEM)
@@ -162,9 +169,8 @@ impl SetSpec {
             msg.end();
         }
         if current.is_some() {
-            msgs.push(close(current));
+            emit(close(current));
         }
-        msgs
     }
 
     fn element_list(&self) -> Msg {
@@ -202,18 +208,30 @@ impl SetSpec {
     /// Intervals present in one list and not the other, as nft prints them: (missing, extra).
     pub fn differences(&self, installed: &[(u128, bool)]) -> (Vec<String>, Vec<String>) {
         let have = intervals_of(installed, self.key);
-        let missing = self
-            .intervals
-            .iter()
-            .filter(|i| !have.contains(i))
-            .map(|&i| self.fmt_interval(i))
-            .collect();
-        let extra = have
-            .iter()
-            .filter(|i| !self.intervals.contains(i))
-            .map(|&i| self.fmt_interval(i))
-            .collect();
-        (missing, extra)
+        let (mut missing, mut extra) = (Vec::new(), Vec::new());
+        // Both lists are sorted: one walk.
+        let (mut want, mut got) = (self.intervals.iter().peekable(), have.iter().peekable());
+        loop {
+            match (want.peek(), got.peek()) {
+                (Some(w), Some(g)) if w == g => {
+                    want.next();
+                    got.next();
+                }
+                (Some(w), Some(g)) if w < g => {
+                    missing.push(self.fmt_interval(**w));
+                    want.next();
+                }
+                (_, Some(g)) => {
+                    extra.push(self.fmt_interval(**g));
+                    got.next();
+                }
+                (Some(w), None) => {
+                    missing.push(self.fmt_interval(**w));
+                    want.next();
+                }
+                (None, None) => return (missing, extra),
+            }
+        }
     }
 }
 
@@ -233,28 +251,23 @@ fn last_v6(n: &ipnetwork::Ipv6Network) -> u128 {
     u128::from(n.network()) | hosts
 }
 
-/// Sorts and merges overlapping and adjacent intervals.
+/// Sorts and merges overlapping and adjacent intervals, in place (lists can be long).
 fn merge(mut intervals: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     intervals.sort_unstable();
-    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(intervals.len());
-    for (start, end) in intervals {
-        match merged.last_mut() {
-            Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
+    let mut kept = 0;
+    for i in 0..intervals.len() {
+        let (start, end) = intervals[i];
+        if kept > 0 && start <= intervals[kept - 1].1.saturating_add(1) {
+            let last = &mut intervals[kept - 1];
+            last.1 = last.1.max(end);
+        } else {
+            intervals[kept] = (start, end);
+            kept += 1;
         }
     }
-    merged
-}
-
-fn elements_of(intervals: &[(u128, u128)], key: KeyKind) -> Vec<(u128, bool)> {
-    let mut out = Vec::with_capacity(intervals.len() * 2);
-    for &(start, end) in intervals {
-        out.push((start, false));
-        if end < key.max() {
-            out.push((end + 1, true));
-        }
-    }
-    out
+    intervals.truncate(kept);
+    intervals.shrink_to_fit();
+    intervals
 }
 
 /// The intervals a kernel's elements describe (any order): each start runs to the next end
@@ -346,12 +359,13 @@ mod tests {
     #[test]
     fn an_interval_ending_at_the_largest_key_has_no_end_element() {
         let set = SetSpec::ports("p", &ports(&[(53, 53), (60000, 65535)]));
-        assert_eq!(set.elements(), [(53, false), (54, true), (60000, false)]);
+        let elements = |s: &SetSpec| s.elements().collect::<Vec<_>>();
+        assert_eq!(elements(&set), [(53, false), (54, true), (60000, false)]);
         let all = SetSpec::nets("n", KeyKind::Ipv6, &nets(&["::/0"]));
-        assert_eq!(all.elements(), [(0, false)]);
+        assert_eq!(elements(&all), [(0, false)]);
         assert_eq!(all.fmt_interval(all.intervals[0]), "::/0");
         let top = SetSpec::nets("n", KeyKind::Ipv4, &nets(&["255.255.255.0/24"]));
-        assert_eq!(top.elements(), [(0xffff_ff00, false)]);
+        assert_eq!(elements(&top), [(0xffff_ff00, false)]);
     }
 
     #[test]
@@ -361,7 +375,7 @@ mod tests {
             KeyKind::Ipv4,
             &nets(&["1.1.1.1/32", "10.0.0.0/8", "255.0.0.0/8"]),
         );
-        let mut installed = set.elements();
+        let mut installed: Vec<_> = set.elements().collect();
         installed.reverse();
         assert_eq!(set.differences(&installed), (vec![], vec![]));
         installed.retain(|&(k, _)| k != 0x0a00_0000 && k != 0x0b00_0000);
@@ -387,7 +401,8 @@ mod tests {
             .map(|i| IpNetwork::new(Ipv6Addr::from(u128::from(i) << 80).into(), 64).unwrap())
             .collect();
         let set = SetSpec::nets("n", KeyKind::Ipv6, &many);
-        let msgs = set.messages(1);
+        let mut msgs = Vec::new();
+        set.messages(1, |m| msgs.push(m));
         assert!(msgs.len() > 3, "{} messages", msgs.len());
         let mut decoded = Vec::new();
         for msg in &msgs[1..] {
@@ -398,6 +413,6 @@ mod tests {
                 decoded.push(decode_element(elem, KeyKind::Ipv6).unwrap());
             }
         }
-        assert_eq!(decoded, set.elements());
+        assert_eq!(decoded, set.elements().collect::<Vec<_>>());
     }
 }

@@ -55,7 +55,14 @@ pub fn send(mut batch: Vec<u8>, existing: Existing) -> Result<(), Failure> {
     }
     let kernel = NetlinkAddr::new(0, 0);
     let sent = sendto(sock.as_raw_fd(), &batch, &kernel, MsgFlags::empty())
-        .map_err(|e| Failure::Socket("cannot send the batch", e))?;
+        .map_err(|e| match e {
+            // Only when SO_SNDBUFFORCE was refused and net.core.wmem_max is below the batch.
+            Errno::EMSGSIZE => Failure::Socket(
+                "the batch is larger than the netlink send buffer may be (raise net.core.wmem_max, or run with CAP_NET_ADMIN in the host's user namespace)",
+                e,
+            ),
+            e => Failure::Socket("cannot send the batch", e),
+        })?;
     if sent != batch.len() {
         return Err(Failure::Socket("the batch was cut short", Errno::EMSGSIZE));
     }

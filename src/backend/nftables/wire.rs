@@ -144,16 +144,14 @@ rustables_objects!(
     rustables::Set
 );
 
-enum Part {
-    /// The next message of the rustables batch.
-    Rustables,
-    Own(Vec<u8>),
-}
-
-/// A batch of rustables objects and hand-encoded messages, in the order added.
+/// A batch of rustables objects and hand-encoded messages, in the order added, numbered 1, 2,
+/// ... Each hand-encoded message is copied in as it comes (a set's elements are never all held
+/// twice); rustables objects wait in a rustables batch until the next one.
 pub struct Batch {
-    objects: rustables::Batch,
-    parts: Vec<Part>,
+    out: Vec<u8>,
+    objects: Option<rustables::Batch>,
+    pending: usize,
+    seq: u32,
 }
 
 impl Default for Batch {
@@ -164,58 +162,69 @@ impl Default for Batch {
 
 impl Batch {
     pub fn new() -> Batch {
-        Batch {
-            objects: rustables::Batch::new(),
-            parts: Vec::new(),
-        }
+        let mut batch = Batch {
+            out: Vec::new(),
+            objects: None,
+            pending: 0,
+            seq: 0,
+        };
+        batch.frame(libc::NFNL_MSG_BATCH_BEGIN as u16);
+        batch
+    }
+
+    /// Batch begin and end belong to no subsystem; they name nf_tables as their resource.
+    fn frame(&mut self, kind: u16) {
+        let msg = Msg::raw(
+            kind,
+            libc::AF_UNSPEC as u8,
+            NLM_F_REQUEST,
+            libc::NFNL_SUBSYS_NFTABLES as u16,
+        );
+        self.append(&msg.into_bytes());
+    }
+
+    fn append(&mut self, message: &[u8]) {
+        let start = self.out.len();
+        self.out.extend_from_slice(message);
+        self.out[start + 8..start + 12].copy_from_slice(&self.seq.to_ne_bytes());
+        self.seq += 1;
     }
 
     /// Adds a rustables object (table, chain, rule, set).
     pub fn add(&mut self, obj: &impl Object, kind: MsgType) {
-        obj.add_to(&mut self.objects, kind);
-        self.parts.push(Part::Rustables);
+        obj.add_to(self.objects.get_or_insert_with(rustables::Batch::new), kind);
+        self.pending += 1;
     }
 
     /// Adds a hand-encoded message.
     pub fn push(&mut self, msg: Msg) {
-        self.parts.push(Part::Own(msg.into_bytes()));
+        self.flush();
+        self.append(&msg.into_bytes());
+    }
+
+    /// Copies the waiting rustables objects in (without rustables' batch begin and end).
+    fn flush(&mut self) {
+        let Some(objects) = self.objects.take() else {
+            return;
+        };
+        let theirs = objects.finalize();
+        let mut at = 0;
+        for i in 0..=self.pending {
+            let len = u32::from_ne_bytes(theirs[at..at + 4].try_into().unwrap()) as usize;
+            let end = at + len.next_multiple_of(4);
+            if i > 0 {
+                self.append(&theirs[at..end]);
+            }
+            at = end;
+        }
+        self.pending = 0;
     }
 
     /// The bytes to send: batch begin, the messages numbered 1.. in order, batch end.
-    pub fn finalize(self) -> Vec<u8> {
-        let ours: usize = self
-            .parts
-            .iter()
-            .map(|p| match p {
-                Part::Own(bytes) => bytes.len(),
-                Part::Rustables => 0,
-            })
-            .sum();
-        let theirs = self.objects.finalize();
-        let mut out = Vec::with_capacity(theirs.len() + ours);
-        let mut at = 0;
-        let mut next = || {
-            let len = u32::from_ne_bytes(theirs[at..at + 4].try_into().unwrap()) as usize;
-            let span = at..at + len.next_multiple_of(4);
-            at = span.end;
-            span
-        };
-        // rustables' batch begin and end frame everything.
-        out.extend_from_slice(&theirs[next()]);
-        for (i, part) in self.parts.iter().enumerate() {
-            let start = out.len();
-            match part {
-                Part::Rustables => out.extend_from_slice(&theirs[next()]),
-                Part::Own(bytes) => out.extend_from_slice(bytes),
-            }
-            let seq = i as u32 + 1;
-            out[start + 8..start + 12].copy_from_slice(&seq.to_ne_bytes());
-        }
-        let start = out.len();
-        out.extend_from_slice(&theirs[next()]);
-        let seq = self.parts.len() as u32 + 1;
-        out[start + 8..start + 12].copy_from_slice(&seq.to_ne_bytes());
-        out
+    pub fn finalize(mut self) -> Vec<u8> {
+        self.flush();
+        self.frame(libc::NFNL_MSG_BATCH_END as u16);
+        self.out
     }
 }
 
