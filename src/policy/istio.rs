@@ -187,8 +187,17 @@ pub(super) fn programs_itself(a: &Annotations) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Annotations under Istio's traffic prefix that this plugin does not read: never silent.
+/// Annotations under Istio's traffic prefix that this plugin does not read, and the proxy
+/// settings of `proxy.istio.io/config` that change capture but are not read here: never silent.
 pub(super) fn warn_unsupported(a: &Annotations) {
+    if a.get(ISTIO_PROXY_CONFIG)
+        .is_some_and(|c| c.contains("ISTIO_DUAL_STACK"))
+    {
+        log::warn!(
+            "pod annotation {ISTIO_PROXY_CONFIG}: ISTIO_DUAL_STACK is not read per pod; \
+             set \"dualStack\" in the netconf"
+        );
+    }
     for key in a.0.keys() {
         if key.starts_with("traffic.sidecar.istio.io/") && !TRAFFIC_KNOWN.contains(key) {
             log::warn!(
