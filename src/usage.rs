@@ -93,11 +93,11 @@ Flags:
                          variant the host already uses)
   --ipv6                 also check the IPv6 modules (default: IPv4 only)
   --dns-capture          also require DNS capture's modules (a config with \"dnsCapture\": true,
-                         or pods with Istio's ISTIO_META_DNS_CAPTURE)
+                         or pods with Istio's ISTIO_META_DNS_CAPTURE; default: not required)
   --tproxy               also require TPROXY's modules (\"interceptionMode\": \"TPROXY\", or pods
-                         with sidecar.istio.io/interceptionMode: TPROXY)
+                         with sidecar.istio.io/interceptionMode: TPROXY; default: not required)
   --drop-invalid         also require INVALID drop's modules (\"dropInvalid\": true, or pods with
-                         Istio's INVALID_DROP)
+                         Istio's INVALID_DROP; default: not required)
   --host-root DIR        read every host path under DIR, an existing directory where a container
                          has the host's / mounted; skips the kernel probe (default: this system)
   --json                 print the report as JSON: `problems` lists only what stands in the way

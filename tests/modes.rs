@@ -129,6 +129,23 @@ fn dns_capture_lands_on_the_agent_and_the_proxy_goes_out() {
         }
         // Other ports are untouched by DNS capture.
         lab.outbound_to_proxy(v4(PEER_V4, 80), None, OUTBOUND_PORT);
+        // CHECK sees the conntrack zones go; ADD puts them back.
+        let flush: &[&str] = match name {
+            "nftables" => &[
+                "nft",
+                "flush",
+                "chain",
+                "inet",
+                "intercept-cni",
+                "raw-output",
+            ],
+            "iptables-nft" => &["iptables-nft", "-t", "raw", "-F", "ICNI_DNS_OUT"],
+            _ => &["iptables-legacy", "-t", "raw", "-F", "ICNI_DNS_OUT"],
+        };
+        assert!(lab.pod.exec(flush).status.success(), "{name}: {flush:?}");
+        lab.cni("CHECK", &conf).error(103);
+        lab.cni("ADD", &conf).ok();
+        lab.cni("CHECK", &conf).ok();
         lab.cni("DEL", &conf).ok();
         let state = lab.pod.firewall_state();
         assert!(
@@ -447,6 +464,110 @@ fn istio_pod_asks_for_dns_capture_in_its_proxy_config() {
         assert_lands(&lab.pod, v4(POD_V4, 53), PROXY, &lab.pod, v4(POD_V4, 53));
         lab.outbound_to_proxy(v4(POD_V4, 8080), PROXY, INBOUND_PORT);
         lab.outbound_direct(server, PROXY);
+        lab.cni("DEL", &conf).ok();
+    }
+}
+
+/// Ones' complement sum of 16-bit words, as the TCP checksum wants it.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = parts.concat();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// From the peer, sends the pod a TCP segment without any flag (conntrack calls it INVALID) to a
+/// closed port; returns whether the pod answered with a RST, as its stack does when the packet
+/// reaches it.
+fn null_segment_gets_a_reset(lab: &Lab) -> bool {
+    lab.peer
+        .run(|| {
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+            assert!(fd >= 0, "raw socket");
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 300_000,
+            };
+            let ptr = &timeout as *const libc::timeval as *const libc::c_void;
+            let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, ptr, size) };
+            let (sport, dport) = (40_000u16, 9u16);
+            let mut tcp = [0u8; 20];
+            tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+            tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+            tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+            tcp[12] = 5 << 4; // header length, no flags at all
+            tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
+            let pseudo = [
+                &PEER_V4.octets()[..],
+                &POD_V4.octets()[..],
+                &[0, libc::IPPROTO_TCP as u8, 0, 20][..],
+            ]
+            .concat();
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            let (to, len) = sockaddr(&v4(POD_V4, 0));
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    tcp.as_ptr() as *const libc::c_void,
+                    tcp.len(),
+                    0,
+                    &to as *const _ as *const libc::sockaddr,
+                    len,
+                )
+            };
+            assert_eq!(sent, 20, "send the segment");
+            let mut reset = false;
+            let mut buf = [0u8; 1500];
+            for _ in 0..20 {
+                let n =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                if n <= 0 {
+                    break;
+                }
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                let seg = &buf[ihl..n as usize];
+                let from = u16::from_be_bytes([seg[0], seg[1]]);
+                let to = u16::from_be_bytes([seg[2], seg[3]]);
+                if (from, to) == (dport, sport) && seg[13] & 0x04 != 0 {
+                    reset = true;
+                    break;
+                }
+            }
+            unsafe { libc::close(fd) };
+            reset
+        })
+        .join()
+        .unwrap()
+}
+
+/// Istio's INVALID_DROP: a segment conntrack finds INVALID never reaches the pod's stack (which
+/// would answer it with a RST); without the mode it does.
+#[test]
+fn invalid_packets_are_dropped_on_arrival() {
+    for (name, backend) in backends() {
+        let lab = Lab::new();
+        let plain = lab.config("1.0.0", backend.clone());
+        lab.cni("ADD", &plain).ok();
+        assert!(
+            null_segment_gets_a_reset(&lab),
+            "{name}: no RST without the drop"
+        );
+        let conf = lab.config("1.0.0", with(&backend, json!({"dropInvalid": true})));
+        lab.cni("ADD", &conf).ok();
+        lab.cni("CHECK", &conf).ok();
+        assert!(
+            !null_segment_gets_a_reset(&lab),
+            "{name}: the INVALID segment got through"
+        );
+        // Valid traffic still flows.
+        lab.inbound_to_proxy(v4(POD_V4, 8080), INBOUND_PORT);
         lab.cni("DEL", &conf).ok();
     }
 }

@@ -512,8 +512,7 @@ impl Ruleset {
                 });
             }
         }
-        let (bytes, _) = expr::splice(batch.finalize(), &messages);
-        Ok((bytes, steps))
+        Ok((expr::splice(batch.finalize(), &messages), steps))
     }
 }
 

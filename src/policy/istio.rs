@@ -71,12 +71,14 @@ pub(super) fn istio_proxy_config(
     };
     let metadata = super::proxy_config::ProxyMetadata::parse(text)
         .map_err(|why| invalid(ISTIO_PROXY_CONFIG, text, why))?;
-    if metadata.dns_capture.is_some() || metadata.drop_invalid.is_some() {
+    if metadata != super::proxy_config::ProxyMetadata::default() {
         used.push(ISTIO_PROXY_CONFIG.to_string());
     }
     Ok(SettingsOverlay {
         dns_capture: metadata.dns_capture,
         drop_invalid: metadata.drop_invalid,
+        // ISTIO_DUAL_STACK: the proxy serves IPv6, so istio-cni programs ip6tables too.
+        dual_stack: metadata.dual_stack,
         ..SettingsOverlay::default()
     })
 }

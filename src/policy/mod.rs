@@ -28,7 +28,7 @@ mod linkerd;
 mod own;
 mod proxy_config;
 
-use crate::cni::config::{NetConf, PlanSettings, PodSelection, SettingsOverlay};
+use crate::cni::config::{ModeKey, NetConf, PlanSettings, PodSelection, SettingsOverlay};
 use crate::cni::error::{Error, Result};
 use crate::install::conflist::POD_ANNOTATIONS_CAPABILITY;
 use crate::plan::PortRange;
@@ -145,6 +145,15 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     }
     if let Some(mode) = istio_mode {
         settings.interception_mode = mode;
+    }
+    // Linkerd's proxy has no DNS agent and no transparent listener: the netconf's DNS capture
+    // and TPROXY (Istio's modes) would cut its pods off, so they keep REDIRECT without them.
+    if mesh == Some(Mesh::Linkerd)
+        && (settings.dns_capture || settings.interception_mode != ModeKey::Redirect)
+    {
+        log::info!("Linkerd pod: DNS capture and TPROXY are Istio's modes; not applied");
+        settings.dns_capture = false;
+        settings.interception_mode = ModeKey::Redirect;
     }
     if let Some(mesh) = mesh {
         for &port in mesh.own_inbound_ports() {
@@ -539,6 +548,16 @@ mod tests {
     }
 
     #[test]
+    fn linkerd_pods_keep_redirect_without_dns_capture() {
+        let s = settings_for(
+            json!({"dnsCapture": true, "interceptionMode": "TPROXY", "dropInvalid": true}),
+            json!({"linkerd.io/proxy-version": "stable-2.14.10"}),
+        );
+        assert!(!s.dns_capture && s.drop_invalid);
+        assert_eq!(s.interception_mode, ModeKey::Redirect);
+    }
+
+    #[test]
     fn istio_interception_modes() {
         intercept_reason(
             json!({}),
@@ -893,6 +912,17 @@ mod tests {
             Families::BOTH
         );
         let s = settings_for(json!({"dualStack": true}), istio_pod(json!({})));
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            Families::BOTH
+        );
+        // Or the proxy's own ISTIO_DUAL_STACK, as istio-cni reads it from the proxy's environment.
+        let s = settings_for(
+            json!({}),
+            istio_pod(
+                json!({ISTIO_PROXY_CONFIG: "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"}),
+            ),
+        );
         assert_eq!(
             build_plan(&s, Families::BOTH, false).unwrap().families,
             Families::BOTH

@@ -76,9 +76,14 @@ pub fn nat_chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
     let Some(dns) = plan.dns else {
         return Vec::new();
     };
-    // What precedes the DNS rules in Istio's ISTIO_OUTPUT: port exclusions (TCP and UDP), the
-    // inbound passthrough source, and the proxy's own traffic.
-    let mut rules = Vec::new();
+    // What precedes the DNS rules in Istio's nat OUTPUT: excluded interfaces, then in
+    // ISTIO_OUTPUT port exclusions (TCP and UDP), the inbound passthrough source, and the
+    // proxy's own traffic.
+    let mut rules: Vec<String> = plan
+        .exclude_interfaces
+        .iter()
+        .map(|iface| format!("-o {iface} -j RETURN"))
+        .collect();
     for ports in multiport_lists(&plan.exclude_outbound_ports) {
         for proto in ["tcp", "udp"] {
             rules.push(format!(
@@ -179,7 +184,15 @@ fn mangle(plan: &InterceptPlan, family: Family) -> (Vec<Chain>, Vec<Hook>) {
     if !plan.drop_invalid && tproxy.is_none() {
         return (Vec::new(), Vec::new());
     }
+    // Under TPROXY, Istio's excluded interfaces return in mangle too, before the INVALID drop.
     let mut pre = Vec::new();
+    if tproxy.is_some() {
+        pre.extend(
+            plan.exclude_interfaces
+                .iter()
+                .map(|iface| format!("-i {iface} -j RETURN")),
+        );
+    }
     if plan.drop_invalid {
         pre.push("-m conntrack --ctstate INVALID -j DROP".to_string());
     }
@@ -238,7 +251,12 @@ fn tproxy_chains(plan: &InterceptPlan, family: Family, t: Tproxy) -> Vec<Chain> 
         }
         InboundPorts::None => {}
     }
-    let mut out = vec![format!("-o lo -p tcp -m mark --mark {m} -j RETURN")];
+    let mut out: Vec<String> = plan
+        .exclude_interfaces
+        .iter()
+        .map(|iface| format!("-o {iface} -j RETURN"))
+        .collect();
+    out.push(format!("-o lo -p tcp -m mark --mark {m} -j RETURN"));
     for owner in owner_matches(plan) {
         out.push(format!(
             "! -d {} -o lo -p tcp {owner} -j MARK --set-xmark {om}/0xffffffff",
@@ -350,7 +368,53 @@ mod golden {
         compare("tproxy-v6.rules", &tproxy(), Family::V6);
         let mut only = tproxy();
         only.inbound_ports = InboundPorts::Only(vec![PortRange::new(8000, 8100).unwrap()]);
+        only.exclude_interfaces = vec!["eth9".parse().unwrap()];
+        only.drop_invalid = true;
+        only.dns = Some(DnsCapture::istio());
         compare("tproxy-only-v4.rules", &only, Family::V4);
+    }
+
+    /// DNS capture's jump must precede the outbound one: added to a table where the outbound
+    /// jump sits before another deciding rule, both are put back first, in order.
+    #[test]
+    fn dns_jump_goes_before_the_outbound_one() {
+        let mut plan = InterceptPlan::with_defaults(Families::BOTH);
+        plan.dns = Some(DnsCapture::istio());
+        let table = NatTable::parse(
+            "*nat\n:ICNI_INBOUND - [0:0]\n:ICNI_OUTBOUND - [0:0]\n\
+             -A PREROUTING -p tcp -j ICNI_INBOUND\n\
+             -A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
+             -A OUTPUT -p tcp -j RETURN\nCOMMIT\n",
+        );
+        let input = apply_input(&plan, Family::V4, &table);
+        let hooks: Vec<&str> = input
+            .lines()
+            .filter(|l| l.contains(" OUTPUT ") || l.contains(" PREROUTING "))
+            .collect();
+        assert_eq!(
+            hooks,
+            [
+                "-D OUTPUT 1",
+                "-I OUTPUT 1 -p tcp -j ICNI_OUTBOUND",
+                "-I OUTPUT 1 -j ICNI_DNS"
+            ]
+        );
+        // Turned off again: its chain and jump go.
+        let with_dns = NatTable::parse(
+            "*nat\n:ICNI_INBOUND - [0:0]\n:ICNI_OUTBOUND - [0:0]\n:ICNI_DNS - [0:0]\n\
+             -A PREROUTING -p tcp -j ICNI_INBOUND\n\
+             -A OUTPUT -j ICNI_DNS\n\
+             -A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
+             -A ICNI_DNS -j RETURN\nCOMMIT\n",
+        );
+        let input = apply_input(
+            &InterceptPlan::with_defaults(Families::BOTH),
+            Family::V4,
+            &with_dns,
+        );
+        assert!(input.contains("\n:ICNI_DNS - [0:0]\n"), "{input}");
+        assert!(input.contains("\n-D OUTPUT 1\n"), "{input}");
+        assert!(input.ends_with("-X ICNI_DNS\nCOMMIT\n"), "{input}");
     }
 
     #[test]

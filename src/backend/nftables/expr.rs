@@ -233,9 +233,9 @@ pub fn rule_message(table: &str, chain: &str, exprs: &[Expr]) -> Vec<u8> {
     msg
 }
 
-/// Inserts `messages` before the batch-end message of a finalized rustables batch, numbering
-/// them after its last object; returns the batch and the sequence of the first one.
-pub fn splice(batch: Vec<u8>, messages: &[Vec<u8>]) -> (Vec<u8>, u32) {
+/// Inserts `messages` before the batch-end message of a finalized batch, numbering them after
+/// its last object.
+pub fn splice(batch: Vec<u8>, messages: &[Vec<u8>]) -> Vec<u8> {
     let mut starts = Vec::new();
     let mut at = 0;
     while at + NLMSG_HDRLEN <= batch.len() {
@@ -256,7 +256,7 @@ pub fn splice(batch: Vec<u8>, messages: &[Vec<u8>]) -> (Vec<u8>, u32) {
         out.extend_from_slice(&msg);
     }
     out.extend_from_slice(&batch[end..]);
-    (out, first)
+    out
 }
 
 /// One attribute: its type (flags masked) and payload.
@@ -472,8 +472,11 @@ mod tests {
         batch.add(&table, rustables::MsgType::Add);
         let bytes = batch.finalize();
         let rule = rule_message("t", "c", &[verdict(NF_ACCEPT, None)]);
-        let (out, first) = splice(bytes.clone(), &[rule.clone(), rule]);
-        assert_eq!(first, 2);
+        let out = splice(bytes.clone(), &[rule.clone(), rule]);
+        // Batch begin 0, the table 1, ours 2 and 3, then batch end.
+        let seq_at = |at: usize| u32::from_ne_bytes(out[at + 8..at + 12].try_into().unwrap());
+        let ours = bytes.len() - 20; // batch end is the last 20 bytes
+        assert_eq!(seq_at(ours), 2);
         assert_eq!(
             out.len(),
             bytes.len() + 2 * rule_message("t", "c", &[verdict(NF_ACCEPT, None)]).len()

@@ -270,15 +270,19 @@ impl R {
         }
     }
     fn ifname(self, input: bool) -> R {
+        self.iface(input, "lo")
+    }
+    /// `iifname "eth1"` / `oifname "eth1"` (a validated `IfName`, or `lo`).
+    fn iface(self, input: bool, name: &str) -> R {
         let (key, kw) = match input {
             true => (expr::META_IIFNAME, "iifname"),
             false => (expr::META_OIFNAME, "oifname"),
         };
         self.add(
-            format!("{kw} \"lo\""),
+            format!("{kw} \"{name}\""),
             [
                 expr::meta_load(key),
-                expr::cmp(expr::CMP_EQ, &expr::ifname("lo")),
+                expr::cmp(expr::CMP_EQ, &expr::ifname(name)),
             ],
         )
     }
@@ -428,6 +432,12 @@ pub fn chains(plan: &InterceptPlan) -> Vec<ModeChain> {
     };
     if plan.drop_invalid || tproxy.is_some() {
         let mut pre = Vec::new();
+        // Under TPROXY, Istio's excluded interfaces return in mangle too, before the drop.
+        if tproxy.is_some() {
+            for iface in &plan.exclude_interfaces {
+                pre.push(R::new().iface(true, iface.as_str()).ret());
+            }
+        }
         if plan.drop_invalid {
             pre.push(
                 R::within(plan)
@@ -469,7 +479,11 @@ pub fn chains(plan: &InterceptPlan) -> Vec<ModeChain> {
 
 fn dns_chains(plan: &InterceptPlan, dns: DnsCapture) -> Vec<ModeChain> {
     let fams = families(plan);
-    let mut nat = Vec::new();
+    let mut nat: Vec<ModeRule> = plan
+        .exclude_interfaces
+        .iter()
+        .map(|iface| R::new().iface(false, iface.as_str()).ret())
+        .collect();
     for range in &plan.exclude_outbound_ports {
         for proto in ["tcp", "udp"] {
             nat.push(R::new().port(proto, true, *range).ret());
@@ -624,11 +638,18 @@ fn tproxy_chains(plan: &InterceptPlan, t: Tproxy) -> Vec<ModeChain> {
                 .verdict(expr::NF_ACCEPT, None)
         })
         .collect();
-    let mut output = vec![R::within(plan)
-        .ifname(false)
-        .l4("tcp")
-        .mark(t.mark, true)
-        .ret()];
+    let mut output: Vec<ModeRule> = plan
+        .exclude_interfaces
+        .iter()
+        .map(|iface| R::new().iface(false, iface.as_str()).ret())
+        .collect();
+    output.push(
+        R::within(plan)
+            .ifname(false)
+            .l4("tcp")
+            .mark(t.mark, true)
+            .ret(),
+    );
     for owner in owners(plan) {
         for &fam in &fams {
             output.push(
