@@ -121,6 +121,24 @@ impl Agent {
         }
     }
 
+    /// The value of an unlabelled sample in /metrics.
+    fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    }
+
+    /// Waits until the unlabelled sample `name` is at least `at_least`.
+    fn metric_reaches(&self, name: &str, at_least: u64) {
+        let started = Instant::now();
+        while self.metric(name) < at_least {
+            assert!(started.elapsed() < WAIT, "{name} stayed below {at_least}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until /metrics has `line` (a sample with its value).
     fn metric_becomes(&self, line: &str) {
         let started = Instant::now();
@@ -201,16 +219,35 @@ fn readiness_follows_the_entry_the_binary_and_the_host_check() {
     replace(&conflist, PRIMARY.as_bytes(), 0o644);
     agent.ready_becomes(200, "binary: ok");
 
+    // A replaced or deleted binary is put back within ~100 ms, too fast to catch "NOT READY"
+    // on a loaded machine: the re-install counter is what shows it was seen.
     let plugin = agent.path("bin/intercept-cni");
     let ours = std::fs::read(BIN).unwrap();
     let mut other = ours.clone();
     other[ours.len() / 2] ^= 0xff;
+    let reinstalls = agent.metric("intercept_cni_reinstalls_total");
     replace(&plugin, &other, 0o755);
+    agent.metric_reaches("intercept_cni_reinstalls_total", reinstalls + 1);
+    agent.ready_becomes(200, "binary: ok");
+    std::fs::remove_file(&plugin).unwrap();
+    agent.metric_reaches("intercept_cni_reinstalls_total", reinstalls + 2);
+    agent.ready_becomes(200, "binary: ok");
+    // A directory swapped in at the binary's name cannot be renamed over: not ready until it
+    // goes, a state that lasts however slow the machine is.
+    let blocker = agent.path("bin/blocker");
+    std::fs::create_dir(&blocker).unwrap();
+    nix::fcntl::renameat2(
+        None,
+        &blocker,
+        None,
+        &plugin,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap();
     agent.ready_becomes(503, "binary: NOT READY");
     agent.metric_becomes("intercept_cni_ready 0");
-    std::fs::remove_file(&plugin).unwrap();
-    agent.ready_becomes(503, "binary: NOT READY");
-    replace(&plugin, &ours, 0o755);
+    std::fs::remove_file(&blocker).unwrap();
+    std::fs::remove_dir(&plugin).unwrap();
     agent.ready_becomes(200, "binary: ok");
 
     let host = agent.path("host");
