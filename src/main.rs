@@ -72,9 +72,19 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
     };
     let wants_help = words.iter().any(|w| w == "--help" || w == "-h");
     match subcommand {
-        "-h" | "--help" => help(words.first().map(String::as_str)),
-        "help" if words.len() <= 1 => help(words.first().map(String::as_str)),
-        "help" => usage_error("help takes at most one subcommand"),
+        // `help --help` and `--help install -h` ask for help too: the flag names no subcommand.
+        "-h" | "--help" | "help" => {
+            let named: Vec<&str> = words
+                .iter()
+                .map(String::as_str)
+                .filter(|w| *w != "--help" && *w != "-h")
+                .collect();
+            match named[..] {
+                [] => help(None),
+                [one] => help(Some(one)),
+                _ => usage_error("help takes at most one subcommand"),
+            }
+        }
         s if wants_help && usage::of(s).is_some() => help(Some(s)),
         "version" | "--version" if words.is_empty() => {
             println!("intercept-cni {}", env!("CARGO_PKG_VERSION"));

@@ -439,7 +439,14 @@ fn node_tool(args: &[&str]) -> Outcome {
 
 #[test]
 fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
-    for args in [&["--help"][..], &["-h"], &["help"]] {
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["help"],
+        &["help", "--help"],
+        &["help", "-h"],
+        &["--help", "--help"],
+    ] {
         let out = node_tool(args);
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
         for sub in ["install", "uninstall", "doctor", "version", "help"] {
@@ -483,6 +490,8 @@ fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
             node_tool(&["help", sub]),
             node_tool(&[sub, "--help"]),
             node_tool(&[sub, "-h"]),
+            node_tool(&["help", sub, "--help"]),
+            node_tool(&["--help", sub]),
         ];
         for out in &texts {
             assert_eq!(out.code, 0, "{sub}: {}", out.stderr);
