@@ -828,6 +828,32 @@ fn a_symlinked_network_is_refused_and_the_link_kept() {
         .is_symlink());
 }
 
+/// A network that is one of several hard links (the owner writes through another name) is
+/// refused like a symlink: renaming our version over it would cut the owner's later edits off.
+/// Both names keep the same inode and bytes; a `.conf` is not converted either.
+#[test]
+fn a_hard_linked_network_is_refused_and_the_link_kept() {
+    use std::os::unix::fs::MetadataExt;
+    for name in ["10-calico.conflist", "10-bridge.conf"] {
+        let node = Node::with(&[name]);
+        let owners = node.conf.parent().unwrap().join(format!("owners-{name}"));
+        fs::hard_link(node.conf.join(name), &owners).unwrap();
+        let before = fs::read(&owners).unwrap();
+        let out = node.run("install", &[]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("hard links"), "{}", stderr(&out));
+        assert_eq!(names(&node.conf), [name], "{name}");
+        let (ours, theirs) = (
+            fs::metadata(node.conf.join(name)).unwrap(),
+            fs::metadata(&owners).unwrap(),
+        );
+        assert_eq!(ours.ino(), theirs.ino(), "{name}: the link was cut");
+        assert_eq!(fs::read(&owners).unwrap(), before, "{name}");
+        node.uninstall();
+        assert_eq!(fs::metadata(&owners).unwrap().nlink(), 2, "{name}");
+    }
+}
+
 /// Issue 15, point 6: uninstall never leaves a network naming a missing binary: a file it
 /// may not clean (a symlink) keeps the binary in place.
 #[test]

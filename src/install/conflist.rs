@@ -46,7 +46,8 @@ impl FileKind {
 pub struct ConfFile {
     pub name: String,
     pub bytes: Vec<u8>,
-    /// The name is a symbolic link (read through, as runtimes do; never written).
+    /// The name is a symbolic link, or one of several hard links (read through, as runtimes
+    /// do; never written).
     pub symlink: bool,
     /// Device and inode of what was read, to tell a replaced file from an unchanged one.
     pub identity: (u64, u64),
@@ -487,8 +488,9 @@ fn conversion_of(plugin: &Value) -> Option<&Value> {
 
 fn symlink_refused(file_name: &str) -> Error {
     Error::config(format!(
-        "the active network {file_name} is a symbolic link: not modified (replacing the link \
-         would hide the owner's later edits, and its target is not ours to write); chain \
+        "the active network {file_name} is a symbolic link or has other hard links: not \
+         modified (replacing the link would hide the owner's later edits, and its target is \
+         not ours to write); chain \
          {PLUGIN_TYPE} in the file's source instead, or let the primary agent write a regular file"
     ))
 }
