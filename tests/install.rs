@@ -500,6 +500,50 @@ fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
     assert!(watcher.signal(Signal::SIGTERM).success());
 }
 
+/// A conf dir or bin dir removed and made again while watched (a node agent resetting its
+/// dirs) is watched again: the primary's later rewrite is re-chained and a deleted binary comes
+/// back, instead of the watcher exiting (bin) or silently no longer seeing the dir (conf).
+#[test]
+fn watch_follows_a_conf_or_bin_dir_removed_and_made_again() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let primary = fs::read(testdata("10-calico.conflist")).unwrap();
+
+    fs::remove_dir_all(&node.conf).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::create_dir(&node.conf).unwrap();
+    fs::write(node.conf.join("10-calico.conflist"), &primary).unwrap();
+    node.eventually("chained into the new conf dir", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    // Its own lock is back in the new dir: other installers see a live one.
+    node.eventually("lock in the new conf dir", || {
+        fs::read_dir(&node.conf)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".lock"))
+    });
+    agent_writes(&node, "10-calico.conflist", &primary);
+    node.eventually("re-chained after the primary's rewrite", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+
+    fs::remove_dir_all(&node.bin).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::create_dir(&node.bin).unwrap();
+    node.eventually("binary in the new bin dir", || node.binary().exists());
+    fs::remove_file(node.binary()).unwrap();
+    node.eventually("binary back after a delete", || node.binary().exists());
+
+    assert!(
+        watcher.signal(Signal::SIGTERM).success(),
+        "{}",
+        watch_log(&node)
+    );
+}
+
 #[test]
 fn watch_follows_a_new_file_that_becomes_first() {
     let node = Node::with(&["10-calico.conflist"]);
