@@ -351,3 +351,69 @@ fn without_an_agent_the_plugin_succeeds_and_touches_no_file() {
     let settings = json!({"backend": "nftables", "eventsSocket": "relative.sock"});
     lab.cni("ADD", &lab.config("1.0.0", settings)).error(7);
 }
+
+/// `--events-socket` naming another program's socket (containerd's stream socket, journald's
+/// 0666 datagram one) never removes it: the agent relays nothing and says so. A stale socket
+/// (nobody listening) and an earlier agent's live one are replaced as before.
+#[test]
+fn another_programs_socket_is_never_removed_for_the_events_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["conf", "bin"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    // Runs the agent on `socket` until it says whether it relays; returns that line.
+    let agent_on = |socket: &Path| -> String {
+        let path = |p: &str| dir.path().join(p).display().to_string();
+        let mut child = Command::new(BIN)
+            .args(["install", "--watch", "--events-socket"])
+            .arg(socket)
+            .args([
+                "--cni-conf-dir",
+                &path("conf"),
+                "--cni-bin-dir",
+                &path("bin"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let line = BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("relay"))
+            .unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        line
+    };
+
+    let stream = dir.path().join("containerd.sock");
+    let _containerd = UnixListener::bind(&stream).unwrap();
+    let journald = dir.path().join("dev-log");
+    let _journal = UnixDatagram::bind(&journald).unwrap();
+    std::fs::set_permissions(&journald, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for foreign in [&stream, &journald] {
+        let before = std::fs::symlink_metadata(foreign).unwrap().ino();
+        let line = agent_on(foreign);
+        assert!(
+            line.contains("not be relayed"),
+            "{}: {line}",
+            foreign.display()
+        );
+        assert!(line.contains("another program's"), "{line}");
+        let after = std::fs::symlink_metadata(foreign).unwrap().ino();
+        assert_eq!(before, after, "{} was replaced", foreign.display());
+    }
+
+    // Stale (its listener gone) or an earlier agent's (0600, live): replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(UnixDatagram::bind(&stale).unwrap());
+    assert!(agent_on(&stale).contains("relaying plugin events"));
+    let earlier = dir.path().join("earlier.sock");
+    let _earlier = UnixDatagram::bind(&earlier).unwrap();
+    std::fs::set_permissions(&earlier, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(agent_on(&earlier).contains("relaying plugin events"));
+}
