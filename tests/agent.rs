@@ -287,15 +287,19 @@ fn metrics_and_stdout_show_real_plugin_invocations() {
     agent.metric_becomes("intercept_cni_invalid_events_total 2");
     assert_eq!(agent.stdout_records().len(), printed);
 
-    let conf = lab.config(
-        "1.0.0",
-        json!({"backend": "nftables", "eventsSocket": socket}),
-    );
-    lab.cni("DEL", &conf).ok();
+    // DEL with the config ADD refused succeeds; the record carries the invocation's warning.
+    lab.cni("DEL", &typo).ok();
     agent.metric_becomes(
         r#"intercept_cni_plugin_invocations_total{verb="DEL",outcome="ok",code="0"} 1"#,
     );
-    agent.printed(&json!({"verb": "DEL", "outcome": "ok"}));
+    let del = agent.printed(&json!({"verb": "DEL", "outcome": "ok"}));
+    let warnings = del["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("despite an invalid config")),
+        "{del}"
+    );
 }
 
 #[test]
