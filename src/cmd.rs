@@ -14,6 +14,9 @@
 //! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
+//! - Order of checks: JSON and cniVersion first (code 6/1), then `excludeNamespaces` alone: a
+//!   pod in a listed namespace is passed through by ADD and CHECK even when other keys are
+//!   invalid, so a config typo cannot stop kube-system; then every other key (code 7).
 //! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
 //!   xtables lock file), so pods that come and go leave nothing behind; GC removes those of
 //!   namespaces that were gone before their DEL.
@@ -158,6 +161,25 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
                 log::warn!("DEL: {e}");
             }
             return Ok(None);
+        }
+        Err(e)
+            if matches!(env.command, Command::Add | Command::Check)
+                && e.code == Code::InvalidConfig
+                && config::excludes_namespace(&obj, env.pod.namespace.as_deref()) =>
+        {
+            // The config's own exclusions hold even when the rest of it is invalid.
+            log::warn!(
+                "{}: namespace excluded, pod left alone despite an invalid config: {e}",
+                env.command
+            );
+            trace.policy = Some("not intercepted: namespace excluded".into());
+            return match env.command {
+                Command::Add => {
+                    let prev = result::require(obj.get("prevResult"))?;
+                    result::passthrough(prev, &cni_version).map(Some)
+                }
+                _ => Ok(None),
+            };
         }
         Err(e) => return Err(e),
     };

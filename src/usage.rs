@@ -25,11 +25,14 @@ Exit status: 0 on success, 1 on failure, 2 on a usage error.
 
 pub const INSTALL: &str = "\
 usage: intercept-cni install --cni-conf-dir DIR --cni-bin-dir DIR [--plugin-config FILE]
-         [--watch [--listen ADDR:PORT] [--events-socket PATH] [--host-root DIR]]
+         [--generation N] [--watch [--uninstall-on-exit] [--listen ADDR:PORT]
+         [--events-socket PATH] [--host-root DIR]]
 
 Copies this executable into the CNI bin dir as `intercept-cni`, then appends the plugin's entry
 last to the active network config (the first file of the conf dir, in name order, that a runtime
-would load). Exits 1 when there is no network config yet; --watch waits for one.
+would load). The plugin config is checked with the plugin's own parser first: one the plugin
+would refuse, or with an unknown key, is never chained. Exits 1 when there is no network config
+yet; --watch waits for one.
 
 Flags:
   --cni-conf-dir DIR     the runtime's network config dir (required; containerd and CRI-O
@@ -37,8 +40,15 @@ Flags:
   --cni-bin-dir DIR      the runtime's CNI plugin dir (required; usually /opt/cni/bin)
   --plugin-config FILE   a JSON object with the plugin's settings, put in its entry
                          (default: none, the plugin's defaults)
+  --generation N         this installer's generation (the DaemonSet's pod-template-generation):
+                         of two installers on one node, the higher one's entry stays (default: 0;
+                         on a tie, the later started)
   --watch                keep running: put the entry back whenever another agent rewrites the
-                         conf dir, until SIGTERM or SIGINT (default: install once and exit)
+                         conf dir, the binary back when it is deleted or replaced, and reload the
+                         plugin config when it changes, until SIGTERM or SIGINT; then exit leaving
+                         entry and binary in place (default: install once and exit)
+  --uninstall-on-exit    with --watch: on SIGTERM or SIGINT, remove the entry and the binary if
+                         the entry is still this installer's own (default: leave them)
   --listen ADDR:PORT     with --watch: serve /healthz (liveness), /readyz (readiness) and
                          /metrics (Prometheus) over HTTP; `:PORT` listens on every address
                          (default: off)
@@ -58,7 +68,9 @@ pub const UNINSTALL: &str = "\
 usage: intercept-cni uninstall --cni-conf-dir DIR --cni-bin-dir DIR
 
 Removes every `intercept-cni` entry from the network configs of the conf dir, then the plugin
-binary from the bin dir (in that order: a network naming a missing plugin fails every pod).
+binary from the bin dir (in that order, and the binary only if no network still names it: a
+network naming a missing plugin fails every pod). Every other byte of the configs is restored as
+it was, a `.conf` that install turned into a conflist included.
 
 Flags:
   --cni-conf-dir DIR     the runtime's network config dir (required)

@@ -116,7 +116,8 @@ impl Agent {
                 started.elapsed() < WAIT,
                 "/readyz stayed {got} (wanted {status} with {needle:?}):\n{body}"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            // Often: the watcher puts a deleted or replaced binary back within ~100 ms.
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -10,7 +10,7 @@ pub mod ready;
 use crate::cni::config::NetConf;
 use crate::cni::error::{Error, Result};
 use crate::cni::version;
-use crate::install::Installer;
+use crate::install::{self, watch};
 use http::Response;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -106,10 +106,10 @@ fn listen_addrs(value: &str) -> std::result::Result<Vec<SocketAddr>, String> {
     }
 }
 
-/// Starts the agent's threads for `installer`. The HTTP port must be bound (a probe that can
+/// Starts the agent's threads for the watcher of `watch`. The HTTP port must be bound (a probe that can
 /// never answer would hide the cause); a failure to listen for events is logged, as the agent's
 /// first job is installing.
-pub fn start(options: &Options, installer: &Installer) -> Result<()> {
+pub fn start(options: &Options, watch: &watch::Options) -> Result<()> {
     if let Some(path) = &options.events_socket {
         match events::bind(path) {
             Ok(socket) => {
@@ -128,10 +128,12 @@ pub fn start(options: &Options, installer: &Installer) -> Result<()> {
         .map_err(|e| Error::io("cannot read the listening address", e))?;
     log::info!("serving /healthz /readyz /metrics on {addr}");
     let target = ready::Target {
-        conf_dir: installer.conf_dir.clone(),
-        bin_dir: installer.bin_dir.clone(),
-        own_binary: installer.binary.clone(),
-        backend: NetConf::from_object(&installer.entry, version::LATEST)
+        conf_dir: watch.conf_dir.clone(),
+        bin_dir: watch.bin_dir.clone(),
+        own_binary: install::SELF_EXE.into(),
+        // The config as it is now (refused: not ready until a fixed one is loaded).
+        backend: install::load_plugin_config(watch.plugin_config.as_deref())
+            .and_then(|entry| NetConf::from_object(&entry, version::LATEST))
             .map(|conf| (conf.backend, conf.backend_options))
             .map_err(|e| e.to_string()),
         host_root: options.host_root.clone(),

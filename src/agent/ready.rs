@@ -5,7 +5,7 @@
 
 use crate::backend::{BackendChoice, BackendOptions};
 use crate::host::{self, HostRoot};
-use crate::install::{conflist, fsops};
+use crate::install::{conflist, fsops, watch};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -73,6 +73,13 @@ pub fn assess(target: &Target) -> Readiness {
 }
 
 fn chained(conf_dir: &Path) -> Result<String, String> {
+    if watch::state() == watch::State::ConfigRefused {
+        return Err(
+            "the plugin config is refused (see the log): the last good entry stays, the new \
+             config is not chained"
+                .into(),
+        );
+    }
     let files = fsops::read_conf_dir(conf_dir).map_err(|e| e.to_string())?;
     let (network, _) = conflist::active_network(&files);
     let network = network.ok_or_else(|| {
