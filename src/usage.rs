@@ -54,7 +54,7 @@ Flags:
                          (default: off)
   --events-socket PATH   with --watch: the unix socket plugin invocations report to; each
                          record is printed as one JSON line on stdout and counted in /metrics
-                         (default: /var/run/intercept-cni/events.sock; \"\" for none)
+                         (default: /var/run/intercept-cni-agent/events.sock; \"\" for none)
   --host-root DIR        with --watch: the host's / as mounted in this container, read by the
                          host check of /readyz (default: this system's /, with the kernel probe)
   -h, --help             print this text
