@@ -46,7 +46,7 @@
 //! `remove` deletes the table; an absent table is success.
 
 pub(crate) mod listing;
-mod transport;
+pub(crate) mod transport;
 
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
