@@ -161,7 +161,7 @@ fn send_datagram(path: &Path, bytes: &[u8]) -> nix::Result<()> {
 pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let what = || format!("cannot listen for plugin events at {}", path.display());
     if let Some(dir) = path.parent() {
-        // 0700: the default directory is also the plugin's default stateDir, which must be
+        // 0700: only root sends; and a --events-socket in the plugin's stateDir must leave it
         // private (the plugin never changes an existing directory's mode).
         std::fs::DirBuilder::new()
             .recursive(true)
