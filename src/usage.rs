@@ -59,9 +59,9 @@ Flags:
                          host check of /readyz (default: this system's /, with the kernel probe)
   -h, --help             print this text
 
-Ready (/readyz 200) only when the active network chains the plugin last, the plugin in the bin
-dir is byte for byte this executable, and the host check passes for the backend the plugin
-config selects.
+Ready (/readyz 200) only when the active network chains the plugin last with the current plugin
+config (not a refused one), the plugin in the bin dir is byte for byte this executable, and the
+host check passes for the backend that config selects.
 ";
 
 pub const UNINSTALL: &str = "\
