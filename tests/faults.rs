@@ -429,10 +429,17 @@ fn a_fifo_or_device_as_netns_is_refused_without_hanging() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let fifo = fifo.to_str().unwrap().to_string();
     let dir_path = dir.path().to_str().unwrap().to_string();
+    let socket = dir.path().join("netns-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let socket = socket.to_str().unwrap().to_string();
+    // The pod's real netns file with a trailing slash: a path through a file.
+    let through_file = format!("{}/", lab.pod.path());
     for (path, what) in [
         (fifo.as_str(), "FIFO"),
         ("/dev/zero", "device"),
         (dir_path.as_str(), "directory"),
+        (socket.as_str(), "socket"),
+        (through_file.as_str(), "a path through a file"),
     ] {
         for (_, settings) in backends() {
             let conf = lab.config("1.0.0", settings);
