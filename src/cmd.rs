@@ -142,8 +142,6 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         return version_answer(stdin).map(Some);
     }
     let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
-    // Before validation: a config refused for another key still reports where it says.
-    trace.events = config::events_target(&obj).unwrap_or_default();
     let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
@@ -221,6 +219,8 @@ pub fn negotiate(
     trace: &mut Trace,
 ) -> Result<(Map<String, Value>, String)> {
     let obj = config::decode(stdin)?;
+    // First: a config refused for its version still reports where it says.
+    trace.events = config::events_target(&obj).unwrap_or_default();
     let declared = config::cni_version(&obj)?;
     if let Some(v) = declared.filter(|v| version::is_supported(v)) {
         trace.cni_version = Some(v.to_string());

@@ -325,6 +325,10 @@ fn metrics_and_stdout_show_real_plugin_invocations() {
     let mut typo = lab.config("1.0.0", settings);
     typo["inboundPort"] = json!(0);
     lab.cni("ADD", &typo).error(7);
+    // Refused for its version (code 1): still reported where the config says.
+    let mut future = typo.clone();
+    future["cniVersion"] = json!("9.9.9");
+    lab.cni("ADD", &future).error(1);
 
     agent.metric_becomes(
         r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="ok",code="0"} 1"#,
@@ -335,7 +339,10 @@ fn metrics_and_stdout_show_real_plugin_invocations() {
     agent.metric_becomes(
         r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="error",code="7"} 1"#,
     );
-    agent.metric_becomes(r#"intercept_cni_plugin_duration_seconds_count{verb="ADD"} 3"#);
+    agent.metric_becomes(
+        r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="error",code="1"} 1"#,
+    );
+    agent.metric_becomes(r#"intercept_cni_plugin_duration_seconds_count{verb="ADD"} 4"#);
 
     let ok = agent.printed(&json!({"verb": "ADD", "outcome": "ok"}));
     assert_eq!(ok["namespace"], "default");
