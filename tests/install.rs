@@ -466,6 +466,48 @@ fn bad_command_lines_and_plugin_configs_are_refused() {
     assert!(!node.binary().exists());
 }
 
+/// A `stateDir` the plugin refuses (every ADD would fail with code 7) is never chained: an
+/// existing directory that is not private (`/proc`, `/`, another program's), a symlink, a file.
+/// Judged by looking only: nothing is created or chmodded. A missing or private one is fine.
+#[test]
+fn a_plugin_config_with_a_state_dir_the_plugin_refuses_is_never_chained() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::with(&["10-calico.conflist"]);
+    let theirs = node.root.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(theirs.join("data"), "").unwrap();
+    let link = node.root.path().join("link");
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    let config = node.root.path().join("plugin.json");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode();
+    for state_dir in [
+        Path::new("/proc"),
+        Path::new("/"),
+        &theirs,
+        &link,
+        &theirs.join("data"),
+    ] {
+        let before = mode(state_dir);
+        fs::write(&config, json!({"stateDir": state_dir}).to_string()).unwrap();
+        let out = node.run("install", &["--plugin-config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", state_dir.display());
+        assert!(
+            stderr(&out).contains("stateDir"),
+            "{}: {}",
+            state_dir.display(),
+            stderr(&out)
+        );
+        assert_eq!(mode(state_dir), before, "{}", state_dir.display());
+        assert!(our_entry(&node, "10-calico.conflist").is_none());
+    }
+    let missing = node.root.path().join("state/intercept");
+    fs::write(&config, json!({"stateDir": missing}).to_string()).unwrap();
+    node.install(&["--plugin-config", config.to_str().unwrap()]);
+    assert!(!missing.exists(), "the installer created the state dir");
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
 #[test]
 fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
     let node = Node::with(&["10-calico.conflist", "99-loopback.conf"]);

@@ -11,6 +11,7 @@
 use super::splice;
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{config, version};
+use crate::trusted_path;
 use serde_json::{Map, Value};
 
 /// The `type` of our plugin entry, and the name of the binary in the CNI bin dir.
@@ -267,9 +268,20 @@ fn validate_entry(entry: &Map<String, Value>) -> Result<()> {
             unknown.join(", unknown key ")
         )));
     }
-    config::NetConf::from_object(entry, version::LATEST)
-        .map(drop)
-        .map_err(|e| Error::config(format!("plugin config: {}", e.msg)))
+    let conf = config::NetConf::from_object(entry, version::LATEST)
+        .map_err(|e| Error::config(format!("plugin config: {}", e.msg)))?;
+    // A stateDir the plugin refuses (`/`, `/proc`, another program's directory) fails every
+    // ADD with code 7. Judged here only when set (the default is made by the plugin itself),
+    // and only what would be refused: an I/O problem costs ADD just its cache.
+    if entry.contains_key("stateDir") {
+        match trusted_path::check_private_dir(&conf.state_dir, crate::host::is_our_entry) {
+            Err(e) if e.code == Code::InvalidConfig => {
+                return Err(Error::config(format!("plugin config: stateDir: {}", e.msg)))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn has_our_type(plugin: &Map<String, Value>) -> bool {
