@@ -508,6 +508,36 @@ fn a_plugin_config_with_a_state_dir_the_plugin_refuses_is_never_chained() {
     assert!(chained_last(&node, "10-calico.conflist"));
 }
 
+/// A network nested deeper than serde_json's 128 levels is loaded by runtimes (Go's limit is
+/// 10000): it is the active one, chained and restored byte for byte, not skipped in favour of
+/// the next file, which the runtime never reads. Deeper than 10000, both skip it.
+#[test]
+fn a_deeply_nested_network_is_chained_where_the_runtime_reads_it() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let nested = |levels: usize| {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"deep","plugins":[{{"type":"bridge","x":{}{}}}]}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    };
+    fs::write(node.conf.join("05-deep.conflist"), nested(300)).unwrap();
+    node.install(&[]);
+    // Too deep for serde_json here too: our entry is the last plugin, after the deep one.
+    let text = String::from_utf8(node.read("05-deep.conflist")).unwrap();
+    let ours = text.find(r#""type":"intercept-cni""#).expect("our entry");
+    assert!(ours > text.rfind(&"]".repeat(300)).unwrap(), "{text}");
+    assert!(text.ends_with("}]}"), "{text}");
+    assert!(our_entry(&node, "10-calico.conflist").is_none());
+    node.uninstall();
+    assert_eq!(node.read("05-deep.conflist"), nested(300).as_bytes());
+
+    fs::write(node.conf.join("05-deep.conflist"), nested(10_001)).unwrap();
+    node.install(&[]);
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(node.read("05-deep.conflist"), nested(10_001).as_bytes());
+}
+
 #[test]
 fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
     let node = Node::with(&["10-calico.conflist", "99-loopback.conf"]);

@@ -79,7 +79,7 @@ pub struct Network {
 pub fn load_network(file: &ConfFile) -> std::result::Result<Network, String> {
     let kind = FileKind::of(&file.name).ok_or("not a CNI config file name")?;
     let text = std::str::from_utf8(&file.bytes).map_err(|_| "not UTF-8 text")?;
-    let doc = match serde_json::from_str::<Value>(text) {
+    let doc = match super::deep_json::parse(text) {
         Ok(Value::Object(doc)) => doc,
         Ok(_) => return Err("not a JSON object".into()),
         Err(e) => return Err(format!("invalid JSON: {e}")),
@@ -304,7 +304,7 @@ impl Plugins {
             let values = array
                 .elements
                 .iter()
-                .map(|&(s, e)| serde_json::from_str(&text[s..e]).ok())
+                .map(|&(s, e)| super::deep_json::parse(&text[s..e]).ok())
                 .collect::<Option<Vec<Value>>>()?;
             Some(Plugins { array, values })
         });

@@ -11,6 +11,7 @@
 //! conflist that install made from a `.conf` becomes that `.conf` again, byte for byte.
 
 pub mod conflist;
+mod deep_json;
 pub mod fsops;
 pub mod splice;
 pub mod watch;
