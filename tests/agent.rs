@@ -468,3 +468,53 @@ fn another_programs_socket_is_never_removed_for_the_events_socket() {
     std::fs::set_permissions(&earlier, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(agent_on(&earlier).contains("relaying plugin events"));
 }
+
+/// Clients trickling their request a byte at a time (slow enough for every single read, never
+/// finishing) hold the agent's connection slots at most a few seconds: the probes answer again.
+#[test]
+fn slow_clients_cannot_starve_the_probes() {
+    let agent = Agent::start(json!({"backend": "nftables"}), "builtin-only");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tricklers: Vec<_> = (0..32)
+        .map(|_| {
+            let addr = agent.addr.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect(&addr) else {
+                    return;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if s.write_all(b"G").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Within the 5 s head deadline plus margin, /healthz answers despite the tricklers.
+    let started = Instant::now();
+    let answered = loop {
+        let mut s = TcpStream::connect(&agent.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        if text.starts_with("HTTP/1.1 200") {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tricklers {
+        t.join().unwrap();
+    }
+    assert!(
+        answered,
+        "/healthz never answered while slow clients held the slots"
+    );
+}
