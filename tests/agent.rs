@@ -36,8 +36,13 @@ impl Agent {
     /// Starts `install --watch` with `plugin_config`; the host root is a symlink (`host`) that
     /// tests can point at another fixture.
     fn start(plugin_config: Value, host: &str) -> Agent {
+        Agent::start_with(plugin_config, host, &["conf", "bin"])
+    }
+
+    /// `dirs`: which of the runtime's dirs exist when it starts.
+    fn start_with(plugin_config: Value, host: &str, dirs: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["conf", "bin"] {
+        for sub in dirs {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         std::os::unix::fs::symlink(host_fixture(host), dir.path().join("host")).unwrap();
@@ -517,4 +522,26 @@ fn slow_clients_cannot_starve_the_probes() {
         answered,
         "/healthz never answered while slow clients held the slots"
     );
+}
+
+/// The agent started before the runtime's conf and bin dirs exist (a node still coming up)
+/// serves its probes, not ready and saying why, then installs once they appear.
+#[test]
+fn missing_cni_dirs_are_not_ready_until_they_appear() {
+    let agent = Agent::start_with(json!({"backend": "nftables"}), "builtin-only", &[]);
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    agent.ready_becomes(503, "chained: NOT READY: cannot list");
+    std::fs::create_dir(agent.path("conf")).unwrap();
+    std::fs::create_dir(agent.path("bin")).unwrap();
+    let conflist = agent.path("conf/10-k8s.conflist");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.ready_becomes(
+        200,
+        "chained: ok: 10-k8s.conflist chains intercept-cni last",
+    );
+    // Watched from then on: another agent's rewrite is re-chained.
+    let rechains = agent.metric("intercept_cni_rechains_total");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.metric_reaches("intercept_cni_rechains_total", rechains + 1);
+    agent.ready_becomes(200, "binary: ok");
 }

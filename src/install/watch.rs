@@ -129,7 +129,8 @@ enum Role {
 /// One inotify watch, and the dir it was put on: a dir removed (or replaced) while watched is
 /// watched again once it is back, instead of being silently no longer watched.
 struct Watch {
-    wd: WatchDescriptor,
+    /// `None` while the dir is missing (the agent may start before it exists).
+    wd: Option<WatchDescriptor>,
     role: Role,
     dir: PathBuf,
     events: AddWatchFlags,
@@ -137,15 +138,29 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(inotify: &Inotify, dir: &Path, events: AddWatchFlags, role: Role) -> Result<Watch> {
+    fn new(inotify: &Inotify, dir: &Path, events: AddWatchFlags, role: Role) -> Watch {
         let identity = identity(dir);
-        Ok(Watch {
-            wd: add_watch(inotify, dir, events)?,
+        let wd = match identity {
+            Some(_) => add_watch(inotify, dir, events)
+                .map_err(|e| log::warn!("{e}: waiting for a directory there"))
+                .ok(),
+            None => {
+                log::warn!("{} does not exist yet: waiting for it", dir.display());
+                None
+            }
+        };
+        Watch {
+            wd,
             role,
             dir: dir.to_path_buf(),
             events,
             identity,
-        })
+        }
+    }
+
+    /// Not watching the dir at its path: missing, or replaced since the watch was put on it.
+    fn stale(&self) -> bool {
+        self.wd.is_none() || identity(&self.dir) != self.identity
     }
 
     /// Watches the dir again if the one at its path is not the one watched; whether it did.
@@ -157,7 +172,7 @@ impl Watch {
         match add_watch(inotify, &self.dir, self.events) {
             Ok(wd) => {
                 log::info!("{} is back: watching it again", self.dir.display());
-                (self.wd, self.identity) = (wd, now);
+                (self.wd, self.identity) = (Some(wd), now);
                 true
             }
             Err(e) => {
@@ -190,8 +205,8 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .map_err(|e| Error::io("cannot start inotify", e))?;
     let mut watches = vec![
-        Watch::new(&inotify, &options.conf_dir, conf_events(), Role::Conf)?,
-        Watch::new(&inotify, &options.bin_dir, bin_events(), Role::Bin)?,
+        Watch::new(&inotify, &options.conf_dir, conf_events(), Role::Conf),
+        Watch::new(&inotify, &options.bin_dir, bin_events(), Role::Bin),
     ];
     if let Some(dir) = options.plugin_config.as_deref().and_then(Path::parent) {
         let dir = if dir.as_os_str().is_empty() {
@@ -199,7 +214,7 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
         } else {
             dir
         };
-        watches.push(Watch::new(&inotify, dir, config_events(), Role::Config)?);
+        watches.push(Watch::new(&inotify, dir, config_events(), Role::Config));
     }
 
     // Held while we run: others tell our entry from one of an installer that is gone.
@@ -208,7 +223,9 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
         options.stamp.generation,
         options.stamp.started,
     );
-    let mut held = fsops::hold_lock(&lock)?;
+    let mut held = fsops::hold_lock(&lock)
+        .map_err(|e| log::warn!("{e}: taken once the conf dir exists"))
+        .ok();
     let outcome = watch(options, &signals, &inotify, &mut watches, &lock, &mut held);
     let _ = std::fs::remove_file(&lock);
     outcome
@@ -220,7 +237,7 @@ fn watch(
     inotify: &Inotify,
     watches: &mut [Watch],
     lock: &Path,
-    held: &mut std::fs::File,
+    held: &mut Option<std::fs::File>,
 ) -> Result<()> {
     let mut installer = None;
     let mut config_refused = reload(options, &mut installer);
@@ -232,7 +249,7 @@ fn watch(
                 match watch.role {
                     // A new conf dir lacks our lock: without it our entry looks abandoned.
                     Role::Conf => match fsops::hold_lock(lock) {
-                        Ok(file) => *held = file,
+                        Ok(file) => *held = Some(file),
                         Err(e) => log::warn!("{e}"),
                     },
                     Role::Config => config_refused = reload(options, &mut installer),
@@ -246,7 +263,7 @@ fn watch(
         };
         let state = report(&outcome, config_refused);
         // A watched dir still gone is looked for again, like a failed pass.
-        let unwatched = watches.iter().any(|w| identity(&w.dir) != w.identity);
+        let unwatched = watches.iter().any(Watch::stale);
         backoff = (state == State::Failing || unwatched)
             .then(|| backoff.map_or(FIRST_BACKOFF, |b: Duration| (b * 2).min(MAX_BACKOFF)));
         match wait(signals, inotify, watches, backoff)? {
@@ -444,7 +461,7 @@ fn drain_events(inotify: &Inotify, watches: &[Watch]) -> Result<Option<bool>> {
                 continue;
             }
             let name = event.name.as_ref().and_then(|n| n.to_str());
-            for watch in watches.iter().filter(|w| w.wd == event.wd) {
+            for watch in watches.iter().filter(|w| w.wd == Some(event.wd)) {
                 let role = watch.role;
                 if event.mask.intersects(
                     AddWatchFlags::IN_DELETE_SELF
