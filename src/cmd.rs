@@ -397,8 +397,14 @@ fn del(
     if let Some(kind) = primary {
         let backend = backend::build(kind, options);
         trace.backend = Some(backend.name());
-        if let Err(e) = remove_in(&ns, backend.as_ref()) {
-            fatal.push(e);
+        match remove_in(&ns, backend.as_ref()) {
+            // Binaries that are missing or untrusted make the config one ADD refuses: like any
+            // invalid key, that must not wedge teardown (the runtime deletes the netns next).
+            Err(e) if e.code == Code::InvalidConfig => {
+                log::warn!("DEL: cannot remove with this config, leaving the rules to the netns's deletion: {e}");
+            }
+            Err(e) => fatal.push(e),
+            Ok(()) => {}
         }
     }
     for kind in others.iter().filter(|k| Some(**k) != primary) {

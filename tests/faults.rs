@@ -163,7 +163,11 @@ fn missing_backend_binaries_are_named_and_the_netns_is_untouched() {
         let mut settings = iptables(mode);
         settings["iptablesPath"] = json!(dir);
         let conf = lab.config("1.0.0", settings);
-        for command in ["ADD", "CHECK", "DEL"] {
+        // DEL with such a config succeeds (teardown must not wedge) and changes nothing.
+        let r = run_plugin("DEL", Some(&lab.pod.path()), conf.to_string().as_bytes());
+        r.ok("DEL");
+        assert_eq!(lab.pod.firewall_state(), before, "DEL {mode}");
+        for command in ["ADD", "CHECK"] {
             let r = run_plugin(command, Some(&lab.pod.path()), conf.to_string().as_bytes());
             let e = r.error(command, 7);
             let msg = e["msg"].as_str().unwrap_or_default();
