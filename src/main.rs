@@ -17,7 +17,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::panic;
 
-const USAGE: &str = "usage: intercept-cni [doctor | install | uninstall | version]\n\
+const USAGE: &str = "usage: intercept-cni [audit | doctor | install | uninstall | version]\n\
                      Without arguments it runs as a CNI plugin (CNI_COMMAND and stdin).";
 
 const SUCCESS: c_int = 0;
@@ -77,12 +77,39 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
         Some("install") => intercept_cni::install::install_main(&words),
         Some("uninstall") => intercept_cni::install::uninstall_main(&words),
         Some("doctor") => intercept_cni::host::doctor_main(&words),
+        Some("audit") => exec_node_tool("audit", &words),
         _ => {
             eprintln!("{USAGE}");
             2
         }
     };
     status
+}
+
+/// Name of the binary holding the node tools that speak the CRI: installed next to this one,
+/// it keeps gRPC and an async runtime out of the per-pod plugin (README, "Node audit").
+const NODE_TOOL: &str = "intercept-cni-node";
+
+/// Replaces this process with `intercept-cni-node SUBCOMMAND ARGS...` from our own directory;
+/// returns only when that fails.
+fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
+    use std::os::unix::process::CommandExt;
+    let tool = match std::fs::read_link("/proc/self/exe") {
+        Ok(exe) => exe.with_file_name(NODE_TOOL),
+        Err(e) => {
+            eprintln!("intercept-cni {subcommand}: cannot find our own executable: {e}");
+            return 2;
+        }
+    };
+    let err = std::process::Command::new(&tool)
+        .arg(subcommand)
+        .args(words)
+        .exec();
+    eprintln!(
+        "intercept-cni {subcommand}: cannot run {} (installed next to intercept-cni): {err}",
+        tool.display()
+    );
+    2
 }
 
 fn cni_mode() -> c_int {

@@ -219,4 +219,16 @@ impl Backend for Iptables {
         }
         Error::collect(errors).map_or(Ok(()), Err)
     }
+
+    fn installed(&self) -> Result<bool> {
+        for family in Family::ALL {
+            // What DEL would have to remove is what counts as installed.
+            if self.tools().present(self.mode, family)
+                && render::remove_input(&self.tools().read_nat(self.mode, family)?)?.is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }

@@ -1,0 +1,69 @@
+//! Before the audit enters a pod's netns it proves the path the runtime named is that pod's:
+//! a plain file (no symlink) directly in one of the runtime's netns directories, holding a
+//! network namespace (nsfs), not the node's own, and the very namespace the sandbox's process
+//! lives in. A path failing any of these is reported and never entered.
+
+use intercept_cni::netns::PodNetns;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Where containerd and CRI-O pin pod netns by default (`/var/run` is a link to `/run`).
+pub const DEFAULT_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// Proves `netns` is the network namespace of the process `pid`; `Err` says why not.
+pub fn prove(netns: &Path, pid: Option<u32>, dirs: &[PathBuf]) -> Result<(), String> {
+    let parent = netns
+        .parent()
+        .filter(|_| netns.is_absolute() && netns.file_name().is_some())
+        .ok_or_else(|| format!("{} is not an absolute file path", netns.display()))?;
+    let parent = fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let in_dir = dirs
+        .iter()
+        .filter_map(|d| fs::canonicalize(d).ok())
+        .any(|d| d == parent);
+    if !in_dir {
+        return Err(format!(
+            "{} is not in the runtime's netns directory ({})",
+            netns.display(),
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let link = fs::symlink_metadata(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
+    if !link.file_type().is_file() {
+        return Err(format!("{} is not a regular (nsfs) file", netns.display()));
+    }
+    let ns = match PodNetns::open(netns) {
+        Ok(Some(ns)) => ns,
+        Ok(None) => return Err(format!("{} is gone", netns.display())),
+        Err(e) => return Err(e.msg),
+    };
+    if !ns.is_namespace() {
+        return Err(format!("{} is not a network namespace", netns.display()));
+    }
+    if ns.is_own() {
+        return Err(format!(
+            "{} is the node's own network namespace",
+            netns.display()
+        ));
+    }
+    let pid = pid.ok_or("the runtime reports no sandbox process to compare with")?;
+    let proc_ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let theirs = fs::metadata(&proc_ns).map_err(|e| {
+        format!(
+            "cannot read the sandbox process's netns {}: {e}",
+            proc_ns.display()
+        )
+    })?;
+    let ours = fs::metadata(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
+    if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+        return Err(format!(
+            "{} is not the netns of the sandbox's process {pid}",
+            netns.display()
+        ));
+    }
+    Ok(())
+}
