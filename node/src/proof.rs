@@ -67,3 +67,40 @@ pub fn prove(netns: &Path, pid: Option<u32>, dirs: &[PathBuf]) -> Result<(), Str
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(d: &Path) -> Vec<PathBuf> {
+        vec![d.to_path_buf()]
+    }
+
+    #[test]
+    fn a_path_outside_the_netns_dirs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = prove(Path::new("/proc/self/ns/net"), Some(1), &dirs(dir.path())).unwrap_err();
+        assert!(why.contains("not in the runtime's netns directory"), "{why}");
+    }
+
+    #[test]
+    fn relative_paths_and_symlinks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = prove(Path::new("netns/x"), Some(1), &dirs(dir.path())).unwrap_err();
+        assert!(why.contains("not an absolute file path"), "{why}");
+        // A link to the node's own netns, planted in the netns dir.
+        let link = dir.path().join("cni-evil");
+        std::os::unix::fs::symlink("/proc/self/ns/net", &link).unwrap();
+        let why = prove(&link, Some(1), &dirs(dir.path())).unwrap_err();
+        assert!(why.contains("not a regular (nsfs) file"), "{why}");
+    }
+
+    #[test]
+    fn a_plain_file_is_not_a_netns() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cni-plain");
+        std::fs::write(&file, b"").unwrap();
+        let why = prove(&file, Some(1), &dirs(dir.path())).unwrap_err();
+        assert!(why.contains("not a network namespace"), "{why}");
+    }
+}
