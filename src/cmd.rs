@@ -14,19 +14,23 @@
 //! - DEL with `backend: auto` removes with every backend, so rules survive no backend change;
 //!   only the resolved backend's errors are fatal: the others may lack their binaries, and any
 //!   rule they miss lives in the pod netns, which the runtime deletes next.
+//! - Order of checks: JSON and cniVersion first (code 6/1), then `excludeNamespaces` alone: a
+//!   pod in a listed namespace is passed through by ADD and CHECK even when other keys are
+//!   invalid, so a config typo cannot stop kube-system; then every other key (code 7).
 //! - DEL also removes host-side files kept for the netns (the iptables backend's per-netns
 //!   xtables lock file), so pods that come and go leave nothing behind; GC removes those of
 //!   namespaces that were gone before their DEL.
 
+use crate::agent::events;
 use crate::backend::iptables;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendOptions, IptablesMode};
 use crate::cni::config::{self, Attachment, NetConf};
-use crate::cni::env::{CniEnv, Command};
+use crate::cni::env::{CniEnv, Command, PodRef};
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{result, version};
 use crate::host;
 use crate::logging;
-use crate::netns::PodNetns;
+use crate::netns::{Lookup, PodNetns};
 use crate::plan::InterceptPlan;
 use crate::policy::{self, Decision};
 use serde_json::{Map, Value};
@@ -43,6 +47,41 @@ pub struct Trace {
     pub backend: Option<&'static str>,
     /// ADD and CHECK: whether the pod is intercepted, and what decided it.
     pub policy: Option<String>,
+    /// The verb, once `CNI_COMMAND` is read.
+    pub command: Option<Command>,
+    pub pod: PodRef,
+    pub container_id: Option<String>,
+    /// Where the invocation's event record goes (the config's `eventsSocket`).
+    pub events: events::Target,
+}
+
+/// Sends the invocation's record to the node agent, if one listens (see `agent::events`).
+/// VERSION, pure protocol, sends none; neither does an invocation without a valid verb.
+pub fn send_event(trace: &Trace, outcome: &Result<Option<Value>>, started: Instant) {
+    let Some(command) = trace.command.filter(|c| *c != Command::Version) else {
+        return;
+    };
+    events::send(&trace.events, || {
+        let error = outcome.as_ref().err();
+        events::Event {
+            verb: command.as_str().to_string(),
+            namespace: trace.pod.namespace.clone(),
+            pod: trace.pod.name.clone(),
+            container_id: trace.container_id.clone(),
+            outcome: if error.is_some() {
+                events::Outcome::Error
+            } else {
+                events::Outcome::Ok
+            },
+            code: error.map_or(0, |e| e.code as u32),
+            msg: error.map(|e| events::bounded(&e.msg)),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            backend: trace.backend.map(String::from),
+            policy: trace.policy.clone(),
+            warnings: logging::take_warnings(),
+            pid: std::process::id(),
+        }
+    });
 }
 
 /// Runs `invocation`, turning a panic into a code-199 error: `main` runs every CNI invocation
@@ -69,6 +108,8 @@ pub fn final_answer(outcome: Result<Option<Value>>, trace: &Trace) -> (Option<Va
 /// Runs one verb and logs one line about it. `Ok(Some)` is the JSON to print on stdout.
 pub fn execute(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     let started = Instant::now();
+    trace.pod = env.pod.clone();
+    trace.container_id = env.container_id.as_ref().map(|c| c.as_str().to_string());
     let outcome = run(env, stdin, trace);
     let status = match &outcome {
         Ok(_) => "ok".to_string(),
@@ -100,6 +141,8 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         return version_answer(stdin).map(Some);
     }
     let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
+    // Before validation: a config refused for another key still reports where it says.
+    trace.events = config::events_target(&obj).unwrap_or_default();
     let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
@@ -118,6 +161,25 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
                 log::warn!("DEL: {e}");
             }
             return Ok(None);
+        }
+        Err(e)
+            if matches!(env.command, Command::Add | Command::Check)
+                && e.code == Code::InvalidConfig
+                && config::excludes_namespace(&obj, env.pod.namespace.as_deref()) =>
+        {
+            // The config's own exclusions hold even when the rest of it is invalid.
+            log::warn!(
+                "{}: namespace excluded, pod left alone despite an invalid config: {e}",
+                env.command
+            );
+            trace.policy = Some("not intercepted: namespace excluded".into());
+            return match env.command {
+                Command::Add => {
+                    let prev = result::require(obj.get("prevResult"))?;
+                    result::passthrough(prev, &cni_version).map(Some)
+                }
+                _ => Ok(None),
+            };
         }
         Err(e) => return Err(e),
     };
@@ -211,9 +273,18 @@ pub fn decide(
 /// Whether the pod netns of `env` holds anything of ours, for the backend `conf` resolves to.
 pub fn installed(env: &CniEnv, conf: &NetConf) -> Result<bool> {
     let ns = open_pod_netns(env)?;
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     ns.run(|| backend.installed())
+}
+
+/// The backend for `choice`, with the host check (cached in `state_dir`) deciding `auto`.
+fn resolve(
+    choice: BackendChoice,
+    options: &BackendOptions,
+    state_dir: &Path,
+) -> Result<BackendKind> {
+    backend::resolve(choice, options, |kind| host::usable(kind, false, state_dir))
 }
 
 /// ADD and CHECK need the pod netns to exist, and never accept the host's.
@@ -228,15 +299,6 @@ fn open_pod_netns(env: &CniEnv) -> Result<PodNetns> {
             format!("CNI_NETNS {} does not exist", path.display()),
         )
     })?;
-    if !ns.is_namespace() {
-        return Err(Error::new(
-            Code::Io,
-            format!(
-                "CNI_NETNS {} is not a network namespace (a mount point whose namespace is gone, or another kind of file)",
-                path.display()
-            ),
-        ));
-    }
     ns.refuse_own()?;
     Ok(ns)
 }
@@ -248,7 +310,7 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
         return Ok(Some(answer));
     };
     let ns = open_pod_netns(env)?;
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     host::first_run(
@@ -267,7 +329,7 @@ fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value
         return Ok(None);
     };
     let ns = open_pod_netns(env)?;
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     ns.run(|| backend.check(&plan))?;
@@ -292,10 +354,14 @@ fn del(
         log::debug!("DEL: no CNI_NETNS, nothing to remove");
         return Ok(None);
     };
-    let ns = match PodNetns::open(path)? {
-        Some(ns) if ns.is_namespace() => ns,
-        _ => {
+    let ns = match PodNetns::lookup(path)? {
+        Lookup::Found(ns) => ns,
+        Lookup::Missing => {
             log::debug!("DEL: netns {} is gone, nothing to remove", path.display());
+            return Ok(None);
+        }
+        Lookup::NotNetns(why) => {
+            log::debug!("DEL: {} is {why}, nothing to remove", path.display());
             return Ok(None);
         }
     };
@@ -307,7 +373,7 @@ fn del(
         return Ok(None);
     }
     // An unresolvable `auto` still removes with every backend, none of them fatal.
-    let primary = match backend::resolve(*choice, options, state_dir) {
+    let primary = match resolve(*choice, options, state_dir) {
         Ok(kind) => Some(kind),
         Err(e) if *choice == BackendChoice::Auto => {
             log::debug!("DEL: {e}");
@@ -351,8 +417,14 @@ fn remove_in(ns: &PodNetns, backend: &dyn Backend) -> Result<()> {
 }
 
 fn status(conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>> {
-    let kind = backend::resolve(conf.backend, &conf.backend_options, &conf.state_dir)
-        .map_err(|e| Error::new(Code::PluginNotAvailable, e.to_string()))?;
+    // A config the plugin must refuse (a foreign stateDir) stays code 7.
+    let kind =
+        resolve(conf.backend, &conf.backend_options, &conf.state_dir).map_err(|e| {
+            match e.code {
+                Code::InvalidConfig => e,
+                _ => Error::new(Code::PluginNotAvailable, e.to_string()),
+            }
+        })?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
     backend_ready(kind, &conf.backend_options)?;

@@ -1,6 +1,7 @@
 //! intercept-cni: a chained CNI plugin that installs transparent service-mesh interception
 //! (inbound and outbound TCP to the sidecar proxy) inside each pod's network namespace.
 
+pub mod agent;
 pub mod backend;
 pub mod cmd;
 pub mod cni;
@@ -11,3 +12,4 @@ pub mod netns;
 pub mod plan;
 pub mod policy;
 pub mod trusted_path;
+pub mod usage;

@@ -2,10 +2,17 @@
 //! to the CNI answer. Every record is one line (control characters are escaped), so a log
 //! line cannot be forged from input and each verb's summary stays one line.
 //!
+//! Only a log file of ours is ever appended to, chmodded or rotated: one that starts with a
+//! record in our format. A new one appears with its first line already in it (written to a
+//! temp file, renamed into place only if the path is still free), so no empty or foreign file
+//! is ever taken for ours; any other file at the path (`/etc/passwd`, another program's log) is
+//! left as it is, and the plugin logs to stderr only, with a warning: the CNI answer never
+//! fails because of the log file.
+//!
 //! The file is bounded: once it would grow past `logFileMaxBytes`, it is renamed to `<file>.1`
-//! (replacing the previous one) and a new file is started. Many plugin processes append at
-//! once (O_APPEND keeps their lines whole); the one holding the flock of the full file renames
-//! it, and the others, finding the path moved on, reopen.
+//! (replacing the previous one, only if that is ours too) and a new file is started. Many
+//! plugin processes append at once (O_APPEND keeps their lines whole); the one holding the
+//! flock of the full file renames it, and the others, finding the path moved on, reopen.
 
 use crate::cni::error::{Error, Result};
 use crate::trusted_path;
@@ -34,6 +41,21 @@ static LOGGER: Logger = Logger {
     file: Mutex::new(None),
 };
 
+/// This invocation's warnings, for its event record (bounded, see `agent::events`).
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The warnings logged so far, emptied.
+pub fn take_warnings() -> Vec<String> {
+    std::mem::take(&mut *WARNINGS.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+fn keep_warning(message: &str) {
+    let mut warnings = WARNINGS.lock().unwrap_or_else(PoisonError::into_inner);
+    if warnings.len() < crate::agent::events::MAX_WARNINGS {
+        warnings.push(crate::agent::events::bounded(message));
+    }
+}
+
 /// Installs the logger at `warn`: until the config is read, only trouble is worth printing.
 pub fn init() {
     if log::set_logger(&LOGGER).is_ok() {
@@ -54,17 +76,23 @@ pub fn configure(level: LevelFilter, file: Option<&Path>, max_bytes: u64) -> Res
     Ok(())
 }
 
-/// The log file, appended to, and what rotating it needs.
+/// The log file, appended to, and what rotating it needs. `file` is `None` until the first
+/// line creates it (or while the path is absent after another process rotated it).
 struct LogFile {
-    file: File,
+    file: Option<File>,
     path: PathBuf,
     max_bytes: u64,
 }
 
 impl LogFile {
     fn open(path: &Path, max_bytes: u64) -> Result<LogFile> {
+        let what = || format!("cannot open logFile {}", path.display());
+        let parent = path
+            .parent()
+            .ok_or_else(|| Error::io(what(), "has no parent directory"))?;
+        trusted_path::trusted_dir(parent).map_err(|e| Error::io(what(), e))?;
         Ok(LogFile {
-            file: open_log_file(path)?,
+            file: open_ours(path)?,
             path: path.to_path_buf(),
             max_bytes,
         })
@@ -72,31 +100,66 @@ impl LogFile {
 
     /// Appends one line in one write, rotating first when it would pass the bound.
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
-        let size = self.file.metadata()?.len();
-        let rotated = if size > 0 && size + line.len() as u64 > self.max_bytes {
-            self.rotate()
-        } else {
-            Ok(())
+        let Some(file) = self.file.as_mut() else {
+            self.file = Some(create_with(&self.path, line)?);
+            return Ok(());
         };
-        // A failed rotation still leaves a file to write to; its error is reported after.
-        self.file.write_all(line)?;
-        rotated
+        let size = file.metadata()?.len();
+        if size > 0 && size + line.len() as u64 > self.max_bytes {
+            match self.rotate() {
+                Ok(()) => {}
+                // `<file>.1` is not ours: the file stays bounded by taking no more lines.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(e),
+                // A failed rotation still leaves a file to write to; its error is reported after.
+                Err(e) => {
+                    file_write(self.file.as_mut(), line)?;
+                    return Err(e);
+                }
+            }
+        }
+        match self.file.as_mut() {
+            Some(file) => file.write_all(line),
+            None => {
+                self.file = Some(create_with(&self.path, line)?);
+                Ok(())
+            }
+        }
     }
 
+    /// Renames the full file to `<file>.1` (only over a `.1` of ours) unless another process
+    /// did already; the next line goes to the file at the path, created by whoever writes first.
     fn rotate(&mut self) -> std::io::Result<()> {
-        let locked = Flock::lock(self.file.try_clone()?, FlockArg::LockExclusive)
-            .map_err(|(_, e)| std::io::Error::from(e))?;
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let locked =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
         let ours = locked.metadata()?;
         // Still the file at our path, and still full: nobody rotated it while we waited.
         let unrotated = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|at_path| at_path.dev() == ours.dev() && at_path.ino() == ours.ino());
         if unrotated {
-            std::fs::rename(&self.path, rotated_path(&self.path))?;
+            let rotated = rotated_path(&self.path);
+            if let Err(why) = replaceable(&rotated) {
+                self.file = Some(locked.unlock().map_err(|(_, e)| std::io::Error::from(e))?);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "not rotating over {}: {why}; lines go to stderr only",
+                        rotated.display()
+                    ),
+                ));
+            }
+            std::fs::rename(&self.path, rotated)?;
         }
         drop(locked);
-        self.file = open_log_file(&self.path).map_err(std::io::Error::other)?;
+        self.file = open_ours(&self.path).map_err(std::io::Error::other)?;
         Ok(())
     }
+}
+
+fn file_write(file: Option<&mut File>, line: &[u8]) -> std::io::Result<()> {
+    file.map_or(Ok(()), |f| f.write_all(line))
 }
 
 /// `<file>.1`.
@@ -106,45 +169,154 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Created 0600 in a trusted directory (see `trusted_path`); a symlink, a hard link, anything
-/// but a regular file, or a file of another owner is refused: the plugin runs as root and must
-/// not be tricked into appending to another file.
-fn open_log_file(path: &Path) -> Result<File> {
+/// Whether the rotated file may be replaced: absent, or a log file of ours.
+fn replaceable(rotated: &Path) -> std::result::Result<(), String> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(open_flags())
+        .open(rotated)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.to_string()),
+        Ok(file) => judge(&file),
+    }
+}
+
+/// The log file at `path` when it is one of ours (see `judge`); `None` when there is none.
+/// Never created here: a new log file appears with its first line (`create_with`), so any
+/// file at the path without a line of ours at its start was not made by the plugin.
+fn open_ours(path: &Path) -> Result<Option<File>> {
     let what = || format!("cannot open logFile {}", path.display());
-    let parent = path
-        .parent()
-        .ok_or_else(|| Error::io(what(), "has no parent directory"))?;
-    trusted_path::trusted_dir(parent).map_err(|e| Error::io(what(), e))?;
-    // A file rotated away twice between our open and fstat has no link left: open again.
-    let (file, meta) = (0..3)
-        .map(|_| {
-            let file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .custom_flags(open_flags())
-                .open(path)
-                .map_err(|e| Error::io(what(), e))?;
-            let meta = file.metadata().map_err(|e| Error::io(what(), e))?;
-            Ok((file, meta))
-        })
-        .find(|opened| !matches!(opened, Ok((_, meta)) if meta.nlink() == 0))
-        .unwrap_or_else(|| Err(Error::io(what(), "it keeps being removed")))?;
+    let file = match OpenOptions::new()
+        .read(true)
+        .append(true)
+        .custom_flags(open_flags())
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(what(), e)),
+    };
+    judge(&file).map_err(|why| Error::io(what(), why))?;
+    Ok(Some(file))
+}
+
+/// A log file of ours: a regular file with one link, owned by us, whose first line is a record
+/// in our format. Anything else (an empty file, `/etc/passwd`, another program's log) is left
+/// alone: never appended to, chmodded or rotated.
+fn judge(file: &File) -> std::result::Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
-        return Err(Error::io(what(), "not a regular file"));
+        return Err("not a regular file".into());
     }
     if meta.nlink() > 1 {
-        return Err(Error::io(what(), "it has other hard links"));
+        return Err("it has other hard links".into());
     }
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != euid {
-        return Err(Error::io(what(), format!("owned by uid {}", meta.uid())));
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!("owned by uid {}", meta.uid()));
     }
+    let mut head = [0u8; 80];
+    let n = file.read_at(&mut head, 0).map_err(|e| e.to_string())?;
+    if !is_our_record(&head[..n]) {
+        return Err(
+            "not a log file of intercept-cni (its first line is not one of our records); \
+             give a path of its own"
+                .into(),
+        );
+    }
+    // Ours, so ours to keep private.
     if meta.permissions().mode() & 0o777 != 0o600 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(what(), e))?;
+            .map_err(|e| e.to_string())?;
     }
-    Ok(file)
+    Ok(())
+}
+
+/// `2026-01-02T03:04:05.678Z INFO  intercept-cni[123]: ` at the start of `head`.
+fn is_our_record(head: &[u8]) -> bool {
+    const STAMP: &[u8] = b"dddd-dd-ddTdd:dd:dd.dddZ ";
+    if head.len() < STAMP.len() + 6 {
+        return false;
+    }
+    let stamp = head.iter().zip(STAMP).all(|(b, p)| {
+        if *p == b'd' {
+            b.is_ascii_digit()
+        } else {
+            b == p
+        }
+    });
+    let rest = &head[STAMP.len()..];
+    let level = [b"ERROR", b"WARN ", b"INFO ", b"DEBUG", b"TRACE"]
+        .iter()
+        .any(|l| rest.starts_with(*l));
+    let Some(pid) = rest[5..].strip_prefix(b" intercept-cni[") else {
+        return false;
+    };
+    let digits = pid.iter().take_while(|b| b.is_ascii_digit()).count();
+    stamp && level && digits > 0 && pid[digits..].starts_with(b"]: ")
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: EEXIST when `to` exists. The raw call, for musl builds too.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Creates the log file at `path` holding `line`, atomically: it is written to a private temp
+/// file first and renamed into place only if nothing is there (so no empty file of ours is ever
+/// seen). If another process created it first, `line` is appended to that one.
+fn create_with(path: &Path, line: &[u8]) -> std::io::Result<File> {
+    let mut tmp = OsString::from(path.as_os_str());
+    // The thread id: unique among every process and thread writing at once.
+    tmp.push(format!(".{}.intercept-cni-tmp", nix::unistd::gettid()));
+    let tmp = PathBuf::from(tmp);
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(open_flags())
+            .open(&tmp)?;
+        let placed = file
+            .write_all(line)
+            .and_then(|()| rename_noreplace(&tmp, path));
+        match placed {
+            Ok(()) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        std::fs::remove_file(&tmp)?;
+        if let Some(mut theirs) = open_ours(path).map_err(std::io::Error::other)? {
+            theirs.write_all(line)?;
+            return Ok(theirs);
+        }
+    }
+    Err(std::io::Error::other("the log file keeps being removed"))
 }
 
 /// O_NOFOLLOW refuses a symlink; O_NONBLOCK keeps a FIFO planted there from blocking the open.
@@ -206,6 +378,9 @@ impl Log for Logger {
             return;
         }
         let message = record.args().to_string();
+        if record.level() == log::Level::Warn {
+            keep_warning(&message);
+        }
         let line = format!(
             "{} {:<5} intercept-cni[{}]: {}\n",
             utc_timestamp(SystemTime::now()),
@@ -231,7 +406,7 @@ impl Log for Logger {
 }
 
 /// RFC 3339 in UTC, to the millisecond, without a date crate.
-fn utc_timestamp(now: SystemTime) -> String {
+pub(crate) fn utc_timestamp(now: SystemTime) -> String {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -274,13 +449,24 @@ mod tests {
         assert_eq!(utc_timestamp(t), "2024-12-31T23:59:59.000Z");
     }
 
+    const RECORD: &[u8] = b"2026-01-02T03:04:05.678Z INFO  intercept-cni[42]: started\n";
+
+    fn open_log_file(path: &Path) -> Result<()> {
+        LogFile::open(path, DEFAULT_MAX_BYTES)?
+            .append(RECORD)
+            .map_err(|e| Error::io("append", e))
+    }
+
     #[test]
     fn log_file_is_0600_and_symlinks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cni.log");
-        drop(open_log_file(&path).unwrap());
+        open_log_file(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), RECORD);
+        open_log_file(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), [RECORD, RECORD].concat());
 
         let link = dir.path().join("link.log");
         std::os::unix::fs::symlink(&path, &link).unwrap();
@@ -288,7 +474,30 @@ mod tests {
         assert!(open_log_file(dir.path()).is_err());
     }
 
-    /// Root: files and directories of another owner are what is refused.
+    #[test]
+    fn only_files_starting_with_our_record_are_ours() {
+        assert!(is_our_record(RECORD));
+        assert!(is_our_record(
+            b"1999-12-31T23:59:59.999Z ERROR intercept-cni[1]: x"
+        ));
+        for other in [
+            &b""[..],
+            b"root:x:0:0:root:/root:/bin/bash\n",
+            b"2026-01-02T03:04:05.678Z INFO  other-cni[42]: started\n",
+            b"2026-01-02T03:04:05.678Z NOTE  intercept-cni[42]: started\n",
+            b"2026-01-02T03:04:05.678Z INFO  intercept-cni[]: started\n",
+            b"2026-01-02 03:04:05.678Z INFO  intercept-cni[42]: started\n",
+        ] {
+            assert!(
+                !is_our_record(other),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    /// Root: files and directories of another owner are what is refused; so is a root-owned
+    /// file that is not a log of ours, whatever its mode, which stays as it was.
     #[test]
     fn hard_links_foreign_files_and_foreign_dirs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -300,7 +509,7 @@ mod tests {
         assert!(e.msg.contains("hard links"), "{}", e.msg);
 
         let theirs = dir.path().join("theirs.log");
-        std::fs::write(&theirs, "").unwrap();
+        std::fs::write(&theirs, RECORD).unwrap();
         std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
         let e = open_log_file(&theirs).unwrap_err();
         assert!(e.msg.contains("owned by uid 65534"), "{}", e.msg);
@@ -312,13 +521,52 @@ mod tests {
         assert!(e.msg.contains("owned by uid 65534"), "{}", e.msg);
         assert!(!their_dir.join("cni.log").exists());
 
+        for (name, content) in [
+            ("empty.log", &b""[..]),
+            ("passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        ] {
+            let foreign = dir.path().join(name);
+            std::fs::write(&foreign, content).unwrap();
+            std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = open_log_file(&foreign).unwrap_err();
+            assert!(
+                e.msg.contains("not a log file of intercept-cni"),
+                "{}",
+                e.msg
+            );
+            let mode = std::fs::metadata(&foreign).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+            assert_eq!(std::fs::read(&foreign).unwrap(), content);
+        }
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's\n");
+
+        // A log of ours (an earlier version's too) with loose bits is tightened.
         let loose = dir.path().join("loose.log");
-        std::fs::write(&loose, "").unwrap();
+        std::fs::write(&loose, RECORD).unwrap();
         std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
-        drop(open_log_file(&loose).unwrap());
+        open_log_file(&loose).unwrap();
         let mode = std::fs::metadata(&loose).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's\n");
+    }
+
+    /// Rotation never renames over a `<file>.1` that is not ours; the log then takes no more
+    /// lines, so it stays bounded.
+    #[test]
+    fn rotation_never_replaces_a_foreign_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cni.log");
+        std::fs::write(rotated_path(&path), "not ours\n").unwrap();
+        let mut log = LogFile::open(&path, MIN_MAX_BYTES).unwrap();
+        let mut refused = 0;
+        for n in 0..200 {
+            refused += usize::from(log.append(&line(n)).is_err());
+        }
+        assert!(refused > 0);
+        assert_eq!(
+            std::fs::read_to_string(rotated_path(&path)).unwrap(),
+            "not ours\n"
+        );
+        assert!(std::fs::metadata(&path).unwrap().len() <= MIN_MAX_BYTES);
     }
 
     #[test]
@@ -335,8 +583,13 @@ mod tests {
         assert_eq!(one_line("a\nb\r\tc\u{1b}[31m"), "a\\nb\\r c\\u{1b}[31m");
     }
 
+    /// A record in our format, numbered, all of one length.
     fn line(n: usize) -> Vec<u8> {
-        format!("line {n:05} {}\n", "x".repeat(80)).into_bytes()
+        format!(
+            "2026-01-02T03:04:05.678Z INFO  intercept-cni[1]: line {n:05} {}\n",
+            "x".repeat(80)
+        )
+        .into_bytes()
     }
 
     #[test]
@@ -354,7 +607,7 @@ mod tests {
         assert!(current.len() as u64 <= MIN_MAX_BYTES);
         assert!(previous.len() as u64 <= MIN_MAX_BYTES);
         assert_eq!(current.lines().count() + previous.lines().count(), lines);
-        assert!(previous.starts_with("line 00000 "));
+        assert!(previous.contains("line 00000 "));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }

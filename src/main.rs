@@ -9,16 +9,14 @@
 
 use intercept_cni::cmd::{self, Trace};
 use intercept_cni::cni::env::{CniEnv, Command};
-use intercept_cni::cni::error::{Error, Result};
+use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::cni::version;
 use intercept_cni::logging;
+use intercept_cni::usage;
 use nix::libc::{c_char, c_int};
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::panic;
-
-const USAGE: &str = "usage: intercept-cni [audit | doctor | install | uninstall | version]\n\
-                     Without arguments it runs as a CNI plugin (CNI_COMMAND and stdin).";
 
 const SUCCESS: c_int = 0;
 const FAILURE: c_int = 1;
@@ -59,31 +57,55 @@ fn start_like_std() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
 }
 
-/// The node-side subcommands; each arm belongs to the issue that brings it.
+/// The node-side subcommands. `--help`, `help [SUBCOMMAND]` and `SUBCOMMAND --help` print the
+/// help on stdout and exit 0; a usage error is one line on stderr and exit status 2.
 fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
     let Some(words) = rest
         .into_iter()
         .map(|w| w.into_string().ok())
         .collect::<Option<Vec<String>>>()
     else {
-        eprintln!("intercept-cni: arguments must be valid UTF-8\n{USAGE}");
-        return 2;
+        return usage_error("arguments must be valid UTF-8");
     };
-    let status = match subcommand.to_str() {
-        Some("version" | "--version") => {
+    let Some(subcommand) = subcommand.to_str() else {
+        return usage_error("arguments must be valid UTF-8");
+    };
+    let wants_help = words.iter().any(|w| w == "--help" || w == "-h");
+    match subcommand {
+        "-h" | "--help" => help(words.first().map(String::as_str)),
+        "help" if words.len() <= 1 => help(words.first().map(String::as_str)),
+        "help" => usage_error("help takes at most one subcommand"),
+        s if wants_help && usage::of(s).is_some() => help(Some(s)),
+        "version" | "--version" if words.is_empty() => {
             println!("intercept-cni {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Some("install") => intercept_cni::install::install_main(&words),
-        Some("uninstall") => intercept_cni::install::uninstall_main(&words),
-        Some("doctor") => intercept_cni::host::doctor_main(&words),
-        Some("audit") => exec_node_tool("audit", &words),
-        _ => {
-            eprintln!("{USAGE}");
-            2
+        "version" | "--version" => usage_error("version takes no arguments"),
+        "install" => intercept_cni::install::install_main(&words),
+        "uninstall" => intercept_cni::install::uninstall_main(&words),
+        "doctor" => intercept_cni::host::doctor_main(&words),
+        "audit" => exec_node_tool("audit", &words),
+        other => usage_error(&format!("unknown subcommand {other:?}")),
+    }
+}
+
+/// The top-level help, or a subcommand's; an unknown subcommand is a usage error.
+fn help(subcommand: Option<&str>) -> c_int {
+    match subcommand.map_or(Some(usage::TOP), usage::of) {
+        Some(text) => {
+            print!("{text}");
+            0
         }
-    };
-    status
+        None => usage_error(&format!(
+            "no help for unknown subcommand {:?}",
+            subcommand.unwrap_or_default()
+        )),
+    }
+}
+
+fn usage_error(why: &str) -> c_int {
+    eprintln!("intercept-cni: {why} (see `intercept-cni --help`)");
+    2
 }
 
 /// Name of the binary holding the node tools that speak the CRI: installed next to this one,
@@ -98,7 +120,7 @@ fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
         Ok(exe) => exe.with_file_name(NODE_TOOL),
         Err(e) => {
             eprintln!("intercept-cni {subcommand}: cannot find our own executable: {e}");
-            return 2;
+            return 1;
         }
     };
     let err = std::process::Command::new(&tool)
@@ -109,7 +131,7 @@ fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
         "intercept-cni {subcommand}: cannot run {} (installed next to intercept-cni): {err}",
         tool.display()
     );
-    2
+    1
 }
 
 fn cni_mode() -> c_int {
@@ -117,8 +139,10 @@ fn cni_mode() -> c_int {
     // The default hook would print to stderr too; this one also reaches the log file, and
     // stdout stays reserved for the single JSON answer.
     panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
+    let started = std::time::Instant::now();
     let mut trace = Trace::default();
     let outcome = cmd::guarded(&mut trace, cni_invocation);
+    cmd::send_event(&trace, &outcome, started);
     let (answer, success) = cmd::final_answer(outcome, &trace);
     let printed = answer.as_ref().is_none_or(print_answer);
     if success && printed {
@@ -129,14 +153,14 @@ fn cni_mode() -> c_int {
 }
 
 fn cni_invocation(trace: &mut Trace) -> Result<Option<serde_json::Value>> {
-    let Some((env, stdin)) = read_invocation().inspect_err(|e| log::error!("{e}"))? else {
+    let Some((env, stdin)) = read_invocation(trace).inspect_err(|e| log::error!("{e}"))? else {
         return Ok(None);
     };
     cmd::execute(&env, &stdin, trace)
 }
 
 /// The environment and stdin; `None` when there is no command (the "about" line was printed).
-fn read_invocation() -> Result<Option<(CniEnv, Vec<u8>)>> {
+fn read_invocation(trace: &mut Trace) -> Result<Option<(CniEnv, Vec<u8>)>> {
     let raw_command = std::env::var_os("CNI_COMMAND");
     let raw_command = raw_command
         .as_deref()
@@ -154,13 +178,32 @@ fn read_invocation() -> Result<Option<(CniEnv, Vec<u8>)>> {
         );
         return Ok(None);
     };
+    trace.command = Some(command);
     let env = CniEnv::read(command, |name| std::env::var_os(name))?;
+    Ok(Some((env, read_stdin()?)))
+}
+
+/// A network configuration is a few KiB; this is generous, and bounds what stdin can make us hold.
+const MAX_STDIN_BYTES: u64 = 4 << 20;
+
+/// Reads stdin up to `MAX_STDIN_BYTES` (one byte more tells it is too long): code 6 beyond.
+fn read_stdin() -> Result<Vec<u8>> {
     // Room for a typical config up front: from an empty buffer std probes with 32-byte reads.
     let mut stdin = Vec::with_capacity(16 * 1024);
     std::io::stdin()
+        .take(MAX_STDIN_BYTES + 1)
         .read_to_end(&mut stdin)
         .map_err(|e| Error::io("cannot read the network configuration from stdin", e))?;
-    Ok(Some((env, stdin)))
+    if stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(Error::new(
+            Code::Decode,
+            format!(
+                "the network configuration on stdin is longer than {} MiB",
+                MAX_STDIN_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(stdin)
 }
 
 /// Prints the one JSON answer; false when stdout cannot take it.

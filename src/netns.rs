@@ -3,8 +3,14 @@
 //! panic or not: the plugin runs nothing concurrently that could see it away.
 
 use crate::cni::error::{Code, Error, Result};
-use nix::sched::{unshare, CloneFlags};
-use std::path::Path;
+use nix::fcntl::OFlag;
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::statfs::NSFS_MAGIC;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 mod nsfs {
     // NS_GET_NSTYPE, from <linux/nsfs.h>: _IO(0xb7, 0x3).
@@ -14,46 +20,105 @@ mod nsfs {
 /// An opened pod namespace. Holding the file keeps the identity stable between the host-netns
 /// check and the setns, even if the path is re-mounted in between.
 pub struct PodNetns {
-    ns: netns_rs::NetNs,
-    /// The namespace the opening thread was in: the host's, and where `run` returns to.
-    home: netns_rs::NetNs,
+    ns: File,
+    path: PathBuf,
+    /// The namespace the opening thread was in, where `run` returns to.
+    home: File,
 }
 
+/// What a `CNI_NETNS` path names.
+pub enum Lookup {
+    /// Nothing there (DEL: already gone).
+    Missing,
+    /// Something that is not a network namespace, and why: a FIFO, a device, a directory, a
+    /// plain file (a bind-mount target left after the runtime unmounted it), another namespace
+    /// type. Never opened when its type already tells (a FIFO or device could block or act).
+    NotNetns(String),
+    Found(PodNetns),
+}
+
+/// `NSFS_MAGIC` is `statfs.f_type`, whose integer type differs between libcs.
+fn on_nsfs(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC)
+}
+
+/// The initial network namespace's fixed inode on kernels that fix it (PROC_NET_INIT_INO);
+/// below the dynamic range (from 0xF0000000), so no other namespace ever has it.
+const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
+
 impl PodNetns {
-    /// Opens `path`; `Ok(None)` when it does not exist (DEL treats that as already gone).
+    /// Opens `path`; `Ok(None)` when it does not exist (DEL treats that as already gone), code 5
+    /// when it is not a network namespace.
     pub fn open(path: &Path) -> Result<Option<Self>> {
-        let home = netns_rs::get_from_current_thread()
-            .map_err(|e| Error::io("cannot open the plugin's own netns", e))?;
-        match netns_rs::get_from_path(path) {
-            Ok(ns) => Ok(Some(PodNetns { ns, home })),
-            Err(netns_rs::Error::OpenNsError(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(None)
-            }
-            Err(e) => Err(Error::io(
-                format!("cannot open netns {}", path.display()),
-                e,
+        match Self::lookup(path)? {
+            Lookup::Missing => Ok(None),
+            Lookup::NotNetns(why) => Err(Error::new(
+                Code::Io,
+                format!(
+                    "CNI_NETNS {} is not a network namespace: {why}",
+                    path.display()
+                ),
             )),
+            Lookup::Found(ns) => Ok(Some(ns)),
         }
     }
 
-    /// False for a file that is not a network namespace: a bind-mount target left behind after
-    /// the runtime unmounted it (DEL treats that as already gone), or another namespace type.
-    pub fn is_namespace(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let on_nsfs = nix::sys::statfs::fstatfs(self.ns.file())
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+    /// Finds out what `path` is, opening it only when it may be a namespace file, and then
+    /// without blocking (O_NONBLOCK: a FIFO swapped in after the stat cannot hang the open).
+    pub fn lookup(path: &Path) -> Result<Lookup> {
+        let what = || format!("cannot open netns {}", path.display());
+        let kind = match std::fs::metadata(path) {
+            Ok(meta) => meta.file_type(),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Lookup::Missing),
+            Err(e) => return Err(Error::io(what(), e)),
+        };
+        if let Some(why) = not_a_file(kind) {
+            return Ok(Lookup::NotNetns(why.into()));
+        }
+        let ns = match open_nonblocking(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Lookup::Missing),
+            Err(e) => return Err(Error::io(what(), e)),
+        };
+        let meta = ns.metadata().map_err(|e| Error::io(what(), e))?;
+        if let Some(why) = not_a_file(meta.file_type()) {
+            return Ok(Lookup::NotNetns(why.into()));
+        }
+        if !on_nsfs(&ns) {
+            return Ok(Lookup::NotNetns(
+                "not a namespace file (a mount point whose namespace is gone, or a plain file)"
+                    .into(),
+            ));
+        }
         // SAFETY: NS_GET_NSTYPE reads nothing from user memory; the fd is open for the call.
-        match unsafe { nsfs::ns_get_nstype(self.ns.file().as_raw_fd()) } {
-            Ok(kind) => on_nsfs && kind == CloneFlags::CLONE_NEWNET.bits(),
-            // Kernels before 4.11 cannot tell the type; entering names a wrong one (see `run`).
-            Err(_) => on_nsfs,
+        // Kernels before 4.11 cannot tell the type; entering names a wrong one (see `run`).
+        if let Ok(kind) = unsafe { nsfs::ns_get_nstype(ns.as_raw_fd()) } {
+            if kind != CloneFlags::CLONE_NEWNET.bits() {
+                return Ok(Lookup::NotNetns("a namespace of another kind".into()));
+            }
         }
+        let home = open_nonblocking(Path::new("/proc/thread-self/ns/net"))
+            .map_err(|e| Error::io("cannot open the plugin's own netns", e))?;
+        Ok(Lookup::Found(PodNetns {
+            ns,
+            path: path.to_path_buf(),
+            home,
+        }))
     }
 
-    /// True when this is the namespace the plugin itself runs in (the host's): compared by
-    /// namespace identity (device and inode), never by path.
+    /// True when this is the host's namespace: the plugin's own, PID 1's, or the initial one,
+    /// compared by namespace identity (device and inode), never by path. A plugin started from
+    /// inside another namespace still recognises the node's.
     pub fn is_own(&self) -> bool {
-        self.home == self.ns
+        let Ok(ns) = self.ns.metadata() else {
+            return true;
+        };
+        let same = |other: &std::fs::Metadata| other.dev() == ns.dev() && other.ino() == ns.ino();
+        // PID 1's namespace files are unreadable in some containers: then the others decide.
+        let pid1 = std::fs::metadata("/proc/1/ns/net");
+        ns.ino() == INIT_NET_INODE
+            || self.home.metadata().is_ok_and(|home| same(&home))
+            || pid1.is_ok_and(|init| same(&init))
     }
 
     /// Refuses the host's namespace: programming it would redirect the whole node's traffic.
@@ -63,7 +128,7 @@ impl PodNetns {
                 Code::HostNetns,
                 format!(
                     "CNI_NETNS {} is the host's network namespace; refusing to intercept the node's traffic",
-                    self.ns.path().display()
+                    self.path.display()
                 ),
             ));
         }
@@ -74,9 +139,9 @@ impl PodNetns {
     /// namespace; a panic in `f` comes back as an error. The calling thread, not a new one: a
     /// thread costs two cross-CPU wake-ups, about a fifth of a whole ADD.
     pub fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let path = self.ns.path().display();
-        self.ns.enter().map_err(|e| match e {
-            netns_rs::Error::SetnsError(nix::Error::EINVAL) => Error::new(
+        let path = self.path.display();
+        setns(&self.ns, CloneFlags::CLONE_NEWNET).map_err(|e| match e {
+            nix::Error::EINVAL => Error::new(
                 Code::Io,
                 format!("cannot enter {path}: not a network namespace"),
             ),
@@ -85,14 +150,34 @@ impl PodNetns {
         let outcome = join(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
         // Nothing after `f` needs the host's namespace, but a thread left in a pod's would be a
         // trap for whatever is added later: failing to return is an error of its own.
-        let returned = self
-            .home
-            .enter()
+        let returned = setns(&self.home, CloneFlags::CLONE_NEWNET)
             .map_err(|e| Error::io("cannot return to the plugin's own netns", e));
         let value = outcome?;
         returned?;
         Ok(value)
     }
+}
+
+/// Why a file of this type cannot be a namespace file (those are regular files on nsfs).
+fn not_a_file(kind: std::fs::FileType) -> Option<&'static str> {
+    if kind.is_file() {
+        None
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_char_device() || kind.is_block_device() {
+        Some("a device")
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY).bits())
+        .open(path)
 }
 
 /// The inode numbers of the network namespaces something still holds: a bind mount (`ip netns
@@ -182,7 +267,7 @@ mod tests {
         let pod = PodNetns::open(Path::new(&path))
             .unwrap()
             .expect("the pod netns");
-        assert!(pod.is_namespace() && !pod.is_own());
+        assert!(!pod.is_own());
         let pod_link = std::fs::read_link(&path).unwrap();
         assert_ne!(pod_link, home);
 

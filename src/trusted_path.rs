@@ -23,8 +23,11 @@ pub fn trusted_dir(dir: &Path) -> Result<()> {
     check_resolved(dir, &canonical)
 }
 
-/// Creates `dir` and its missing parents 0700, refusing any untrusted component, and leaves
-/// `dir` owned by us with mode 0700 (an existing one of ours with looser bits is tightened).
+/// Makes `dir` usable as the plugin's private state directory, changing no mode of anything:
+/// missing components are created 0700 (so they are ours); an existing `dir` is used as it is
+/// only when it is already private (a real directory owned by us, no group or other bits),
+/// else refused with code 7. Whether the path is trusted (see the module comment) is judged
+/// first. A failure to create is an I/O error (code 5), which callers may tolerate.
 pub fn private_dir(dir: &Path) -> Result<()> {
     check_literal(dir, true)?;
     let existing = prefixes(dir)
@@ -52,16 +55,57 @@ pub fn private_dir(dir: &Path) -> Result<()> {
         .open(dir)
         .map_err(|e| Error::io(what(), e))?;
     let meta = opened.metadata().map_err(|e| Error::io(what(), e))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(Error::io(
-            what(),
-            format!("is owned by uid {}, not by us", meta.uid()),
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
+        // Not ours to tighten: it may be `/`, `/proc` or another program's directory.
+        return Err(Error::config(format!(
+            "refusing stateDir {}: it exists and is not private (owner uid {}, mode {mode:o}); \
+             give a directory of its own (created 0700 when missing), its mode is never changed",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a program the plugin would run as root unless nobody but root (or us) can change
+/// it: its directory is trusted, a symlink to it is root's (or ours), and the file it resolves
+/// to is owned by root or us, not writable by group or others, in a trusted directory.
+pub fn trusted_executable(path: &Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .ok_or_else(|| Error::config(format!("{}: has no directory", path.display())))?;
+    trusted_dir(parent)?;
+    let link = fs::symlink_metadata(path)
+        .map_err(|e| Error::io(format!("cannot inspect {}", path.display()), e))?;
+    if link.file_type().is_symlink() && !trusted_owner(link.uid()) {
+        return Err(untrusted(
+            path,
+            path,
+            format!("is a symlink owned by uid {}", link.uid()),
         ));
     }
-    if meta.permissions().mode() & 0o7777 != 0o700 {
-        opened
-            .set_permissions(fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(what(), e))?;
+    let real = fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    if let Some(real_dir) = real.parent() {
+        check_resolved(path, real_dir)?;
+    }
+    let meta = fs::metadata(&real)
+        .map_err(|e| Error::io(format!("cannot inspect {}", real.display()), e))?;
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(
+            path,
+            &real,
+            format!("is owned by uid {}", meta.uid()),
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(untrusted(
+            path,
+            &real,
+            format!("is writable by group or others (mode {:o})", mode & 0o7777),
+        ));
     }
     Ok(())
 }
@@ -86,10 +130,10 @@ fn check_literal(path: &Path, missing_ok: bool) -> Result<()> {
             .components()
             .any(|c| c == std::path::Component::ParentDir)
     {
-        return Err(Error::io(
-            path.display(),
-            "must be an absolute path without '..'",
-        ));
+        return Err(Error::config(format!(
+            "{}: must be an absolute path without '..'",
+            path.display()
+        )));
     }
     for prefix in prefixes(path) {
         let meta = match fs::symlink_metadata(&prefix) {
@@ -137,14 +181,13 @@ fn check_resolved(path: &Path, canonical: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Code 7: the config names a path the plugin must not use.
 fn untrusted(path: &Path, at: &Path, why: impl std::fmt::Display) -> Error {
-    Error::io(
-        format!("refusing {}", path.display()),
-        format!(
-            "{} {why}; only root or the plugin's user may control this path",
-            at.display()
-        ),
-    )
+    Error::config(format!(
+        "refusing {}: {} {why}; only root or the plugin's user may control this path",
+        path.display(),
+        at.display()
+    ))
 }
 
 #[cfg(test)]
@@ -168,15 +211,26 @@ mod tests {
     }
 
     #[test]
-    fn creates_missing_dirs_0700_and_tightens_its_own() {
+    fn creates_missing_dirs_0700_and_never_changes_an_existing_ones_mode() {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path().join("a/b/state");
         private_dir(&state).unwrap();
         for dir in [tmp.path().join("a"), tmp.path().join("a/b"), state.clone()] {
             assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         }
-        chmod(&state, 0o755);
         private_dir(&state).unwrap();
+        // A directory that is not private is refused (code 7), not tightened: it may be `/`.
+        for loose in [0o755, 0o750, 0o701, 0o555] {
+            chmod(&state, loose);
+            let e = private_dir(&state).unwrap_err();
+            assert_eq!(e.code, crate::cni::error::Code::InvalidConfig, "{e}");
+            assert!(e.msg.contains("not private"), "{e}");
+            assert_eq!(mode(&state), loose);
+        }
+        // Private but another user's: refused (its owner is untrusted), mode unchanged.
+        chmod(&state, 0o700);
+        std::os::unix::fs::chown(&state, Some(NOBODY), None).unwrap();
+        refused(private_dir(&state), "owned by uid 65534");
         assert_eq!(mode(&state), 0o700);
     }
 

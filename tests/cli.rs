@@ -383,3 +383,176 @@ fn log_file_gets_the_verb_line_and_stdout_stays_clean() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// An endless stdin (`< /dev/zero`) is cut off after a few MiB with code 6, quickly, for every
+/// verb; the plugin never holds more than the cap.
+#[test]
+fn an_endless_stdin_is_code_6_not_unbounded_memory() {
+    for command in ["VERSION", "ADD", "DEL"] {
+        let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .envs(pod_env(command, NO_SUCH_NETNS))
+            .stdin(Stdio::from(zero))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the plugin");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().ok();
+                child.wait().ok();
+                panic!("{command}: still reading an endless stdin after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let answer: Value = serde_json::from_slice(&out.stdout).expect("one JSON answer");
+        assert_eq!(answer["code"], 6, "{command}: {answer}");
+        assert!(
+            answer["msg"].as_str().unwrap_or_default().contains("MiB"),
+            "{command}: {answer}"
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+    // Just under the cap is read whole: a config padded with whitespace is still a config.
+    let mut padded = config("1.0.0", json!({}));
+    padded.push_str(&" ".repeat((4 << 20) - padded.len()));
+    let out = run(&pod_env("DEL", NO_SUCH_NETNS), &padded);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+}
+
+/// The node tool's command line: `args` run without any CNI_* variable.
+fn node_tool(args: &[&str]) -> Outcome {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run the node tool");
+    Outcome {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
+    for args in [&["--help"][..], &["-h"], &["help"]] {
+        let out = node_tool(args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        for sub in ["install", "uninstall", "doctor", "version", "help"] {
+            assert!(
+                out.stdout.contains(&format!("\n  {sub} ")),
+                "{args:?}: {sub} undescribed:\n{}",
+                out.stdout
+            );
+        }
+    }
+    let flags: [(&str, &[&str]); 4] = [
+        (
+            "install",
+            &[
+                "--cni-conf-dir",
+                "--cni-bin-dir",
+                "--plugin-config",
+                "--watch",
+                "--listen",
+                "--events-socket",
+                "--host-root",
+                "/var/run/intercept-cni/events.sock",
+            ],
+        ),
+        ("uninstall", &["--cni-conf-dir", "--cni-bin-dir"]),
+        (
+            "doctor",
+            &[
+                "--backend",
+                "--iptables-mode",
+                "--ipv6",
+                "--host-root",
+                "--json",
+                "default: auto",
+            ],
+        ),
+        ("version", &["usage: intercept-cni version"]),
+    ];
+    for (sub, needles) in flags {
+        let texts = [
+            node_tool(&["help", sub]),
+            node_tool(&[sub, "--help"]),
+            node_tool(&[sub, "-h"]),
+        ];
+        for out in &texts {
+            assert_eq!(out.code, 0, "{sub}: {}", out.stderr);
+            assert_eq!(out.stdout, texts[0].stdout);
+            for needle in needles {
+                assert!(out.stdout.contains(needle), "{sub}: no {needle}");
+            }
+        }
+    }
+    // Each flag line of a subcommand says what its default is, or that it is required.
+    for sub in ["install", "doctor"] {
+        let text = node_tool(&["help", sub]).stdout;
+        let flags = text.split("Flags:\n").nth(1).unwrap();
+        for entry in flags.split("\n  --").skip(1) {
+            let entry = entry.split("\n  -h").next().unwrap();
+            assert!(
+                entry.contains("default") || entry.contains("required"),
+                "{sub}: --{entry}"
+            );
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_clear_line() {
+    for args in [
+        &["bogus"][..],
+        &["help", "bogus"],
+        &["help", "install", "doctor"],
+        &["version", "extra"],
+        &["install"],
+        &["install", "--cni-conf-dir", "/tmp", "--cni-bin-dir"],
+        &["install", "--bogus"],
+        &[
+            "install",
+            "--cni-conf-dir",
+            "/tmp",
+            "--cni-bin-dir",
+            "/tmp",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            "install",
+            "--watch",
+            "--cni-conf-dir",
+            "/tmp",
+            "--cni-bin-dir",
+            "/tmp",
+            "--listen",
+            "nowhere",
+        ],
+        &["uninstall", "--watch"],
+        &["doctor", "--backend", "ebpf"],
+        &["doctor", "--host-root", "/nonexistent"],
+    ] {
+        let out = node_tool(args);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{args:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("intercept-cni") && out.stderr.contains("--help`)"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let version = node_tool(&["version"]);
+    assert_eq!(version.code, 0);
+    assert_eq!(
+        version.stdout,
+        format!("intercept-cni {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -46,7 +46,13 @@ fn the_table_is_the_default_view() {
 
 #[test]
 fn host_root_reads_the_tree_and_exit_status_follows_the_verdict() {
-    let out = doctor(&["--host-root", &host("no-nftables"), "--json"]);
+    let out = doctor(&[
+        "--backend",
+        "nftables",
+        "--host-root",
+        &host("no-nftables"),
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let report = json(&out);
     assert_eq!(report["kernelRelease"], "5.10.162+");
@@ -84,10 +90,89 @@ fn usage_errors_exit_2_with_nothing_on_stdout() {
         &["--backend", "bpf"][..],
         &["--iptables-mode", "legacy"],
         &["--host-root"],
+        &["--host-root", "/nonexistent"],
     ] {
         let out = doctor(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("usage: intercept-cni doctor"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("intercept-cni doctor: ")
+                && stderr.contains("see `intercept-cni doctor --help`"),
+            "{stderr}"
+        );
     }
+}
+
+/// `auto`, the plugin's default, answers what the plugin will use on the node.
+#[test]
+fn auto_answers_what_the_plugin_will_choose() {
+    let out = doctor(&["--backend", "auto", "--host-root", &host("builtin-only")]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("intercept-cni doctor: nftables backend"),
+        "{text}"
+    );
+    assert_eq!(lines[1], "backend auto: the kernel serves nftables");
+
+    let out = doctor(&["--host-root", &host("no-nftables"), "--json"]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert!(
+        report["backend"].as_str().unwrap().starts_with("iptables-"),
+        "{report:#}"
+    );
+    let choice = report["choice"].as_str().unwrap();
+    assert!(
+        choice.starts_with(
+            "backend auto: the kernel cannot serve nftables (Linux 5.10.162+ is older"
+        ),
+        "{choice}"
+    );
+}
+
+/// `problems` holds problems only, each with its remedy; advice is in `tips`; each module has
+/// its remedy.
+#[test]
+fn json_keeps_problems_for_problems_with_the_remedy_per_module() {
+    let out = doctor(&[
+        "--backend",
+        "iptables",
+        "--iptables-mode",
+        "legacy",
+        "--host-root",
+        &host("missing-extra"),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = json(&out);
+    let problems = report["problems"].as_array().unwrap();
+    assert!(!problems.is_empty());
+    for p in problems {
+        let p = p.as_str().unwrap();
+        assert!(p.contains(" is missing") && p.contains("Remedy: "), "{p}");
+    }
+    let tips = report["tips"].as_array().unwrap();
+    assert!(
+        tips.iter()
+            .any(|t| t.as_str().unwrap().contains("modules-load.d")),
+        "{report:#}"
+    );
+    let owner = report["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "xt_owner")
+        .unwrap();
+    assert!(
+        owner["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("`modprobe xt_owner`"),
+        "{owner}"
+    );
+    assert_eq!(report["choice"], "configured");
 }

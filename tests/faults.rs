@@ -368,3 +368,135 @@ fn add_after_a_sigkilled_add_converges() {
         assert!(interrupted >= 5, "{mode}: too few ADDs were interrupted");
     }
 }
+
+/// Runs the plugin with `CNI_NETNS=netns`, failing the test (not hanging it) when it does not
+/// answer within 10 s. `enter`: a netns file the plugin is started inside of.
+fn run_bounded(
+    command: &str,
+    netns: &str,
+    conf: &Value,
+    enter: Option<std::fs::File>,
+) -> common::PluginRun {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intercept-cni"));
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "ctr-faults")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(file) = enter {
+        // SAFETY: only setns runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn the plugin");
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{command} on {netns}: no answer after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("output");
+    common::PluginRun {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A FIFO, a device or a directory as `CNI_NETNS` is never opened for reading as if it were a
+/// namespace: ADD and CHECK answer code 5 at once naming what it is, DEL succeeds (nothing of
+/// ours can be there), and nobody hangs.
+#[test]
+fn a_fifo_or_device_as_netns_is_refused_without_hanging() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("netns-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo = fifo.to_str().unwrap().to_string();
+    let dir_path = dir.path().to_str().unwrap().to_string();
+    for (path, what) in [
+        (fifo.as_str(), "FIFO"),
+        ("/dev/zero", "device"),
+        (dir_path.as_str(), "directory"),
+    ] {
+        for (_, settings) in backends() {
+            let conf = lab.config("1.0.0", settings);
+            for command in ["ADD", "CHECK"] {
+                let r = run_bounded(command, path, &conf, None);
+                let e = r.error(command, 5);
+                let msg = e["msg"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains("not a network namespace") && msg.contains(what),
+                    "{msg}"
+                );
+            }
+            run_bounded("DEL", path, &conf, None).ok("DEL");
+        }
+    }
+}
+
+/// Deletes our table from the host's netns should a broken build have put one there.
+struct HostTableGuard;
+
+impl Drop for HostTableGuard {
+    fn drop(&mut self) {
+        let listed = Command::new("nft")
+            .args(["list", "table", "inet", "intercept-cni"])
+            .output();
+        if listed.is_ok_and(|o| o.status.success()) {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", "intercept-cni"])
+                .status();
+        }
+    }
+}
+
+/// A plugin started from inside another netns still recognises the node's: the host netns (PID
+/// 1's, or the initial one) is refused with code 102 even though it is not the plugin's own.
+#[test]
+fn the_hosts_netns_is_refused_from_inside_another_netns() {
+    let lab = Lab::new();
+    // Should the refusal fail, the rules would touch nothing real: one unused inbound port and
+    // outbound only to TEST-NET-1.
+    let conf = lab.config(
+        "1.0.0",
+        json!({
+            "backend": "nftables",
+            "includeInboundPorts": ["9"],
+            "includeOutboundCIDRs": ["192.0.2.0/24"],
+        }),
+    );
+    let _guard = HostTableGuard;
+    let host = format!("/proc/{}/ns/net", std::process::id());
+    for command in ["ADD", "CHECK"] {
+        let inside = std::fs::File::open(lab.pod.path()).expect("pod netns");
+        let r = run_bounded(command, &host, &conf, Some(inside));
+        let e = r.error(command, 102);
+        assert!(
+            e["msg"].as_str().unwrap_or_default().contains("host"),
+            "{e}"
+        );
+    }
+    let inside = std::fs::File::open(lab.pod.path()).expect("pod netns");
+    run_bounded("DEL", &host, &conf, Some(inside)).ok("DEL");
+    let listed = Command::new("nft")
+        .args(["list", "table", "inet", "intercept-cni"])
+        .output()
+        .expect("nft");
+    assert!(!listed.status.success(), "the host's netns was programmed");
+}

@@ -169,7 +169,7 @@ fn the_state_dir_never_leads_into_another_owners_files() {
             json!({"backend": "nftables", "stateDir": state_dir}),
         );
         let r = run_plugin("ADD", Some(&lab.pod.path()), conf.to_string().as_bytes());
-        let e = r.error("ADD", 5);
+        let e = r.error("ADD", 7);
         assert!(
             e["msg"].as_str().unwrap_or_default().contains("refusing"),
             "{}: {e}",
@@ -328,4 +328,272 @@ fn no_shell_and_only_reviewed_absolute_spawns() {
             "unreviewed spawn {call} in {file}: list it in REVIEWED_SPAWNS with why its path is absolute"
         );
     }
+}
+
+/// The mode bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A `stateDir` that exists and is not private (root-owned 0755 like `/`, 0555 like `/proc`,
+/// 0711) is refused with code 7 by ADD, CHECK and STATUS, and left alone by DEL (`backend: auto`
+/// included): its mode is never changed and nothing is written into it. An existing private one
+/// is used as it is.
+#[test]
+fn a_foreign_state_dir_is_refused_and_never_chmodded() {
+    let lab = Lab::new();
+    let parent = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(parent.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let before = lab.pod.firewall_state();
+    for mode in [0o755, 0o555, 0o711, 0o1777 & !0o022] {
+        let foreign = parent.path().join(format!("foreign-{mode:o}"));
+        fs::create_dir(&foreign).unwrap();
+        fs::set_permissions(&foreign, fs::Permissions::from_mode(mode)).unwrap();
+        for backend in ["nftables", "auto"] {
+            let conf = lab.config(
+                "1.1.0",
+                json!({"backend": backend, "stateDir": foreign, "hostPrerequisites": "enforce"}),
+            );
+            // CHECK consults the host check only to resolve `auto`.
+            let commands: &[&str] = match backend {
+                "auto" => &["ADD", "CHECK", "STATUS"],
+                _ => &["ADD", "STATUS"],
+            };
+            for command in commands {
+                let r = lab.cni(command, &conf);
+                let e = r.error(7);
+                assert!(
+                    e["msg"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("not private"),
+                    "{command} {backend} {mode:o}: {e}"
+                );
+            }
+            lab.cni("DEL", &conf).ok();
+            assert_eq!(mode_of(&foreign), mode, "{backend}: mode changed");
+            assert!(entries(&foreign).is_empty(), "{backend}: written into");
+        }
+    }
+    assert_eq!(lab.pod.firewall_state(), before);
+
+    // Already private: used as is.
+    let private = parent.path().join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let conf = lab.config("1.1.0", json!({"backend": "auto", "stateDir": private}));
+    lab.cni("ADD", &conf).ok();
+    lab.cni("DEL", &conf).ok();
+    assert_eq!(mode_of(&private), 0o700);
+    assert!(!entries(&private).is_empty(), "the verdict was not cached");
+}
+
+/// A tmpfs mounted for the test (read-only, or tiny), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(target: &Path, options: &str) -> Tmpfs {
+        fs::create_dir_all(target).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(options),
+        )
+        .expect("mount tmpfs");
+        Tmpfs(target.to_path_buf())
+    }
+
+    fn remount_read_only(&self) {
+        nix::mount::mount(
+            None::<&str>,
+            &self.0,
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .expect("remount read-only");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A `stateDir` that is read-only or full costs only the cache: ADD works under `warn` and
+/// `enforce` (the verdict is computed anyway), `backend: auto` still picks nftables, and no
+/// temp file (0-byte or partial) is left behind.
+#[test]
+fn a_read_only_or_full_state_dir_changes_no_verdict() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let read_only = Tmpfs::new(&dir.path().join("ro"), "mode=0700,size=64k");
+    fs::create_dir(dir.path().join("ro/existing")).unwrap();
+    fs::set_permissions(
+        dir.path().join("ro/existing"),
+        fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    read_only.remount_read_only();
+    let _full = Tmpfs::new(&dir.path().join("full"), "mode=0700,size=16k");
+    let filler = dir.path().join("full/filler");
+    let mut file = fs::File::create(&filler).unwrap();
+    let chunk = [b'x'; 4096];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let full_before = entries(&dir.path().join("full"));
+
+    for state in [
+        dir.path().join("ro"),
+        dir.path().join("ro/existing"),
+        dir.path().join("ro/missing"),
+        dir.path().join("full"),
+        dir.path().join("full/missing"),
+    ] {
+        for policy in ["warn", "enforce"] {
+            let conf = lab.config(
+                "1.1.0",
+                json!({"backend": "auto", "stateDir": state, "hostPrerequisites": policy}),
+            );
+            let r = lab.cni("ADD", &conf).ok();
+            let why = format!("{} {policy}", state.display());
+            assert!(r.stderr.contains("not cached"), "{why}: {}", r.stderr);
+            let state_now = lab.pod.firewall_state();
+            assert!(
+                state_now.contains("table inet intercept-cni"),
+                "{why}: auto did not pick nftables:\n{state_now}"
+            );
+            assert!(
+                !state_now.contains("ICNI_"),
+                "{why}: iptables rules:\n{state_now}"
+            );
+            lab.cni("CHECK", &conf).ok();
+            lab.cni("DEL", &conf).ok();
+        }
+    }
+    // The lock file and the directory made are ours and empty; no temp file is left.
+    let full_after = entries(&dir.path().join("full"));
+    assert!(
+        full_after.iter().all(|n| !n.ends_with(".tmp")),
+        "{full_after:?}"
+    );
+    assert_eq!(fs::metadata(&filler).unwrap().len() % 4096, 0);
+    assert!(full_before.iter().all(|n| full_after.contains(n)));
+    assert_eq!(entries(&dir.path().join("ro")), ["existing"]);
+}
+
+/// A `logFile` naming an existing file that is not a log of ours (root-owned, like
+/// `/etc/passwd`, and past `logFileMaxBytes`) is neither appended to, chmodded nor rotated: the
+/// plugin logs to stderr with a warning and answers as usual. A foreign `<logFile>.1` is never
+/// renamed over either.
+#[test]
+fn a_foreign_log_file_is_never_appended_chmodded_or_rotated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let passwd = dir.path().join("passwd");
+    let content = "root:x:0:0:root:/root:/bin/bash\n".repeat(400);
+    fs::write(&passwd, &content).unwrap();
+    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o644)).unwrap();
+    let empty = dir.path().join("empty.log");
+    fs::write(&empty, "").unwrap();
+    for (log, before) in [(&passwd, content.as_str()), (&empty, "")] {
+        let conf = status_config(json!({"logFile": log, "logFileMaxBytes": 4096}));
+        for _ in 0..3 {
+            let r = run_plugin("STATUS", None, conf.to_string().as_bytes());
+            r.ok("STATUS");
+            assert!(
+                r.stderr.contains("not a log file of intercept-cni"),
+                "{}",
+                r.stderr
+            );
+        }
+        assert_eq!(fs::read_to_string(log).unwrap(), before);
+        assert_eq!(mode_of(log), 0o644);
+    }
+    assert_eq!(entries(dir.path()), ["empty.log", "passwd"]);
+
+    // Our own log, rotating: a foreign `.1` stays as it is and the log stays bounded.
+    let ours = dir.path().join("cni.log");
+    let rotated = dir.path().join("cni.log.1");
+    fs::write(&rotated, "someone else's\n").unwrap();
+    let conf = status_config(json!({"logFile": ours, "logFileMaxBytes": 4096}));
+    for _ in 0..60 {
+        run_plugin("STATUS", None, conf.to_string().as_bytes()).ok("STATUS");
+    }
+    assert_eq!(fs::read_to_string(&rotated).unwrap(), "someone else's\n");
+    assert!(fs::metadata(&ours).unwrap().len() <= 4096);
+    assert_eq!(mode_of(&ours), 0o600);
+}
+
+/// `iptablesPath` binaries run as root, in the host netns too (`iptablesMode: auto`): any that
+/// someone other than root could have changed (a world-writable directory, another owner's
+/// file, a group-writable file) are never run, and ADD says why (code 7). Trusted ones are.
+#[test]
+fn untrusted_iptables_binaries_are_never_run() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = dir.path().join("ran");
+    let plant = |bin_dir: &Path, owner: u32, mode: u32| {
+        fs::create_dir(bin_dir).unwrap();
+        for family in ["iptables", "ip6tables"] {
+            for variant in ["nft", "legacy"] {
+                for tool in ["save", "restore"] {
+                    let bin = bin_dir.join(format!("{family}-{variant}-{tool}"));
+                    fs::write(
+                        &bin,
+                        format!("#!/bin/sh\necho {tool} >> {}\n", marker.display()),
+                    )
+                    .unwrap();
+                    fs::set_permissions(&bin, fs::Permissions::from_mode(mode)).unwrap();
+                    std::os::unix::fs::chown(&bin, Some(owner), None).unwrap();
+                }
+            }
+        }
+    };
+    let world = dir.path().join("world-writable");
+    plant(&world, 0, 0o755);
+    fs::set_permissions(&world, fs::Permissions::from_mode(0o777)).unwrap();
+    let theirs = dir.path().join("their-binaries");
+    plant(&theirs, NOBODY, 0o755);
+    let group = dir.path().join("group-writable-binaries");
+    plant(&group, 0, 0o775);
+    let before = lab.pod.firewall_state();
+    for bin_dir in [&world, &theirs, &group] {
+        for mode in ["auto", "nft"] {
+            let conf = lab.config(
+                "1.0.0",
+                json!({"backend": "iptables", "iptablesMode": mode, "iptablesPath": bin_dir}),
+            );
+            let e = lab.cni("ADD", &conf).error(7);
+            assert!(
+                e["msg"].as_str().unwrap_or_default().contains("refusing"),
+                "{}: {e}",
+                bin_dir.display()
+            );
+            assert!(!marker.exists(), "{} was run", bin_dir.display());
+        }
+    }
+    assert_eq!(lab.pod.firewall_state(), before);
+    // The same binaries, root's and not writable by others: run (the fakes then fail ADD).
+    let trusted = dir.path().join("trusted");
+    plant(&trusted, 0, 0o755);
+    let conf = lab.config(
+        "1.0.0",
+        json!({"backend": "iptables", "iptablesMode": "auto", "iptablesPath": trusted}),
+    );
+    let _ = lab.cni("ADD", &conf);
+    assert!(marker.exists(), "the trusted binaries were not run");
 }

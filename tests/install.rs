@@ -76,8 +76,15 @@ impl Node {
         fs::read(self.conf.join(name)).unwrap()
     }
 
+    /// The file's JSON with the installer's stamp left out of our entries.
     fn json(&self, name: &str) -> Value {
-        serde_json::from_slice(&self.read(name)).unwrap()
+        let mut doc: Value = serde_json::from_slice(&self.read(name)).unwrap();
+        if let Some(plugins) = doc["plugins"].as_array_mut() {
+            for plugin in plugins.iter_mut().filter(|p| is_ours(p)) {
+                plugin.as_object_mut().unwrap().remove("installer");
+            }
+        }
+        doc
     }
 
     fn plugins(&self, name: &str) -> Vec<Value> {
@@ -92,12 +99,13 @@ impl Node {
         self.bin.join("intercept-cni")
     }
 
-    /// Every file of both dirs, by path, with its bytes.
+    /// Every file of both dirs, by path, with its bytes; a running watcher's lock aside.
     fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         [&self.conf, &self.bin]
             .iter()
             .flat_map(|dir| fs::read_dir(dir).unwrap())
             .map(|e| e.unwrap().path())
+            .filter(|p| !p.to_string_lossy().ends_with(".lock"))
             .map(|p| {
                 let bytes = fs::read(&p).unwrap();
                 (p, bytes)
@@ -107,11 +115,22 @@ impl Node {
 
     /// Starts `install --watch`, its log going to a file that `eventually` shows on failure.
     fn spawn_watch(&self) -> Watcher {
-        let log = fs::File::create(self.watch_log()).unwrap();
+        self.spawn_watch_with(&[])
+    }
+
+    fn spawn_watch_with(&self, extra: &[&str]) -> Watcher {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.watch_log())
+            .unwrap();
         let child = Command::new(BIN)
             .arg("install")
             .args(self.dirs())
             .arg("--watch")
+            // No events socket: tests stay off the host's /var/run.
+            .arg("--events-socket=")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -374,12 +393,12 @@ fn uninstall_removes_only_our_entry_and_our_binary() {
 
     assert!(!node.binary().exists());
     assert_eq!(names(&node.bin), ["bridge"]);
-    // The converted network stays a conflist, with its primary plugin alone.
+    // The converted network is the primary's .conf again, byte for byte.
     assert_eq!(
-        node.json("10-bridge.conflist"),
-        json!({"cniVersion": "1.0.0", "name": "bridge-net", "plugins": [fixture_json("10-bridge.conf")]})
+        node.names(),
+        ["10-bridge.conf", "10-calico.conflist", "99-loopback.conf"]
     );
-    for name in ["10-calico.conflist", "99-loopback.conf"] {
+    for name in ["10-bridge.conf", "10-calico.conflist", "99-loopback.conf"] {
         assert_eq!(node.read(name), fs::read(testdata(name)).unwrap(), "{name}");
     }
     // Uninstalling again finds nothing to do.
@@ -401,7 +420,11 @@ fn uninstall_also_cleans_a_network_that_is_no_longer_first() {
         node.json("10-calico.conflist"),
         fixture_json("10-calico.conflist")
     );
-    assert!(!node.plugins("05-bridge.conflist").iter().any(is_ours));
+    assert_eq!(
+        node.read("05-bridge.conf"),
+        fs::read(testdata("10-bridge.conf")).unwrap()
+    );
+    assert_eq!(node.names(), ["05-bridge.conf", "10-calico.conflist"]);
 }
 
 #[test]
@@ -426,7 +449,7 @@ fn bad_command_lines_and_plugin_configs_are_refused() {
     let node = Node::with(&["10-calico.conflist"]);
     let out = node.run("install", &["--bogus"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("usage:"));
+    assert!(stderr(&out).contains("--help"), "{}", stderr(&out));
     let bad = node.conf.join("../bad-plugin.json");
     fs::write(&bad, r#"{"type": "bridge"}"#).unwrap();
     let out = node.run("install", &["--plugin-config", bad.to_str().unwrap()]);
@@ -480,7 +503,7 @@ fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
 #[test]
 fn watch_follows_a_new_file_that_becomes_first() {
     let node = Node::with(&["10-calico.conflist"]);
-    let mut watcher = node.spawn_watch();
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     node.eventually("first install", || {
         chained_last(&node, "10-calico.conflist")
     });
@@ -515,13 +538,14 @@ fn watch_follows_a_new_file_that_becomes_first() {
     assert!(chained_last(&node, "01-bridge.conflist"));
 
     assert!(watcher.signal(Signal::SIGTERM).success());
-    for name in [
-        "01-bridge.conflist",
-        "05-flannel.conflist",
-        "10-calico.conflist",
-    ] {
+    for name in ["05-flannel.conflist", "10-calico.conflist"] {
         assert!(!node.plugins(name).iter().any(is_ours), "{name} cleaned");
     }
+    assert_eq!(
+        node.read("01-bridge.conf"),
+        fs::read(testdata("10-bridge.conf")).unwrap()
+    );
+    assert!(!node.conf.join("01-bridge.conflist").exists());
 }
 
 #[test]
@@ -544,9 +568,35 @@ fn watch_ignores_its_own_writes() {
 }
 
 #[test]
-fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
+fn sigterm_leaves_the_node_intercepting() {
     let node = Node::with(&["10-calico.conflist", "10-flannel.conflist"]);
     let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let before = node.snapshot();
+    // A rolling update: the old agent stops before the new one starts.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(node.snapshot(), before, "entry and binary stay");
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(fs::read(node.binary()).unwrap(), fs::read(BIN).unwrap());
+    // The next agent takes the entry over (its stamp), then `uninstall` removes it for good.
+    let mut next = node.spawn_watch();
+    node.eventually("the new agent's entry", || node.snapshot() != before);
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(next.signal(Signal::SIGTERM).code(), Some(0));
+    node.uninstall();
+    assert!(!node.binary().exists());
+    assert_eq!(
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+}
+
+#[test]
+fn uninstall_on_exit_removes_entry_and_binary_and_exits_zero() {
+    let node = Node::with(&["10-calico.conflist", "10-flannel.conflist"]);
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     node.eventually("first install", || {
         chained_last(&node, "10-calico.conflist")
     });
@@ -556,8 +606,8 @@ fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
     assert_eq!(status.code(), Some(0));
     assert!(!node.binary().exists());
     assert_eq!(
-        node.json("10-calico.conflist"),
-        fixture_json("10-calico.conflist")
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
     );
     assert_eq!(
         node.read("10-flannel.conflist"),
@@ -571,7 +621,7 @@ fn sigterm_uninstalls_entry_and_binary_and_exits_zero() {
 #[test]
 fn watch_waits_for_a_first_network_and_stops_on_sigint() {
     let node = Node::with(&["05-broken.conflist"]);
-    let mut watcher = node.spawn_watch();
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         !node.binary().exists(),
@@ -614,6 +664,7 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
         .env("CNI_CONF_DIR", &node.conf)
         .env("CNI_BIN_DIR", &node.bin)
         .env("PLUGIN_CONFIG", testdata("plugin-config.json"))
+        .env("GENERATION", "5")
         .stdout(Stdio::null())
         .stderr(fs::File::create(node.watch_log()).unwrap())
         .spawn()
@@ -624,11 +675,689 @@ fn entrypoint_script_takes_dirs_from_env_and_execs_the_watcher() {
     });
     let entry = node.plugins("10-flannel.conflist").pop().unwrap();
     assert_eq!(entry["podSelection"], "annotated");
-    // Only an exec'd installer gets the SIGTERM and exits 0 after cleaning up.
+    let stamped = our_entry(&node, "10-flannel.conflist").unwrap();
+    assert_eq!(stamped["installer"]["generation"], 5);
+    // Only an exec'd installer gets the SIGTERM and exits 0; entry and binary stay.
     assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
-    assert!(!node.binary().exists());
-    assert_eq!(
-        node.json("10-flannel.conflist"),
-        fixture_json("10-flannel.conflist")
+    assert!(node.binary().exists());
+    assert!(chained_last(&node, "10-flannel.conflist"));
+}
+
+/// Runs `command` to its end, killing it and failing after `secs`: a hang is a failure, not a
+/// stuck test run.
+fn output_within(command: &mut Command, secs: u64) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {secs} s; stderr: {}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A ConfigMap volume as the kubelet lays it out: `NAME -> ..data/NAME`, `..data -> ..vN`;
+/// an update writes a new `..vN` and renames a new `..data` link over the old one.
+struct ConfigMap {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMap {
+    fn new(dir: PathBuf, name: &str, content: &str) -> ConfigMap {
+        fs::create_dir(&dir).unwrap();
+        let mut map = ConfigMap { dir, version: 0 };
+        map.update(name, content);
+        std::os::unix::fs::symlink(format!("..data/{name}"), map.dir.join(name)).unwrap();
+        map
+    }
+
+    fn update(&mut self, name: &str, content: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        fs::create_dir(self.dir.join(&version)).unwrap();
+        fs::write(self.dir.join(&version).join(name), content).unwrap();
+        std::os::unix::fs::symlink(&version, self.dir.join("..data_tmp")).unwrap();
+        fs::rename(self.dir.join("..data_tmp"), self.dir.join("..data")).unwrap();
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// Our entry in `name`, stamp included.
+fn our_entry(node: &Node, name: &str) -> Option<Value> {
+    let doc: Value = serde_json::from_slice(&fs::read(node.conf.join(name)).ok()?).ok()?;
+    doc["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| is_ours(p))
+        .cloned()
+}
+
+fn watch_log(node: &Node) -> String {
+    fs::read_to_string(node.watch_log()).unwrap_or_default()
+}
+
+/// The primary agent's conflist with a marker of which of its writes it is.
+fn calico_with_marker(marker: u32) -> Vec<u8> {
+    let mut doc = fixture_json("10-calico.conflist");
+    doc["plugins"][0]["mtu"] = json!(marker);
+    serde_json::to_vec_pretty(&doc).unwrap()
+}
+
+/// Issue 13, point 4: another agent writing about when the watcher writes must never lose its
+/// write, and the watcher must then chain into that write.
+#[test]
+fn a_second_writer_is_never_lost_and_the_watcher_converges() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let target = node.conf.join("10-calico.conflist");
+    for trial in 0..40u32 {
+        let (first, second) = (2 * trial + 1000, 2 * trial + 1001);
+        let conf = node.conf.clone();
+        // The other agent: a write, then another one about when the watcher acts on the first.
+        let writer = std::thread::spawn(move || {
+            let write = |marker: u32| {
+                let path = conf.join("10-calico.conflist");
+                if marker % 4 < 2 {
+                    fs::write(&path, calico_with_marker(marker)).unwrap();
+                } else {
+                    let temp = conf.join("calico.agent-tmp");
+                    fs::write(&temp, calico_with_marker(marker)).unwrap();
+                    fs::rename(&temp, &path).unwrap();
+                }
+            };
+            write(first);
+            std::thread::sleep(Duration::from_millis(85 + u64::from(trial % 8) * 5));
+            write(second);
+        });
+        writer.join().unwrap();
+        node.eventually(&format!("trial {trial}: the second write, chained"), || {
+            let Ok(doc) = serde_json::from_slice::<Value>(&fs::read(&target).unwrap()) else {
+                return false;
+            };
+            doc["plugins"][0]["mtu"] == second && chained_last(&node, "10-calico.conflist")
+        });
+    }
+    assert_no_temp_files(&node.conf);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// Issue 13, point 5: a network that is a symlink (a ConfigMap-mounted conf dir) is refused,
+/// and the link and its target stay as they are.
+#[test]
+fn a_symlinked_network_is_refused_and_the_link_kept() {
+    let node = Node::with(&[]);
+    let map = ConfigMap::new(
+        node.conf.join("..cm"),
+        "10-calico.conflist",
+        &String::from_utf8(fs::read(testdata("10-calico.conflist")).unwrap()).unwrap(),
     );
+    std::os::unix::fs::symlink(
+        "..cm/10-calico.conflist",
+        node.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let out = node.run("install", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    let link = fs::symlink_metadata(node.conf.join("10-calico.conflist")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(
+        fs::read(map.path("10-calico.conflist")).unwrap(),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+    assert!(!node.binary().exists());
+    // uninstall leaves a link alone too.
+    node.uninstall();
+    assert!(fs::symlink_metadata(node.conf.join("10-calico.conflist"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+/// Issue 15, point 6: uninstall never leaves a network naming a missing binary: a file it
+/// may not clean (a symlink) keeps the binary in place.
+#[test]
+fn uninstall_keeps_the_binary_while_a_network_still_names_it() {
+    let node = Node::with(&["10-calico.conflist"]);
+    node.install(&[]);
+    // The chained file becomes a link's target, as a ConfigMap-mounted conf dir would have it.
+    fs::rename(
+        node.conf.join("10-calico.conflist"),
+        node.root.path().join("chained.conflist"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        node.root.path().join("chained.conflist"),
+        node.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let out = node.run("uninstall", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("still names"), "{}", stderr(&out));
+    assert!(node.binary().exists());
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
+/// Issue 13, point 6: the primary's raw text survives install byte for byte outside our entry,
+/// and uninstall (one-shot and on exit) gives back its exact bytes.
+#[test]
+fn the_primary_bytes_survive_install_and_uninstall() {
+    let original = fs::read(testdata("10-numbers.conflist")).unwrap();
+    let node = Node::with(&["10-numbers.conflist"]);
+    node.install(&[]);
+    let installed = node.read("10-numbers.conflist");
+    assert!(chained_last(&node, "10-numbers.conflist"));
+    let text = String::from_utf8(installed).unwrap();
+    for kept in [
+        "123456789012345678901234567890",
+        "\"mtu\": 1e3",
+        "-0,",
+        "1.50",
+        "2.0E+2",
+        "0.1e-7",
+        "\\u00e9\\/",
+    ] {
+        assert!(text.contains(kept), "{kept} lost:\n{text}");
+    }
+    node.uninstall();
+    assert_eq!(node.read("10-numbers.conflist"), original);
+
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
+    node.eventually("install", || chained_last(&node, "10-numbers.conflist"));
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(node.read("10-numbers.conflist"), original);
+}
+
+/// Issue 13, point 7: temp files of killed runs (any PID) are swept at start; look-alikes that
+/// we could not have created stay.
+#[test]
+fn stale_temp_files_are_swept_at_start() {
+    let node = Node::with(&["10-calico.conflist"]);
+    fs::write(
+        node.conf
+            .join(".10-calico.conflist.999999.intercept-cni-tmp"),
+        vec![b'x'; 1 << 20],
+    )
+    .unwrap();
+    fs::write(
+        node.bin.join(".intercept-cni.424242.intercept-cni-tmp"),
+        "half a binary",
+    )
+    .unwrap();
+    let keep = [
+        "10-x.intercept-cni-tmp",
+        ".a.conflist.12a.intercept-cni-tmp",
+        ".a.conflist.12.intercept-cni-tmp.bak",
+    ];
+    for name in keep {
+        fs::write(node.conf.join(name), "not ours").unwrap();
+    }
+    fs::create_dir(node.conf.join(".d.conflist.7.intercept-cni-tmp")).unwrap();
+    std::os::unix::fs::symlink(
+        testdata("10-calico.conflist"),
+        node.conf.join(".l.conflist.8.intercept-cni-tmp"),
+    )
+    .unwrap();
+    let out = output_within(Command::new(BIN).arg("install").args(node.dirs()), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut expected: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+    expected.extend([
+        ".d.conflist.7.intercept-cni-tmp".into(),
+        ".l.conflist.8.intercept-cni-tmp".into(),
+        "10-calico.conflist".into(),
+    ]);
+    expected.sort();
+    assert_eq!(node.names(), expected);
+    assert_eq!(names(&node.bin), ["intercept-cni"]);
+    assert_eq!(
+        fs::read(testdata("10-calico.conflist")).unwrap().len(),
+        fs::metadata(node.conf.join(".l.conflist.8.intercept-cni-tmp"))
+            .unwrap()
+            .len() as usize
+    );
+}
+
+/// `install`/`uninstall` with their address space capped: reading /dev/zero or a huge file
+/// whole would fail instead of taking the machine's memory.
+fn capped(subcommand: &str, node: &Node) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    command.arg(subcommand).args(node.dirs());
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Issue 13, point 12: a FIFO named like a config hangs neither install nor the exit of
+/// --watch, and a link to /dev/zero or a huge file is not read into memory.
+#[test]
+fn fifos_devices_and_huge_files_neither_hang_nor_flood() {
+    let node = Node::with(&["10-calico.conflist"]);
+    nix::unistd::mkfifo(
+        &node.conf.join("05-fifo.conflist"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", node.conf.join("00-zero.conf")).unwrap();
+    // Sparse: large to read, nothing on disk.
+    fs::File::create(node.conf.join("01-huge.conf"))
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let out = output_within(&mut capped("install", &node), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(chained_last(&node, "10-calico.conflist"));
+    for why in ["00-zero.conf", "01-huge.conf", "05-fifo.conflist"] {
+        assert!(
+            stderr(&out).contains(why),
+            "{why} not reported: {}",
+            stderr(&out)
+        );
+    }
+    let mut watcher = node.spawn_watch_with(&["--uninstall-on-exit"]);
+    std::thread::sleep(Duration::from_millis(300));
+    // The watcher's exit reads the dir again to uninstall: it must not block on the FIFO.
+    assert_eq!(watcher.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(
+        node.read("10-calico.conflist"),
+        fs::read(testdata("10-calico.conflist")).unwrap()
+    );
+    let out = output_within(&mut capped("uninstall", &node), 20);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Issue 13, point 15: two watchers with different configs (a rolling update with surge)
+/// converge on the higher generation's entry, and stopping the other keeps it.
+#[test]
+fn two_watchers_converge_and_the_loser_stops_rewriting() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let old_config = node.root.path().join("old.json");
+    let new_config = node.root.path().join("new.json");
+    fs::write(&old_config, r#"{"podSelection": "annotated"}"#).unwrap();
+    fs::write(&new_config, r#"{"podSelection": "all"}"#).unwrap();
+    let mut old = node.spawn_watch_with(&[
+        "--generation",
+        "3",
+        "--uninstall-on-exit",
+        "--plugin-config",
+        old_config.to_str().unwrap(),
+    ]);
+    node.eventually("old entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "annotated")
+    });
+    let mut new = node.spawn_watch_with(&[
+        "--generation",
+        "4",
+        "--plugin-config",
+        new_config.to_str().unwrap(),
+    ]);
+    node.eventually("new entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+    });
+    // The primary agent rewrites its file: both react, the new entry ends up there, and then
+    // nobody writes any more.
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("new entry again", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+            && chained_last(&node, "10-calico.conflist")
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let settled = fs::metadata(node.conf.join("10-calico.conflist")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let later = fs::metadata(node.conf.join("10-calico.conflist")).unwrap();
+    assert_eq!(
+        (settled.ino(), settled.mtime_nsec()),
+        (later.ino(), later.mtime_nsec()),
+        "still rewriting:\n{}",
+        watch_log(&node)
+    );
+    // The old one stops (even with --uninstall-on-exit): the new one's entry and binary stay.
+    assert_eq!(old.signal(Signal::SIGTERM).code(), Some(0));
+    assert_eq!(
+        our_entry(&node, "10-calico.conflist").unwrap()["podSelection"],
+        "all"
+    );
+    assert!(node.binary().exists());
+    assert_eq!(new.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
+/// Issue 13, point 15: the entry of an installer that is gone (killed, or its DaemonSet deleted
+/// and re-created with generations starting over) never holds back a live one.
+#[test]
+fn a_gone_installers_entry_does_not_hold_back_a_live_one() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let configs: Vec<PathBuf> = ["annotated", "all", "annotated"]
+        .iter()
+        .enumerate()
+        .map(|(i, selection)| {
+            let path = node.root.path().join(format!("config-{i}.json"));
+            fs::write(&path, format!(r#"{{"podSelection": "{selection}"}}"#)).unwrap();
+            path
+        })
+        .collect();
+    let arg = |i: usize| configs[i].to_str().unwrap().to_owned();
+    let mut high = node.spawn_watch_with(&["--generation", "9", "--plugin-config", &arg(0)]);
+    node.eventually("generation 9", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 9)
+    });
+    // SIGKILL: no chance to clean up; the kernel drops its lock.
+    high.0.as_mut().unwrap().kill().unwrap();
+    high.0.take().unwrap().wait().unwrap();
+    let mut low = node.spawn_watch_with(&["--generation", "1", "--plugin-config", &arg(1)]);
+    node.eventually("generation 1 takes over", || {
+        our_entry(&node, "10-calico.conflist")
+            .is_some_and(|e| e["installer"]["generation"] == 1 && e["podSelection"] == "all")
+    });
+    // A live higher generation does win, and after its SIGTERM the live lower one takes over.
+    let mut higher = node.spawn_watch_with(&["--generation", "2", "--plugin-config", &arg(2)]);
+    node.eventually("generation 2", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 2)
+    });
+    assert_eq!(higher.signal(Signal::SIGTERM).code(), Some(0));
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("generation 1 again", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["installer"]["generation"] == 1)
+    });
+    assert_eq!(low.signal(Signal::SIGTERM).code(), Some(0));
+    assert!(
+        !node.names().iter().any(|n| n.ends_with(".lock")),
+        "{:?}",
+        node.names()
+    );
+}
+
+/// Issue 15, point 1: a config the plugin would refuse is never chained: one-shot install
+/// fails; a watcher keeps the last good entry, and says why with a hint.
+#[test]
+fn a_typod_config_is_refused_and_the_old_entry_stays() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut map = ConfigMap::new(
+        node.root.path().join("config"),
+        "plugin-config.json",
+        r#"{"podSelection": "all", "excludeNamespaces": ["kube-system"]}"#,
+    );
+    let config = map.path("plugin-config.json");
+    for bad in [
+        r#"{"inboundPort": 0}"#,
+        r#"{"backend": "nftabels"}"#,
+        r#"{"excludeNamespace": ["kube-system"]}"#,
+        "{",
+    ] {
+        let path = node.root.path().join("bad.json");
+        fs::write(&path, bad).unwrap();
+        let out = node.run("install", &["--plugin-config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert_eq!(
+            node.read("10-calico.conflist"),
+            fs::read(testdata("10-calico.conflist")).unwrap()
+        );
+        assert!(!node.binary().exists());
+    }
+    let out = node.run(
+        "install",
+        &[
+            "--plugin-config",
+            node.root.path().join("bad.json").to_str().unwrap(),
+        ],
+    );
+    assert!(stderr(&out).contains("plugin config"), "{}", stderr(&out));
+
+    let mut watcher = node.spawn_watch_with(&["--plugin-config", &config]);
+    node.eventually("good entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "all")
+    });
+    let good = node.read("10-calico.conflist");
+    // A ConfigMap update with a typo: refused, the entry stays as it was.
+    map.update(
+        "plugin-config.json",
+        r#"{"podSelection": "annotated", "excludeNamespace": ["kube-system"]}"#,
+    );
+    node.eventually("the refusal in the log", || {
+        watch_log(&node).contains("did you mean \\\"excludeNamespaces\\\"")
+            || watch_log(&node).contains("did you mean \"excludeNamespaces\"")
+    });
+    // The primary agent rewrites its file meanwhile: the last good entry goes back in.
+    agent_writes(
+        &node,
+        "10-calico.conflist",
+        &fs::read(testdata("10-calico.conflist")).unwrap(),
+    );
+    node.eventually("last good entry back", || {
+        node.read("10-calico.conflist") == good
+    });
+    // Fixed: the new config is chained (an edited config is reloaded).
+    map.update(
+        "plugin-config.json",
+        r#"{"podSelection": "annotated", "excludeNamespaces": ["kube-system"]}"#,
+    );
+    node.eventually("fixed entry", || {
+        our_entry(&node, "10-calico.conflist").is_some_and(|e| e["podSelection"] == "annotated")
+    });
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert!(watcher.signal(Signal::SIGTERM).success());
+
+    // A new agent starting with a bad config leaves the node as the old one left it.
+    let before = node.snapshot();
+    map.update("plugin-config.json", r#"{"inboundPort": 0}"#);
+    let mut bad = node.spawn_watch_with(&["--plugin-config", &config]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node.snapshot(), before);
+    assert_eq!(bad.signal(Signal::SIGTERM).code(), Some(0));
+}
+
+/// Issue 15, point 5: a deleted, replaced or chmod'ed binary comes back.
+#[test]
+fn a_deleted_or_replaced_binary_comes_back() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    let ours = fs::read(BIN).unwrap();
+    let is_ours_binary = || {
+        fs::read(node.binary()).is_ok_and(|b| b == ours)
+            && fs::metadata(node.binary()).unwrap().permissions().mode() & 0o777 == 0o755
+    };
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist") && is_ours_binary()
+    });
+    fs::remove_file(node.binary()).unwrap();
+    node.eventually("binary back after delete", is_ours_binary);
+    fs::write(node.binary(), "#!/bin/sh\nexit 0\n").unwrap();
+    node.eventually("binary back after overwrite", is_ours_binary);
+    fs::set_permissions(node.binary(), fs::Permissions::from_mode(0o644)).unwrap();
+    node.eventually("binary back after chmod", is_ours_binary);
+    assert_no_temp_files(&node.bin);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// Issue 15, point 1: pods of a namespace the config excludes start even when another key of
+/// that config is invalid; other pods still get the error.
+#[test]
+fn excluded_namespaces_survive_an_invalid_config() {
+    let prev = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": [{"address": "10.1.0.5/24", "interface": 0}]});
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "intercept-cni", "backend": "nftabels",
+                      "excludeNamespaces": ["kube-system"], "prevResult": prev});
+    for (command, namespace, ok) in [
+        ("ADD", "kube-system", true),
+        ("CHECK", "kube-system", true),
+        ("ADD", "default", false),
+    ] {
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .envs([
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "3f2a9c"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/var/run/netns/intercept-cni-no-such-netns"),
+                ("CNI_PATH", "/opt/cni/bin"),
+                (
+                    "CNI_ARGS",
+                    &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=p"),
+                ),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{command} {namespace}: {stdout} {}",
+            stderr(&out)
+        );
+        match (command, ok) {
+            ("ADD", true) => {
+                let answer: Value = serde_json::from_str(&stdout).unwrap();
+                assert_eq!(answer["ips"], prev["ips"]);
+            }
+            ("CHECK", true) => assert_eq!(stdout, ""),
+            _ => assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["code"], 7),
+        }
+    }
+}
+
+/// A primary agent that rewrites its file every 50 ms for seconds on end does not starve the
+/// watcher (it acts at most a second after the first change), and nothing is left behind.
+#[test]
+fn a_writer_that_never_pauses_does_not_starve_the_watcher() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let conf = node.conf.clone();
+    let writer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut marker = 0;
+        while Instant::now() < deadline {
+            marker += 1;
+            let temp = conf.join("calico.agent-tmp");
+            fs::write(&temp, calico_with_marker(marker)).unwrap();
+            fs::rename(&temp, conf.join("10-calico.conflist")).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        marker
+    });
+    let mut seen_chained = 0;
+    while !writer.is_finished() {
+        // Chained into one of the storm's writes (the fixture's own mtu is 0).
+        let into_storm = serde_json::from_slice::<Value>(&node.read("10-calico.conflist"))
+            .is_ok_and(|doc| doc["plugins"][0]["mtu"].as_u64() > Some(0));
+        seen_chained += usize::from(into_storm && chained_last(&node, "10-calico.conflist"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let marker = writer.join().unwrap();
+    assert!(
+        seen_chained > 0,
+        "never chained while the agent kept writing"
+    );
+    node.eventually("the last write, chained", || {
+        chained_last(&node, "10-calico.conflist")
+            && node.json("10-calico.conflist")["plugins"][0]["mtu"] == marker
+    });
+    assert_no_temp_files(&node.conf);
+    assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// `GET path` from the agent whose address `install --watch --listen` logged.
+fn http_get(node: &Node, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let log = watch_log(node);
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("/metrics on ").nth(1))
+        .expect("the agent logs its address")
+        .trim()
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// Issue 15, point 1: under --watch a refused config keeps the last good entry and makes the
+/// agent not ready until a good one is loaded.
+#[test]
+fn a_refused_config_makes_the_agent_not_ready() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut map = ConfigMap::new(
+        node.root.path().join("config"),
+        "plugin-config.json",
+        r#"{"backend": "nftables"}"#,
+    );
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/hosts/builtin-only");
+    let mut watcher = node.spawn_watch_with(&[
+        "--plugin-config",
+        &map.path("plugin-config.json"),
+        "--listen",
+        "127.0.0.1:0",
+        "--host-root",
+        host.to_str().unwrap(),
+    ]);
+    node.eventually("ready", || {
+        watch_log(&node).contains("/metrics on ") && http_get(&node, "/readyz").0 == 200
+    });
+    let good = node.read("10-calico.conflist");
+    map.update(
+        "plugin-config.json",
+        r#"{"backend": "nftables", "inboundPort": 0}"#,
+    );
+    node.eventually("not ready", || {
+        let (status, text) = http_get(&node, "/readyz");
+        status == 503 && text.contains("plugin config is refused")
+    });
+    assert_eq!(node.read("10-calico.conflist"), good);
+    map.update(
+        "plugin-config.json",
+        r#"{"backend": "nftables", "inboundPort": 15106}"#,
+    );
+    node.eventually("ready again", || http_get(&node, "/readyz").0 == 200);
+    assert_eq!(
+        our_entry(&node, "10-calico.conflist").unwrap()["inboundPort"],
+        15106
+    );
+    assert!(watcher.signal(Signal::SIGTERM).success());
 }

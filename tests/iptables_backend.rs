@@ -1,6 +1,8 @@
 //! Root only: the iptables backend in real named network namespaces, for both variants, down to
 //! live connections whose original destination is read back with SO_ORIGINAL_DST.
 
+mod common;
+
 use intercept_cni::backend::iptables::Iptables;
 use intercept_cni::backend::{Backend, BackendOptions, IptablesMode};
 use intercept_cni::cni::error::Code;
@@ -435,6 +437,184 @@ fn fresh_netns_add_skips_save(mode: IptablesMode) {
     assert!(err.msg.contains("-save -t nat failed"), "{}", err.msg);
 }
 
+/// The netns of `live_outbound_redirect`: a veth pair with both ends inside gives addresses.
+fn with_addresses() -> TestNetns {
+    let ns = TestNetns::new();
+    ns.exec(&[IP, "link", "set", "lo", "up"]);
+    ns.exec(&[
+        IP, "link", "add", "icni0", "type", "veth", "peer", "name", "icni1",
+    ]);
+    ns.exec(&[IP, "link", "set", "icni0", "up"]);
+    ns.exec(&[IP, "link", "set", "icni1", "up"]);
+    ns.exec(&[IP, "addr", "add", "10.232.0.2/24", "dev", "icni0"]);
+    ns
+}
+
+/// Whether an ordinary process's connection to 10.232.0.99:8080 lands on the proxy.
+fn outbound_intercepted(ns: &TestNetns) -> bool {
+    let to: SocketAddr = "10.232.0.99:8080".parse().unwrap();
+    let proxy = ns
+        .pod
+        .run(|| Ok(TcpListener::bind("127.0.0.1:15001").unwrap()))
+        .unwrap();
+    let client = ns
+        .pod
+        .run(|| Ok(TcpStream::connect_timeout(&to, Duration::from_millis(500))))
+        .unwrap();
+    let got = accept_within(&proxy, Duration::from_millis(500));
+    drop(client);
+    got.is_some_and(|s| original_destination(&s) == to)
+}
+
+/// A rule inserted before our jump (RETURN, ACCEPT, an identity DNAT) takes the connection
+/// past us: CHECK reports it, and ADD moves our jump in front again, leaving that rule alone.
+fn a_rule_before_our_jump_is_drift_and_add_repairs_it(mode: IptablesMode) {
+    let ns = with_addresses();
+    let b = backend(mode);
+    let plan = defaults();
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    assert!(
+        outbound_intercepted(&ns),
+        "{mode:?}: not intercepted at all"
+    );
+    let iptables = format!("/usr/sbin/iptables-{}", mode_name(mode));
+    let ip6tables = format!("/usr/sbin/ip6tables-{}", mode_name(mode));
+    for (tool, chain, rule) in [
+        (&iptables, "OUTPUT", &["-p", "tcp", "-j", "RETURN"][..]),
+        (&iptables, "OUTPUT", &["-j", "ACCEPT"][..]),
+        (
+            &iptables,
+            "OUTPUT",
+            &[
+                "-p",
+                "tcp",
+                "-d",
+                "10.232.0.99",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                "10.232.0.99",
+            ][..],
+        ),
+        (&ip6tables, "PREROUTING", &["-p", "tcp", "-j", "RETURN"][..]),
+    ] {
+        let mut args = vec![tool.as_str(), "-t", "nat", "-I", chain, "1"];
+        args.extend_from_slice(rule);
+        ns.exec(&args);
+        if chain == "OUTPUT" {
+            assert!(
+                !outbound_intercepted(&ns),
+                "{mode:?} {rule:?}: not bypassed"
+            );
+        }
+        let err = ns.pod.run(|| b.check(&plan)).unwrap_err();
+        assert_eq!(err.code, Code::Drift);
+        assert!(
+            err.msg.contains(&format!("{chain} rule 1"))
+                && err.msg.contains("takes effect before the jump"),
+            "{mode:?} {rule:?}: {}",
+            err.msg
+        );
+        ns.pod.run(|| b.apply(&plan)).unwrap();
+        ns.pod.run(|| b.check(&plan)).unwrap();
+        let v6 = tool.contains("ip6");
+        let saved = ns.save(mode, v6);
+        let first = saved
+            .lines()
+            .find(|l| l.starts_with(&format!("-A {chain} ")));
+        assert!(
+            first
+                .is_some_and(|l| l.ends_with("-p tcp -j ICNI_OUTBOUND")
+                    || l.ends_with("-p tcp -j ICNI_INBOUND")),
+            "{mode:?}: our jump is not first:\n{saved}"
+        );
+        assert_eq!(
+            saved
+                .lines()
+                .filter(|l| l.starts_with(&format!("-A {chain} ")))
+                .count(),
+            2,
+            "{saved}"
+        );
+        assert!(outbound_intercepted(&ns), "{mode:?} {rule:?}: not repaired");
+        ns.exec(&[tool, "-t", "nat", "-D", chain, "2"]);
+    }
+    // A rule that decides nothing (LOG) may stay in front; ADD does not move past it.
+    ns.exec(&[&iptables, "-t", "nat", "-I", "OUTPUT", "1", "-j", "LOG"]);
+    ns.pod.run(|| b.check(&plan)).unwrap();
+}
+
+/// Extra jumps to our chains, however they look (a comment with spaces and quotes, a goto, a
+/// jump from another chain), never wedge ADD or DEL: ADD removes them and keeps one jump per
+/// hook, DEL removes them all with our chains.
+fn odd_jumps_to_our_chains_never_wedge_add_or_del(mode: IptablesMode) {
+    let ns = TestNetns::new();
+    let b = backend(mode);
+    let plan = defaults();
+    let plant = || {
+        for family in ["iptables", "ip6tables"] {
+            let tool = format!("/usr/sbin/{family}-{}", mode_name(mode));
+            for args in [
+                &[
+                    "-A",
+                    "OUTPUT",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "hello world",
+                    "-j",
+                    "ICNI_OUTBOUND",
+                ][..],
+                &[
+                    "-I",
+                    "PREROUTING",
+                    "1",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "a \"-j\" ICNI_INBOUND",
+                    "-g",
+                    "ICNI_INBOUND",
+                ][..],
+                &["-A", "USER_HOP", "-j", "ICNI_OUTBOUND"][..],
+                &["-A", "OUTPUT", "-j", "USER_HOP"][..],
+            ] {
+                let mut all = vec![tool.as_str(), "-t", "nat"];
+                all.extend_from_slice(args);
+                ns.exec(&all);
+            }
+        }
+    };
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    for family in ["iptables", "ip6tables"] {
+        let tool = format!("/usr/sbin/{family}-{}", mode_name(mode));
+        ns.exec(&[&tool, "-t", "nat", "-N", "USER_HOP"]);
+    }
+    plant();
+    let err = ns.pod.run(|| b.check(&plan)).unwrap_err();
+    assert_eq!(err.code, Code::Drift);
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    let saved = ns.save_both(mode);
+    for jump in [
+        "-A OUTPUT -p tcp -j ICNI_OUTBOUND",
+        "-A PREROUTING -p tcp -j ICNI_INBOUND",
+    ] {
+        assert_eq!(count_lines(&saved, jump), 2, "{saved}");
+    }
+    assert!(
+        !saved.contains("hello world") && !saved.contains("-g ICNI_INBOUND"),
+        "{saved}"
+    );
+    plant();
+    ns.pod.run(|| b.remove()).unwrap();
+    let after = ns.save_both(mode);
+    assert!(
+        !after.contains("ICNI_"),
+        "{mode:?}: left after DEL:\n{after}"
+    );
+    ns.pod.run(|| b.remove()).unwrap();
+}
+
 macro_rules! for_both_modes {
     ($($name:ident),* $(,)?) => {
         mod legacy {
@@ -456,6 +636,8 @@ for_both_modes!(
     live_outbound_redirect,
     missing_binaries_are_named,
     fresh_netns_add_skips_save,
+    a_rule_before_our_jump_is_drift_and_add_repairs_it,
+    odd_jumps_to_our_chains_never_wedge_add_or_del,
 );
 
 /// `iptablesMode: auto` follows the rules already in the namespace it runs in (the host's in
@@ -595,4 +777,59 @@ fn gc_sweeps_the_lock_files_of_namespaces_that_are_gone() {
         assert!(reused || !lock.exists(), "{} left by GC", lock.display());
     }
     live.pod.run(|| b.remove()).unwrap();
+}
+
+/// CHECK warns (and passes) about rules elsewhere that take a connection past our jumps: a
+/// notrack rule in this variant's raw table, and another table's nat chain hooked before ours.
+/// iptables-nft's own nat table is judged by position (drift), not warned about.
+#[test]
+fn check_warns_about_bypasses_elsewhere() {
+    for mode in ["nft", "legacy"] {
+        let lab = common::Lab::new();
+        let conf = lab.config(
+            "1.0.0",
+            serde_json::json!({"backend": "iptables", "iptablesMode": mode}),
+        );
+        lab.cni("ADD", &conf).ok();
+        let quiet = lab.cni("CHECK", &conf).ok();
+        assert!(!quiet.stderr.contains("WARN"), "{mode}: {}", quiet.stderr);
+        let tool = format!("/usr/sbin/iptables-{mode}");
+        common::must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.pod.name,
+                &tool,
+                "-t",
+                "raw",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "9",
+                "-j",
+                "CT",
+                "--notrack",
+            ],
+        );
+        common::must(
+            "ip",
+            &["netns", "exec", &lab.pod.name, "nft", "add table ip early; add chain ip early out { type nat hook output priority -150; }; add rule ip early out tcp dport 9 accept"],
+        );
+        let warned = lab.cni("CHECK", &conf).ok();
+        for needle in [
+            "IPv4 raw table rule `-A OUTPUT -p tcp -m tcp --dport 9 -j CT --notrack` turns connection tracking off",
+            "table ip early chain out (nat hook output priority -150) runs at or before",
+        ] {
+            assert!(warned.stderr.contains(needle), "{mode}: {needle:?} not in {}", warned.stderr);
+        }
+        assert!(
+            !warned.stderr.contains("table ip nat "),
+            "{mode}: {}",
+            warned.stderr
+        );
+        lab.cni("DEL", &conf).ok();
+    }
 }

@@ -211,6 +211,26 @@ fn check_names_what_drifted() {
     nft(&ns, &["delete", "chain", "inet", TABLE_NAME, "prerouting"]);
     assert_drift("chain prerouting is missing");
 
+    // rustables reads a drop policy back as accept: the kernel's own value is compared.
+    for chain in ["output", "prerouting"] {
+        reapply();
+        nft(
+            &ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                TABLE_NAME,
+                chain,
+                "{ policy drop; }",
+            ],
+        );
+        assert!(ns.nft_ruleset().contains("policy drop;"));
+        assert_drift(&format!(
+            "chain {chain} is not a nat chain at {chain} priority -100 with policy accept"
+        ));
+    }
+
     reapply();
     nft(&ns, &["add", "chain", "inet", TABLE_NAME, "extra"]);
     assert_drift("unexpected chain extra");
@@ -459,4 +479,35 @@ fn live_exclusions_and_inclusions_bypass() {
         &lab.pod,
         v4(POD_V4, 9081),
     );
+}
+
+/// CHECK warns (and passes) about other tables that take a connection past ours: a nat chain
+/// of another table on our hooks at an earlier priority, and a notrack rule. ADD still works
+/// and the pod is intercepted; CHECK fails nothing for them.
+#[test]
+fn check_warns_about_other_tables_that_bypass_ours() {
+    let lab = Lab::new();
+    let conf = lab.config("1.0.0", serde_json::json!({"backend": "nftables"}));
+    lab.cni("ADD", &conf).ok();
+    let quiet = lab.cni("CHECK", &conf).ok();
+    assert!(!quiet.stderr.contains("WARN"), "{}", quiet.stderr);
+    let others = "table ip early {\n\tchain out {\n\t\ttype nat hook output priority -150; policy accept;\n\t\ttcp dport 9 accept\n\t}\n}\ntable inet untrack {\n\tchain pre {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\ttcp dport 9 notrack\n\t}\n}\ntable ip late {\n\tchain out {\n\t\ttype nat hook output priority 100; policy accept;\n\t\ttcp dport 9 accept\n\t}\n}\n";
+    let script = std::env::temp_dir().join(format!("icni-bypass-{}.nft", std::process::id()));
+    std::fs::write(&script, others).unwrap();
+    nft(&lab.pod, &["-f", script.to_str().unwrap()]);
+    std::fs::remove_file(&script).unwrap();
+    let warned = lab.cni("CHECK", &conf).ok();
+    for needle in [
+        "table ip early chain out (nat hook output priority -150) runs at or before",
+        "table inet untrack chain pre (filter hook prerouting priority -300) turns connection tracking off",
+    ] {
+        assert!(warned.stderr.contains(needle), "{needle:?} not in {}", warned.stderr);
+    }
+    assert!(
+        !warned.stderr.contains("table ip late"),
+        "{}",
+        warned.stderr
+    );
+    lab.outbound_to_proxy(v4(PEER_V4, 8080), None, OUTBOUND_PORT);
+    lab.cni("DEL", &conf).ok();
 }

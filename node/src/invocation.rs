@@ -131,10 +131,10 @@ mod tests {
     use intercept_cni::install::conflist::ConfFile;
 
     fn network(doc: Value) -> Network {
-        conflist::load_network(&ConfFile {
-            name: "10-net.conflist".into(),
-            bytes: serde_json::to_vec(&doc).unwrap(),
-        })
+        conflist::load_network(&ConfFile::new(
+            "10-net.conflist",
+            &serde_json::to_vec(&doc).unwrap(),
+        ))
         .unwrap()
     }
 

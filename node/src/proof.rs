@@ -3,7 +3,7 @@
 //! network namespace (nsfs), not the node's own, and the very namespace the sandbox's process
 //! lives in. A path failing any of these is reported and never entered.
 
-use intercept_cni::netns::PodNetns;
+use intercept_cni::netns::{Lookup, PodNetns};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -36,14 +36,17 @@ pub fn prove(netns: &Path, pid: Option<u32>, dirs: &[PathBuf]) -> Result<(), Str
     if !link.file_type().is_file() {
         return Err(format!("{} is not a regular (nsfs) file", netns.display()));
     }
-    let ns = match PodNetns::open(netns) {
-        Ok(Some(ns)) => ns,
-        Ok(None) => return Err(format!("{} is gone", netns.display())),
+    let ns = match PodNetns::lookup(netns) {
+        Ok(Lookup::Found(ns)) => ns,
+        Ok(Lookup::Missing) => return Err(format!("{} is gone", netns.display())),
+        Ok(Lookup::NotNetns(why)) => {
+            return Err(format!(
+                "{} is not a network namespace: {why}",
+                netns.display()
+            ))
+        }
         Err(e) => return Err(e.msg),
     };
-    if !ns.is_namespace() {
-        return Err(format!("{} is not a network namespace", netns.display()));
-    }
     if ns.is_own() {
         return Err(format!(
             "{} is the node's own network namespace",
@@ -80,7 +83,10 @@ mod tests {
     fn a_path_outside_the_netns_dirs_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let why = prove(Path::new("/proc/self/ns/net"), Some(1), &dirs(dir.path())).unwrap_err();
-        assert!(why.contains("not in the runtime's netns directory"), "{why}");
+        assert!(
+            why.contains("not in the runtime's netns directory"),
+            "{why}"
+        );
     }
 
     #[test]

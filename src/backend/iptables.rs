@@ -10,6 +10,7 @@ mod tools;
 pub use detect::{choose_mode, detect_mode, HostRules};
 pub use render::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 
+use super::nftables::listing;
 use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
@@ -66,14 +67,14 @@ impl Iptables {
         nat_present: bool,
     ) -> Result<String> {
         let existing = self.tools().read_nat_if(self.mode, family, nat_present)?;
-        render::apply_input(plan, family, &existing)
+        Ok(render::apply_input(plan, family, &existing))
     }
 
     /// Removes our chains and jumps of one mode and family, if there are any.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
         let existing = tools.read_nat(mode, family)?;
-        match render::remove_input(&existing)? {
+        match render::remove_input(&existing) {
             Some(input) => tools.restore(mode, family, &input),
             None => Ok(()),
         }
@@ -106,6 +107,39 @@ impl Iptables {
         errors
     }
 
+    /// What CHECK warns about (it fails nothing): rules outside our nat jumps that take a
+    /// connection past them. This variant's raw table turning connection tracking off on our
+    /// hooks, and nftables chains (other than iptables-nft's own tables, judged through -save)
+    /// that translate or untrack connections before ours.
+    fn bypasses(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for family in Family::ALL {
+            // Only tables that exist are listed: reading creates none.
+            let Ok(text) = self.tools().save_all(self.mode, family) else {
+                continue;
+            };
+            for chain in ["PREROUTING", "OUTPUT"] {
+                for rule in save::notrack_rules(&text, chain) {
+                    found.push(format!(
+                        "{} raw table rule `-A {chain} {rule}` turns connection tracking off: \
+                         the connections it matches are never NATed, so never intercepted",
+                        family.label()
+                    ));
+                }
+            }
+        }
+        let own_tables = |c: &listing::BaseChain| {
+            self.mode == IptablesMode::Nft
+                && matches!(c.family, listing::IPV4 | listing::IPV6)
+                && matches!(c.table.as_str(), "nat" | "raw")
+        };
+        match listing::base_chains() {
+            Ok(chains) => found.extend(listing::bypasses(&chains, own_tables)),
+            Err(e) => log::debug!("{e}"),
+        }
+        found
+    }
+
     fn other_mode(&self) -> IptablesMode {
         match self.mode {
             IptablesMode::Legacy => IptablesMode::Nft,
@@ -123,6 +157,7 @@ impl Backend for Iptables {
     }
 
     fn apply(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let (enabled, disabled): (Vec<Family>, Vec<Family>) =
             Family::ALL.into_iter().partition(|f| f.enabled_in(plan));
         // The restores start first: each spends its first millisecond loading its libraries,
@@ -176,7 +211,11 @@ impl Backend for Iptables {
     }
 
     fn check(&self, plan: &InterceptPlan) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         let mut drift = Vec::new();
+        for warning in self.bypasses() {
+            log::warn!("{}: {warning}", self.name());
+        }
         for family in Family::ALL {
             let existing = self.tools().read_nat(self.mode, family)?;
             let expected = if family.enabled_in(plan) {
@@ -197,6 +236,7 @@ impl Backend for Iptables {
     }
 
     fn remove(&self) -> Result<()> {
+        let _serialised = tools::lock_netns()?;
         // The families' tables are separate, so each is cleaned on its own thread (a thread
         // starts in its creator's netns): DEL waits for one family's save and restore, not two.
         let mut errors: Vec<Error> = std::thread::scope(|s| {
@@ -224,7 +264,7 @@ impl Backend for Iptables {
         for family in Family::ALL {
             // What DEL would have to remove is what counts as installed.
             if self.tools().present(self.mode, family)
-                && render::remove_input(&self.tools().read_nat(self.mode, family)?)?.is_some()
+                && render::remove_input(&self.tools().read_nat(self.mode, family)?).is_some()
             {
                 return Ok(true);
             }

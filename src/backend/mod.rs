@@ -4,7 +4,6 @@
 
 use crate::cni::error::Result;
 use crate::plan::InterceptPlan;
-use std::path::Path;
 
 pub mod iptables;
 pub mod nftables;
@@ -62,33 +61,37 @@ pub fn build(kind: BackendKind, options: &BackendOptions) -> Box<dyn Backend> {
     }
 }
 
-/// Resolves a config's choice on this host (call it in the host netns): an explicit backend
-/// wins; `auto` probes.
-/// An explicit choice always wins. `auto` takes nftables when this host's kernel supports it,
-/// else iptables; `iptablesMode: auto` asks `iptables::detect_mode`, with the kernel's support
-/// for each variant from the once-per-boot host check cached in `state_dir`.
+/// Resolves a config's choice on this host (call it in the host netns). An explicit choice
+/// always wins. `auto` takes nftables when `kernel_supports` it, else iptables;
+/// `iptablesMode: auto` asks `iptables::detect_mode`. `kernel_supports` is the caller's host
+/// check (the driver choice stays above the drivers); its error fails the resolution.
 pub fn resolve(
     choice: BackendChoice,
     options: &BackendOptions,
-    state_dir: &Path,
+    kernel_supports: impl Fn(BackendKind) -> Result<bool>,
 ) -> Result<BackendKind> {
     let iptables_auto = || {
+        let failure = std::cell::RefCell::new(None);
         let (mode, why) = iptables::detect_mode(options, |mode| {
-            crate::host::usable(BackendKind::Iptables(mode), false, state_dir)
+            kernel_supports(BackendKind::Iptables(mode)).unwrap_or_else(|e| {
+                failure.borrow_mut().get_or_insert(e);
+                false
+            })
         });
-        log::debug!("iptablesMode auto: {why}");
-        BackendKind::Iptables(mode)
-    };
-    Ok(match choice {
-        BackendChoice::Nftables => BackendKind::Nftables,
-        BackendChoice::Iptables(Some(mode)) => BackendKind::Iptables(mode),
-        BackendChoice::Iptables(None) => iptables_auto(),
-        BackendChoice::Auto if crate::host::usable(BackendKind::Nftables, false, state_dir) => {
-            BackendKind::Nftables
+        if let Some(e) = failure.into_inner() {
+            return Err(e);
         }
+        log::debug!("iptablesMode auto: {why}");
+        Ok(BackendKind::Iptables(mode))
+    };
+    match choice {
+        BackendChoice::Nftables => Ok(BackendKind::Nftables),
+        BackendChoice::Iptables(Some(mode)) => Ok(BackendKind::Iptables(mode)),
+        BackendChoice::Iptables(None) => iptables_auto(),
+        BackendChoice::Auto if kernel_supports(BackendKind::Nftables)? => Ok(BackendKind::Nftables),
         BackendChoice::Auto => {
             log::info!("backend auto: the kernel cannot serve nftables; using iptables");
             iptables_auto()
         }
-    })
+    }
 }

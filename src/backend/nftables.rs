@@ -45,6 +45,7 @@
 //! dumps tables, chains and rules and compares every expression with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
+pub(crate) mod listing;
 mod transport;
 
 use super::Backend;
@@ -471,15 +472,25 @@ impl Ruleset {
             &mut all_rules,
         )
         .map_err(listing)?;
+        let raw = listing::base_chains()?;
+        let is_ours = |c: &listing::BaseChain| c.family == listing::INET && c.table == TABLE_NAME;
+        for warning in listing::bypasses(&raw, is_ours) {
+            log::warn!("nftables: {warning}");
+        }
         for spec in &self.chains {
             let want = spec.to_chain();
             let Some(found) = chains.iter().find(|c| c.get_name() == want.get_name()) else {
                 drift.push(format!("chain {} is missing", spec.name));
                 continue;
             };
+            // The policy as the kernel sent it: rustables reads NF_DROP back as accept.
+            let policy = raw
+                .iter()
+                .find(|c| is_ours(c) && c.name == spec.name)
+                .and_then(|c| c.policy);
             if found.get_hook() != want.get_hook()
                 || found.get_type() != want.get_type()
-                || found.get_policy() != want.get_policy()
+                || policy != Some(listing::NF_ACCEPT)
             {
                 drift.push(format!(
                     "chain {} is not a nat chain at {} priority {NAT_PRIORITY} with policy accept",

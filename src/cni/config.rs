@@ -7,6 +7,7 @@
 //! narrowed: the intent is ambiguous, and the error says which forms would be accepted.
 
 use super::error::{Code, Error, Result};
+use crate::agent::events;
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use crate::host::Policy as HostPolicy;
 use crate::logging;
@@ -222,6 +223,9 @@ const KNOWN_KEYS: &[&str] = &[
     "logFile",
     "logFileMaxBytes",
     "hostPrerequisites",
+    // Written by the installer: which installer chained this entry (see install::conflist).
+    "installer",
+    "eventsSocket",
 ];
 
 pub const DEFAULT_STATE_DIR: &str = "/var/run/intercept-cni";
@@ -361,6 +365,24 @@ fn absolute_path(obj: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>>
     Ok(Some(path))
 }
 
+/// Where the invocation's event record goes (`eventsSocket`): an absolute path short enough for
+/// a unix socket address, `""` for nowhere, or by default the agent's socket.
+pub fn events_target(obj: &Map<String, Value>) -> Result<events::Target> {
+    match field::<String>(obj, "eventsSocket")? {
+        None => Ok(events::Target::default()),
+        Some(s) if s.is_empty() => Ok(events::Target::Off),
+        // sun_path holds 108 bytes with the terminating NUL.
+        Some(s) if s.starts_with('/') && s.len() < 108 => {
+            Ok(events::Target::Socket(PathBuf::from(s)))
+        }
+        Some(_) => Err(invalid(
+            "eventsSocket",
+            &obj["eventsSocket"],
+            "must be an absolute path shorter than 108 bytes, or \"\" for none",
+        )),
+    }
+}
+
 fn log_file_max_bytes(obj: &Map<String, Value>) -> Result<u64> {
     match field::<u64>(obj, "logFileMaxBytes")? {
         None => Ok(logging::DEFAULT_MAX_BYTES),
@@ -376,6 +398,46 @@ fn log_file_max_bytes(obj: &Map<String, Value>) -> Result<u64> {
 /// Keys this plugin ignores; logged once logging is configured from the same config.
 pub fn unknown_keys(obj: &Map<String, Value>) -> impl Iterator<Item = &String> {
     obj.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+}
+
+/// The known key an unknown one was probably meant to be: same letters in another case, or
+/// at most two edits away.
+pub fn suggest_key(unknown: &str) -> Option<&'static str> {
+    let lower = unknown.to_ascii_lowercase();
+    KNOWN_KEYS
+        .iter()
+        .map(|known| (edit_distance(&lower, &known.to_ascii_lowercase()), *known))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, known)| known)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Whether the config excludes `namespace`, judged from `excludeNamespaces` alone. The order
+/// of the checks: a config whose other keys are invalid still leaves the namespaces it lists
+/// alone (ADD passes the pod through, CHECK succeeds), so one typo cannot stop kube-system;
+/// an invalid `excludeNamespaces` itself excludes nothing.
+pub fn excludes_namespace(obj: &Map<String, Value>, namespace: Option<&str>) -> bool {
+    let Some(namespace) = namespace else {
+        return false;
+    };
+    namespace_list(obj, "excludeNamespaces").is_ok_and(|list| list.iter().any(|n| n == namespace))
 }
 
 impl NetConf {
@@ -436,6 +498,9 @@ impl NetConf {
             Some(v @ Value::Object(_)) => Some(v.clone()),
             Some(v) => return Err(invalid("prevResult", v, "must be a JSON object")),
         };
+
+        // Read again by `cmd` even when other keys are invalid; validated here like every key.
+        events_target(obj)?;
 
         let valid_attachments = match field(obj, "cni.dev/valid-attachments")? {
             Some(list) => list,
@@ -656,6 +721,26 @@ mod tests {
         assert_eq!(conf.runtime_config, Some(json!({"portMappings": []})));
         let obj = decode(&bytes).unwrap();
         assert_eq!(unknown_keys(&obj).collect::<Vec<_>>(), ["someFutureKey"]);
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion() {
+        assert_eq!(suggest_key("excludeNamespace"), Some("excludeNamespaces"));
+        assert_eq!(suggest_key("inboundport"), Some("inboundPort"));
+        assert_eq!(suggest_key("proxyUid"), Some("proxyUID"));
+        assert_eq!(suggest_key("somethingElse"), None);
+    }
+
+    #[test]
+    fn excluded_namespaces_are_read_even_when_other_keys_are_invalid() {
+        let obj =
+            decode(br#"{"backend": "nftabels", "excludeNamespaces": ["kube-system"]}"#).unwrap();
+        assert!(NetConf::from_object(&obj, "1.0.0").is_err());
+        assert!(excludes_namespace(&obj, Some("kube-system")));
+        assert!(!excludes_namespace(&obj, Some("default")));
+        assert!(!excludes_namespace(&obj, None));
+        let bad = decode(br#"{"excludeNamespaces": ["kube-system", "Bad_Name"]}"#).unwrap();
+        assert!(!excludes_namespace(&bad, Some("kube-system")));
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub(crate) struct Verdict {
     pub kernel_release: String,
     pub ok: bool,
     pub problems: Vec<String>,
+    /// Advice beside the problems (absent from verdicts cached by older versions).
+    #[serde(default)]
+    pub tips: Vec<String>,
 }
 
 /// Runs the host check once per boot (per backend and family) and applies `policy` to it.
@@ -77,14 +80,9 @@ pub fn first_run(kind: BackendKind, ipv6: bool, state_dir: &Path, policy: Policy
 }
 
 /// Whether `kind` can work on this host, from the once-per-boot verdict (for `auto` choices).
-pub fn usable(kind: BackendKind, ipv6: bool, state_dir: &Path) -> bool {
-    match cached_verdict(kind, ipv6, state_dir) {
-        Ok(verdict) => verdict.ok,
-        Err(e) => {
-            log::warn!("host check for {} failed: {e}", backend_name(kind));
-            false
-        }
-    }
+/// An error only when `state_dir` is refused: a cache that cannot be written changes no verdict.
+pub fn usable(kind: BackendKind, ipv6: bool, state_dir: &Path) -> Result<bool> {
+    cached_verdict(kind, ipv6, state_dir).map(|verdict| verdict.ok)
 }
 
 /// This boot's verdict for `kind`, computed once and cached.
@@ -99,7 +97,9 @@ fn apply(policy: Policy, verdict: &Verdict) -> Result<()> {
     let msg = format!(
         "host prerequisites for the {} backend are not met: {}",
         verdict.backend,
-        verdict.problems.join(" ")
+        [&verdict.problems[..], &verdict.tips[..]]
+            .concat()
+            .join(" ")
     );
     if policy == Policy::Warn {
         log::warn!("{msg}");
@@ -133,6 +133,7 @@ pub(crate) fn verdict_at(
             kernel_release: report.kernel_release,
             ok: report.ok,
             problems: report.problems,
+            tips: report.tips,
         }
     };
     let boot_id = fs::read_to_string(root.join("/proc/sys/kernel/random/boot_id"))
@@ -148,22 +149,44 @@ pub(crate) fn verdict_at(
     if let Some(v) = read_current(&path, &boot_id).filter(wanted) {
         return Ok((v, false));
     }
+    // A refused directory fails the call (nothing is written there); one that cannot be
+    // written only costs the cache: the verdict is the same either way.
+    let uncached = |e: Error| {
+        log::warn!("host check not cached in {}: {e}", state_dir.display());
+        Ok((compute(&boot_id), false))
+    };
     // 0700, ours, and reached only through root-owned paths: see `trusted_path`.
-    trusted_path::private_dir(state_dir)?;
+    match trusted_path::private_dir(state_dir) {
+        Ok(()) => {}
+        Err(e) if e.code == Code::Io => return uncached(e),
+        Err(e) => return Err(e),
+    }
     let lock_path = state_dir.join(LOCK_FILE);
-    let lock_file = open_nofollow(&lock_path, true)
-        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    let lock_file = match open_nofollow(&lock_path, true) {
+        Ok(file) => file,
+        Err(e) => return uncached(Error::io(format!("cannot open {}", lock_path.display()), e)),
+    };
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusive) {
+        Ok(lock) => lock,
+        Err((_, e)) => {
+            return uncached(Error::io(format!("cannot lock {}", lock_path.display()), e))
+        }
+    };
     // Another ADD may have finished the check while this one waited for the lock.
     if let Some(v) = read_current(&path, &boot_id).filter(wanted) {
         return Ok((v, false));
     }
     let verdict = compute(&boot_id);
-    let bytes = serde_json::to_vec(&verdict)
-        .map_err(|e| Error::io("cannot encode the host check verdict", e))?;
-    write_atomically(&path, &bytes)?;
-    Ok((verdict, true))
+    let written = serde_json::to_vec(&verdict)
+        .map_err(|e| Error::io("cannot encode the host check verdict", e))
+        .and_then(|bytes| write_atomically(&path, &bytes));
+    match written {
+        Ok(()) => Ok((verdict, true)),
+        Err(e) => {
+            log::warn!("host check not cached in {}: {e}", state_dir.display());
+            Ok((verdict, false))
+        }
+    }
 }
 
 /// The cached verdict when it belongs to this boot and is still trusted; `None` otherwise
@@ -222,17 +245,27 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| io("cannot create", e))?;
-    file.write_all(bytes).map_err(|e| io("cannot write", e))?;
-    file.sync_all().map_err(|e| io("cannot sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))
+    let written = file
+        .write_all(bytes)
+        .map_err(|e| io("cannot write", e))
+        .and_then(|()| file.sync_all().map_err(|e| io("cannot sync", e)))
+        .and_then(|()| {
+            fs::rename(&tmp, path)
+                .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))
+        });
+    if written.is_err() {
+        // A full or failing disk leaves no partial temp file behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::IptablesMode;
-    use crate::host::tests::fixture;
-    use std::os::unix::fs::{symlink, MetadataExt};
+    use crate::host::tests::{fixture, private_tempdir};
+    use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt};
     use std::sync::{Arc, Barrier};
 
     const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
@@ -244,7 +277,7 @@ mod tests {
 
     #[test]
     fn fifty_concurrent_first_runs_check_once_and_agree() {
-        let state = tempfile::tempdir().unwrap();
+        let state = private_tempdir();
         let dir = state.path().join("run/intercept-cni");
         let barrier = Arc::new(Barrier::new(50));
         let results: Vec<(Verdict, bool)> = std::thread::scope(|s| {
@@ -282,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_current_verdict_is_used_as_is_without_checking_again() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         // The fixture fails the legacy check; a cached pass for this boot must win.
         let cached = Verdict {
             boot_id: RHEL9_BOOT.into(),
@@ -291,6 +324,7 @@ mod tests {
             kernel_release: "cached".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(cache_file(dir.path()), serde_json::to_vec(&cached).unwrap()).unwrap();
         let (v, wrote) =
@@ -300,7 +334,7 @@ mod tests {
 
     #[test]
     fn another_boot_or_family_or_an_old_failure_is_checked_again() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let root = fixture("rhel9-nft");
         let stale = Verdict {
             boot_id: "an-earlier-boot".into(),
@@ -309,6 +343,7 @@ mod tests {
             kernel_release: "old".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(cache_file(dir.path()), serde_json::to_vec(&stale).unwrap()).unwrap();
         let (v, wrote) = verdict_at(&root, LEGACY, false, dir.path(), false).unwrap();
@@ -334,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_symlink_at_the_cache_path_is_replaced_never_followed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let victim = dir.path().join("victim");
         fs::write(&victim, "keep me").unwrap();
         let forged = Verdict {
@@ -344,6 +379,7 @@ mod tests {
             kernel_release: "forged".into(),
             ok: true,
             problems: vec![],
+            tips: vec![],
         };
         fs::write(
             dir.path().join("forged"),
@@ -351,7 +387,7 @@ mod tests {
         )
         .unwrap();
         let state = dir.path().join("state");
-        fs::create_dir(&state).unwrap();
+        fs::DirBuilder::new().mode(0o700).create(&state).unwrap();
         symlink(dir.path().join("forged"), cache_file(&state)).unwrap();
         symlink(&victim, state.join("host-iptables-legacy-ipv4.json.tmp")).unwrap();
         let (v, wrote) = verdict_at(&fixture("rhel9-nft"), LEGACY, false, &state, false).unwrap();
@@ -362,18 +398,18 @@ mod tests {
 
     #[test]
     fn a_symlinked_state_dir_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         fs::create_dir(dir.path().join("elsewhere")).unwrap();
         let state = dir.path().join("state");
         symlink(dir.path().join("elsewhere"), &state).unwrap();
         let e = verdict_at(&fixture("rhel9-nft"), LEGACY, false, &state, false).unwrap_err();
-        assert_eq!(e.code, Code::Io);
+        assert_eq!(e.code, Code::InvalidConfig);
         assert!(e.msg.contains("symlink"), "{e}");
     }
 
     #[test]
     fn policy_decides_what_a_failed_verdict_does() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let (failed, _) =
             verdict_at(&fixture("missing-extra"), LEGACY, false, dir.path(), false).unwrap();
         let e = apply(Policy::Enforce, &failed).unwrap_err();
@@ -400,7 +436,7 @@ mod tests {
 
     #[test]
     fn skip_reads_and_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let state = dir.path().join("never-created");
         first_run(LEGACY, true, &state, Policy::Skip).unwrap();
         assert!(!state.exists());

@@ -1,46 +1,56 @@
-//! `intercept-cni doctor`: the host check for one backend, as a table or as JSON.
+//! `intercept-cni doctor`: the host check for the backend the plugin will use, as a table or as
+//! JSON. Its help text is `usage::DOCTOR`.
 
-use super::{assess_at, check, HostRoot, Report};
-use crate::backend::{BackendKind, IptablesMode};
+use super::{choose, HostRoot, Report};
+use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
+use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
-
-const USAGE: &str = "usage: intercept-cni doctor [--backend nftables|iptables] \
-[--iptables-mode legacy|nft] [--ipv6] [--host-root DIR] [--json]
-
-Checks the kernel modules the chosen backend needs on this host (default: nftables;
---iptables-mode defaults to nft). --ipv6 also checks the IPv6 modules. --host-root reads every
-host path under DIR (a container with the host's / mounted there) and skips the functional probe.
-Exit status: 0 when every required module is usable, 1 when not, 2 on a usage error.";
 
 /// The parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Options {
-    kind: BackendKind,
+    choice: BackendChoice,
     ipv6: bool,
     host_root: Option<PathBuf>,
     json: bool,
 }
 
+/// The JSON view: the report and why this backend.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    #[serde(flatten)]
+    report: &'a Report,
+    choice: &'a str,
+}
+
 /// Runs `doctor` with the arguments that follow the word `doctor`; returns the exit status.
 pub fn doctor_main(args: &[String]) -> i32 {
     let options = match parse(args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            let _ = writeln!(std::io::stdout(), "{USAGE}");
-            return 0;
-        }
+        Ok(options) => options,
         Err(why) => {
-            eprintln!("intercept-cni doctor: {why}\n{USAGE}");
+            eprintln!("intercept-cni doctor: {why} (see `intercept-cni doctor --help`)");
             return 2;
         }
     };
-    let report = match &options.host_root {
-        Some(dir) => check(options.kind, options.ipv6, &HostRoot::new(dir)),
-        None => assess_at(&HostRoot::real(), options.kind, options.ipv6, true),
+    let (root, probe) = match &options.host_root {
+        Some(dir) => (HostRoot::new(dir), false),
+        None => (HostRoot::real(), true),
     };
+    let chosen = choose(
+        options.choice,
+        &BackendOptions::default(),
+        &root,
+        options.ipv6,
+        probe,
+    );
+    let report = &chosen.report;
     let text = if options.json {
-        match serde_json::to_string_pretty(&report) {
+        let view = JsonReport {
+            report,
+            choice: &chosen.why,
+        };
+        match serde_json::to_string_pretty(&view) {
             Ok(text) => text + "\n",
             Err(e) => {
                 eprintln!("intercept-cni doctor: cannot encode the report: {e}");
@@ -48,7 +58,7 @@ pub fn doctor_main(args: &[String]) -> i32 {
             }
         }
     } else {
-        render_table(&report, options.ipv6)
+        render_table(report, options.ipv6, &chosen.why)
     };
     // A closed pipe (`doctor | head`) is the reader's choice, not a failure of the check.
     let _ = std::io::stdout().write_all(text.as_bytes());
@@ -59,12 +69,11 @@ pub fn doctor_main(args: &[String]) -> i32 {
     }
 }
 
-/// `Ok(None)` asks for the usage text.
-fn parse(args: &[String]) -> Result<Option<Options>, String> {
+fn parse(args: &[String]) -> Result<Options, String> {
     let mut backend: Option<&str> = None;
-    let mut mode: Option<IptablesMode> = None;
+    let mut mode: Option<Option<IptablesMode>> = None;
     let mut options = Options {
-        kind: BackendKind::Nftables,
+        choice: BackendChoice::Auto,
         ipv6: false,
         host_root: None,
         json: false,
@@ -78,39 +87,40 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         };
         match arg.as_str() {
             "--backend" => match value()? {
-                b @ ("nftables" | "iptables") => backend = Some(b),
+                b @ ("auto" | "nftables" | "iptables") => backend = Some(b),
                 other => return Err(format!("unknown backend {other:?}")),
             },
             "--iptables-mode" => {
                 mode = Some(match value()? {
-                    "legacy" => IptablesMode::Legacy,
-                    "nft" => IptablesMode::Nft,
+                    "auto" => None,
+                    "legacy" => Some(IptablesMode::Legacy),
+                    "nft" => Some(IptablesMode::Nft),
                     other => return Err(format!("unknown iptables mode {other:?}")),
                 })
             }
             "--host-root" => {
                 let dir = value()?;
-                if dir.is_empty() {
-                    return Err("--host-root needs a directory".into());
+                if dir.is_empty() || !std::path::Path::new(dir).is_dir() {
+                    return Err(format!("--host-root {dir:?} is not a directory"));
                 }
                 options.host_root = Some(PathBuf::from(dir));
             }
             "--ipv6" => options.ipv6 = true,
             "--json" => options.json = true,
-            "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    options.kind = match (backend, mode) {
-        (Some("iptables"), mode) => BackendKind::Iptables(mode.unwrap_or(IptablesMode::Nft)),
+    options.choice = match (backend, mode) {
+        (Some("iptables"), mode) => BackendChoice::Iptables(mode.flatten()),
         (_, Some(_)) => return Err("--iptables-mode only applies to --backend iptables".into()),
-        _ => BackendKind::Nftables,
+        (Some("nftables"), None) => BackendChoice::Nftables,
+        _ => BackendChoice::Auto,
     };
-    Ok(Some(options))
+    Ok(options)
 }
 
 /// The human view: one row per module, then the verdict and each problem with its remedy.
-fn render_table(report: &Report, ipv6: bool) -> String {
+fn render_table(report: &Report, ipv6: bool, why: &str) -> String {
     let headers = [
         "MODULE",
         "REQUIRED",
@@ -161,7 +171,7 @@ fn render_table(report: &Report, ipv6: bool) -> String {
     };
     let family = if ipv6 { "IPv4 and IPv6" } else { "IPv4" };
     let mut out = format!(
-        "intercept-cni doctor: {} backend, Linux {release}, {family} pods\n\n",
+        "intercept-cni doctor: {} backend, Linux {release}, {family} pods\n{why}\n\n",
         report.backend
     );
     out.push_str(&line(headers));
@@ -176,24 +186,28 @@ fn render_table(report: &Report, ipv6: bool) -> String {
             out.push_str(&format!("  - {p}\n"));
         }
     }
+    for tip in &report.tips {
+        out.push_str(&format!("tip: {tip}\n"));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendKind;
+    use crate::host::check;
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
-    fn defaults_to_nftables_ipv4_table_on_the_real_root() {
-        let o = parse(&[]).unwrap().unwrap();
+    fn defaults_to_auto_ipv4_table_on_the_real_root() {
         assert_eq!(
-            o,
+            parse(&[]).unwrap(),
             Options {
-                kind: BackendKind::Nftables,
+                choice: BackendChoice::Auto,
                 ipv6: false,
                 host_root: None,
                 json: false
@@ -210,17 +224,24 @@ mod tests {
             "legacy",
             "--ipv6",
             "--host-root",
-            "/host",
+            "/",
             "--json",
         ]))
-        .unwrap()
         .unwrap();
-        assert_eq!(o.kind, BackendKind::Iptables(IptablesMode::Legacy));
+        assert_eq!(
+            o.choice,
+            BackendChoice::Iptables(Some(IptablesMode::Legacy))
+        );
         assert!(o.ipv6 && o.json);
-        assert_eq!(o.host_root, Some(PathBuf::from("/host")));
-        let o = parse(&args(&["--backend", "iptables"])).unwrap().unwrap();
-        assert_eq!(o.kind, BackendKind::Iptables(IptablesMode::Nft));
-        assert_eq!(parse(&args(&["--help"])), Ok(None));
+        assert_eq!(o.host_root, Some(PathBuf::from("/")));
+        let o = parse(&args(&["--backend", "iptables"])).unwrap();
+        assert_eq!(o.choice, BackendChoice::Iptables(None));
+        let o = parse(&args(&["--backend", "iptables", "--iptables-mode", "auto"])).unwrap();
+        assert_eq!(o.choice, BackendChoice::Iptables(None));
+        let o = parse(&args(&["--backend", "nftables"])).unwrap();
+        assert_eq!(o.choice, BackendChoice::Nftables);
+        let o = parse(&args(&["--backend", "auto"])).unwrap();
+        assert_eq!(o.choice, BackendChoice::Auto);
     }
 
     #[test]
@@ -230,8 +251,10 @@ mod tests {
             &["--backend", "ebpf"],
             &["--iptables-mode", "nft"],
             &["--backend", "nftables", "--iptables-mode", "legacy"],
-            &["--backend", "iptables", "--iptables-mode", "auto"],
+            &["--backend", "iptables", "--iptables-mode", "fast"],
             &["--host-root", ""],
+            &["--host-root", "/nonexistent-intercept-cni"],
+            &["--host-root", "/proc/version"],
             &["--verbose"],
             &["nftables"],
         ] {
@@ -250,7 +273,10 @@ mod tests {
         assert_eq!(doctor_main(&args(&["--host-root", &ok, "--ipv6"])), 0);
         assert_eq!(doctor_main(&args(&["--host-root", &ok, "--json"])), 0);
         let bad = fixture_dir("no-nftables");
-        assert_eq!(doctor_main(&args(&["--host-root", &bad])), 1);
+        assert_eq!(
+            doctor_main(&args(&["--backend", "nftables", "--host-root", &bad])),
+            1
+        );
         let legacy = ["--backend", "iptables", "--iptables-mode", "legacy"];
         assert_eq!(
             doctor_main(&args(&[&legacy[..], &["--host-root", &bad]].concat())),
@@ -262,13 +288,14 @@ mod tests {
     fn table_shows_every_module_the_verdict_and_each_remedy() {
         let root = HostRoot::new(fixture_dir("missing-extra"));
         let report = check(BackendKind::Iptables(IptablesMode::Legacy), false, &root);
-        let text = render_table(&report, false);
+        let text = render_table(&report, false, "configured");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
             "intercept-cni doctor: iptables-legacy backend, Linux 6.8.0-31-generic, IPv4 pods"
         );
-        assert!(lines[2].starts_with("MODULE") && lines[2].contains("NEEDED FOR"));
+        assert_eq!(lines[1], "configured");
+        assert!(lines[3].starts_with("MODULE") && lines[3].contains("NEEDED FOR"));
         for m in &report.modules {
             assert!(
                 lines.iter().any(|l| l.starts_with(&format!("{} ", m.name))),
@@ -288,7 +315,7 @@ mod tests {
             true,
             &HostRoot::new(fixture_dir("builtin-only")),
         );
-        let text = render_table(&report, true);
+        let text = render_table(&report, true, "configured");
         assert!(text.contains("IPv4 and IPv6 pods"));
         assert!(text.ends_with("verdict: OK, every required module is usable\n"));
     }

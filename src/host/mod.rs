@@ -24,11 +24,13 @@
 //! the merge, such as RHEL 8).
 
 mod cache;
+mod choice;
 mod detect;
 mod doctor;
 mod modules;
 
 pub use cache::{first_run, usable, Policy};
+pub use choice::{choose, Chosen};
 pub use detect::HostRoot;
 pub use doctor::doctor_main;
 
@@ -74,7 +76,6 @@ pub struct ModuleReport {
     pub needed_for: String,
     pub source: String,
     /// What to do about it; empty when nothing needs doing.
-    #[serde(skip)]
     pub remedy: String,
     #[serde(skip)]
     evidence: Evidence,
@@ -97,8 +98,10 @@ pub struct Report {
     /// Every required module is usable and the kernel is new enough.
     pub ok: bool,
     pub modules: Vec<ModuleReport>,
-    /// Sentences for the operator, each with its remedy.
+    /// What stands in the way, one sentence each with its remedy; empty when `ok`.
     pub problems: Vec<String>,
+    /// Advice that is no problem in itself (e.g. making a `modprobe` stick across reboots).
+    pub tips: Vec<String>,
     #[serde(skip)]
     kernel_problem: Option<String>,
     #[serde(skip)]
@@ -147,6 +150,7 @@ pub fn check(kind: BackendKind, ipv6: bool, root: &HostRoot) -> Report {
         ok: false,
         modules,
         problems: Vec::new(),
+        tips: Vec::new(),
         kernel_problem,
         probe: Probe::NotRun,
     };
@@ -334,8 +338,9 @@ impl Report {
             ),
             Probe::NotRun | Probe::Passed => {}
         }
+        self.tips.clear();
         if modprobe {
-            problems.push(
+            self.tips.push(
                 "Make loaded modules stick across reboots by listing them in \
                  /etc/modules-load.d/intercept-cni.conf. If they exist but do not load on \
                  demand, SELinux policy may be blocking automatic module loading (seen on some \
@@ -357,6 +362,15 @@ pub(crate) mod tests {
     const NFT: BackendKind = BackendKind::Nftables;
     const LEGACY: BackendKind = BackendKind::Iptables(IptablesMode::Legacy);
     const IPT_NFT: BackendKind = BackendKind::Iptables(IptablesMode::Nft);
+
+    /// A temp dir usable as a state dir as it is: private (tempfile makes them 0755 here).
+    pub(crate) fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        tempfile::Builder::new()
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap()
+    }
 
     pub(crate) fn fixture(name: &str) -> HostRoot {
         HostRoot::new(format!(
@@ -522,7 +536,11 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("then `modprobe ip6table_nat`"), "{text}");
-        assert!(text.contains("SELinux"), "{text}");
+        assert!(
+            !text.contains("SELinux"),
+            "a tip among the problems: {text}"
+        );
+        assert!(r.tips.iter().any(|t| t.contains("SELinux")), "{:?}", r.tips);
         assert_eq!(state(&r, "bridge").0, ModuleState::Builtin);
     }
 
@@ -675,7 +693,14 @@ pub(crate) mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["backend", "kernelRelease", "modules", "ok", "problems"]
+            [
+                "backend",
+                "kernelRelease",
+                "modules",
+                "ok",
+                "problems",
+                "tips"
+            ]
         );
         let mut keys: Vec<&str> = v["modules"][0]
             .as_object()
@@ -684,7 +709,10 @@ pub(crate) mod tests {
             .map(String::as_str)
             .collect();
         keys.sort();
-        assert_eq!(keys, ["name", "neededFor", "required", "source", "state"]);
+        assert_eq!(
+            keys,
+            ["name", "neededFor", "remedy", "required", "source", "state"]
+        );
         assert_eq!(v["modules"][0]["state"], "loaded");
         assert_eq!(v["backend"], "nftables");
     }
@@ -759,7 +787,7 @@ pub(crate) mod tests {
         let legacy = check(LEGACY, false, &fixture("no-nftables"));
         assert!(status_of(legacy.ok, &legacy.backend, &legacy.problems).is_ok());
         // This machine can serve the nftables backend.
-        let state = tempfile::tempdir().unwrap();
+        let state = private_tempdir();
         status(NFT, true, state.path()).unwrap();
     }
 }

@@ -8,7 +8,9 @@
 //! not load (containerd refuses the whole dir instead, so until that file is fixed there is no
 //! network for us to miss).
 
+use super::splice;
 use crate::cni::error::{Code, Error, Result};
+use crate::cni::{config, version};
 use serde_json::{Map, Value};
 
 /// The `type` of our plugin entry, and the name of the binary in the CNI bin dir.
@@ -40,10 +42,24 @@ impl FileKind {
 }
 
 /// A file of the conf dir as read from disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfFile {
     pub name: String,
     pub bytes: Vec<u8>,
+    /// The name is a symbolic link (read through, as runtimes do; never written).
+    pub symlink: bool,
+    /// Device and inode of what was read, to tell a replaced file from an unchanged one.
+    pub identity: (u64, u64),
+}
+
+impl ConfFile {
+    pub fn new(name: &str, bytes: &[u8]) -> ConfFile {
+        ConfFile {
+            name: name.into(),
+            bytes: bytes.to_vec(),
+            ..ConfFile::default()
+        }
+    }
 }
 
 /// A file that a runtime would load as a network.
@@ -52,12 +68,16 @@ pub struct Network {
     pub file_name: String,
     pub kind: FileKind,
     pub doc: Map<String, Value>,
+    /// The file's text, which install and uninstall edit without re-serialising.
+    pub text: String,
+    pub symlink: bool,
 }
 
 /// Parses `file` the way libcni does; the error says why a runtime would skip it.
 pub fn load_network(file: &ConfFile) -> std::result::Result<Network, String> {
     let kind = FileKind::of(&file.name).ok_or("not a CNI config file name")?;
-    let doc = match serde_json::from_slice::<Value>(&file.bytes) {
+    let text = std::str::from_utf8(&file.bytes).map_err(|_| "not UTF-8 text")?;
+    let doc = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(doc)) => doc,
         Ok(_) => return Err("not a JSON object".into()),
         Err(e) => return Err(format!("invalid JSON: {e}")),
@@ -70,9 +90,10 @@ pub fn load_network(file: &ConfFile) -> std::result::Result<Network, String> {
         file_name: file.name.clone(),
         kind,
         doc,
+        text: text.to_owned(),
+        symlink: file.symlink,
     })
 }
-
 fn check_list(doc: &Map<String, Value>) -> std::result::Result<(), String> {
     if !matches!(doc.get("name"), Some(Value::String(_))) {
         return Err("conflist without a string \"name\"".into());
@@ -130,8 +151,60 @@ pub fn active_network(files: &[ConfFile]) -> (Option<Network>, Vec<(String, Stri
     (None, skipped)
 }
 
+/// The key of our entry that records which installer wrote it (see `Stamp`).
+pub const STAMP_KEY: &str = "installer";
+
+/// Which installer wrote an entry. Two installers on one conf dir (a rolling update with surge)
+/// keep the entry of the higher stamp: the higher `generation` (the DaemonSet's
+/// pod-template-generation), then the later start. The other one leaves the conf dir and the
+/// binary alone while that entry is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    pub generation: u64,
+    /// Microseconds since the epoch when the installer started.
+    pub started: u64,
+}
+
+impl Stamp {
+    fn to_value(self) -> Value {
+        serde_json::json!({"generation": self.generation, "started": self.started})
+    }
+
+    /// The stamp of one of our entries; an entry without one (written by hand, or by an older
+    /// installer) ranks lowest.
+    fn of(plugin: &Value) -> Stamp {
+        let field = |key: &str| {
+            plugin
+                .get(STAMP_KEY)
+                .and_then(|s| s.get(key))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        Stamp {
+            generation: field("generation"),
+            started: field("started"),
+        }
+    }
+}
+
+/// The entry an installer chains: the validated plugin config and its stamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub config: Map<String, Value>,
+    pub stamp: Stamp,
+}
+
+impl Entry {
+    pub fn value(&self) -> Value {
+        let mut obj = self.config.clone();
+        obj.insert(STAMP_KEY.into(), self.stamp.to_value());
+        Value::Object(obj)
+    }
+}
+
 /// Our plugin entry: the operator's JSON object (or the defaults) with `"type": "intercept-cni"`
-/// first and the pod-annotations capability always declared.
+/// first and the pod-annotations capability always declared. Refused, with the reason, when
+/// the plugin would refuse it at ADD or when a key is unknown (a misspelt key would be ignored).
 pub fn plugin_entry(operator_json: Option<&[u8]>) -> Result<Map<String, Value>> {
     let given = match operator_json {
         None => Map::new(),
@@ -157,7 +230,9 @@ pub fn plugin_entry(operator_json: Option<&[u8]>) -> Result<Map<String, Value>> 
     let mut entry = Map::new();
     entry.insert("type".into(), PLUGIN_TYPE.into());
     for (key, value) in given {
-        if key != "type" {
+        if key == STAMP_KEY {
+            log::warn!("plugin config sets {STAMP_KEY:?}: ignored, the installer sets it");
+        } else if key != "type" {
             entry.insert(key, value);
         }
     }
@@ -173,7 +248,27 @@ pub fn plugin_entry(operator_json: Option<&[u8]>) -> Result<Map<String, Value>> 
         log::warn!("plugin config disables {POD_ANNOTATIONS_CAPABILITY}: enabling it, the plugin decides per pod from the annotations");
     }
     capabilities.insert(POD_ANNOTATIONS_CAPABILITY.into(), Value::Bool(true));
+    validate_entry(&entry)?;
     Ok(entry)
+}
+
+/// What ADD would say about this config, with the plugin's own parser, plus unknown keys.
+fn validate_entry(entry: &Map<String, Value>) -> Result<()> {
+    let unknown: Vec<String> = config::unknown_keys(entry)
+        .map(|key| match config::suggest_key(key) {
+            Some(known) => format!("{key:?} (did you mean {known:?}?)"),
+            None => format!("{key:?}"),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::config(format!(
+            "plugin config: unknown key {}",
+            unknown.join(", unknown key ")
+        )));
+    }
+    config::NetConf::from_object(entry, version::LATEST)
+        .map(drop)
+        .map_err(|e| Error::config(format!("plugin config: {}", e.msg)))
 }
 
 fn has_our_type(plugin: &Map<String, Value>) -> bool {
@@ -184,16 +279,47 @@ fn is_ours(plugin: &Value) -> bool {
     plugin.as_object().is_some_and(has_our_type)
 }
 
-/// The same JSON always gives the same bytes: pretty, key order as read, final newline.
-pub fn render(doc: &Map<String, Value>) -> Result<Vec<u8>> {
-    let mut bytes = serde_json::to_vec_pretty(doc).map_err(|e| {
-        Error::new(
-            Code::Internal,
-            format!("cannot serialize a CNI config: {e}"),
-        )
-    })?;
-    bytes.push(b'\n');
-    Ok(bytes)
+/// The plugins of a loaded conflist with their spans in its text.
+struct Plugins {
+    array: splice::PluginsArray,
+    values: Vec<Value>,
+}
+
+impl Plugins {
+    fn of(text: &str) -> Result<Plugins> {
+        let parsed = splice::plugins_array(text).and_then(|array| {
+            let values = array
+                .elements
+                .iter()
+                .map(|&(s, e)| serde_json::from_str(&text[s..e]).ok())
+                .collect::<Option<Vec<Value>>>()?;
+            Some(Plugins { array, values })
+        });
+        parsed.ok_or_else(|| Error::new(Code::Internal, "cannot find the plugins of a conflist"))
+    }
+
+    fn ours(&self) -> impl Iterator<Item = &Value> {
+        self.values.iter().filter(|v| is_ours(v))
+    }
+}
+
+/// `text` without any entry of ours.
+fn without_ours(text: &str) -> Result<String> {
+    let mut text = text.to_owned();
+    loop {
+        let plugins = Plugins::of(&text)?;
+        let Some(index) = plugins.values.iter().position(is_ours) else {
+            return Ok(text);
+        };
+        text = splice::remove_element(&text, &plugins.array, index);
+    }
+}
+
+/// True when `network` is a conflist whose last plugin is ours, and the only one of ours.
+pub fn chains_us_last(network: &Network) -> bool {
+    network.kind == FileKind::List
+        && Plugins::of(&network.text)
+            .is_ok_and(|p| p.ours().count() == 1 && p.values.last().is_some_and(is_ours))
 }
 
 /// What install does to the conf dir.
@@ -206,73 +332,165 @@ pub struct InstallPlan {
     pub replaces: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// The active file already chains the entry as wanted.
+    Unchanged {
+        file_name: String,
+    },
+    /// A higher-stamped installer's entry is in place: leave the file and the binary to it.
+    Superseded {
+        file_name: String,
+        by: Stamp,
+    },
+    Write(InstallPlan),
+}
+
 /// Chains `entry` last into `network`, the active one among `files` (the whole conf dir).
-/// A conflist keeps its name; a `.conf`/`.json` becomes `STEM.conflist` (same network name and
-/// cniVersion) so that it stays first in the runtime's order and can hold a chain.
+/// A conflist keeps its name and every byte outside our entry; a `.conf`/`.json` becomes
+/// `STEM.conflist` (same network name and cniVersion, its text kept as the first plugin) so that
+/// it stays first in the runtime's order and can hold a chain. `restamp`: an entry with the same
+/// config but a lower stamp is rewritten with ours (a watcher claims it; a one-shot install
+/// leaves it be). `live`: whether the installer of a stamp still runs; the entry of one that is
+/// gone never holds back a live one (a DaemonSet re-created starts its generations over).
 pub fn plan_install(
     network: &Network,
     files: &[ConfFile],
-    entry: &Map<String, Value>,
-) -> Result<InstallPlan> {
+    entry: &Entry,
+    restamp: bool,
+    live: &dyn Fn(Stamp) -> bool,
+) -> Result<Plan> {
+    if network.symlink {
+        return Err(symlink_refused(&network.file_name));
+    }
     match network.kind {
-        FileKind::List => {
-            let mut doc = network.doc.clone();
-            let plugins = chain_with_entry(&doc, entry, &network.file_name)?;
-            doc.insert("plugins".into(), Value::Array(plugins));
-            Ok(InstallPlan {
-                file_name: network.file_name.clone(),
-                content: render(&doc)?,
-                replaces: None,
-            })
-        }
+        FileKind::List => plan_list(
+            &network.file_name,
+            &network.text,
+            entry,
+            restamp,
+            live,
+            None,
+        ),
         FileKind::Single => {
             if has_our_type(&network.doc) {
                 return Err(no_primary(&network.file_name));
             }
             let target = conflist_name(&network.file_name);
-            check_conversion_target(&network.file_name, &target, files)?;
-            let mut doc = Map::new();
-            if let Some(version) = network.doc.get("cniVersion") {
-                doc.insert("cniVersion".into(), version.clone());
+            let existing = check_conversion_target(&network.file_name, &target, files)?;
+            if let Some(by) = existing.and_then(|f| higher_stamp(&f.bytes, entry.stamp, live)) {
+                return Ok(Plan::Superseded {
+                    file_name: target,
+                    by,
+                });
             }
-            let name = match network.doc.get("name") {
-                Some(name) => name.clone(),
-                // libcni needs a list name; CRI-O names a nameless network after its file too.
-                None => Value::String(file_stem(&network.file_name).to_owned()),
+            let (text, conversion) = converted_text(network);
+            let Plan::Write(plan) = plan_list(&target, &text, entry, true, live, Some(conversion))?
+            else {
+                return Err(Error::new(Code::Internal, "conversion planned no write"));
             };
-            doc.insert("name".into(), name);
-            doc.insert(
-                "plugins".into(),
-                Value::Array(vec![
-                    Value::Object(network.doc.clone()),
-                    Value::Object(entry.clone()),
-                ]),
-            );
-            Ok(InstallPlan {
-                file_name: target,
-                content: render(&doc)?,
+            Ok(Plan::Write(InstallPlan {
                 replaces: Some(network.file_name.clone()),
-            })
+                ..plan
+            }))
         }
     }
 }
 
-/// The list's plugins without any entry of ours, then `entry`.
-fn chain_with_entry(
-    doc: &Map<String, Value>,
-    entry: &Map<String, Value>,
+fn plan_list(
     file_name: &str,
-) -> Result<Vec<Value>> {
-    let mut plugins: Vec<Value> = doc
-        .get("plugins")
-        .and_then(Value::as_array)
-        .map(|plugins| plugins.iter().filter(|p| !is_ours(p)).cloned().collect())
-        .unwrap_or_default();
-    if plugins.is_empty() {
+    text: &str,
+    entry: &Entry,
+    restamp: bool,
+    live: &dyn Fn(Stamp) -> bool,
+    conversion: Option<Value>,
+) -> Result<Plan> {
+    let plugins = Plugins::of(text)?;
+    if let Some(by) = higher_stamp(text.as_bytes(), entry.stamp, live) {
+        return Ok(Plan::Superseded {
+            file_name: file_name.into(),
+            by,
+        });
+    }
+    // A conflist we made from a `.conf` keeps the record of it, for uninstall to put it back.
+    let conversion = conversion.or_else(|| plugins.ours().find_map(|p| conversion_of(p).cloned()));
+    let mut wanted = entry.value();
+    if let Some(conversion) = conversion {
+        wanted[STAMP_KEY][CONVERTED_KEY] = conversion;
+    }
+    let in_place = plugins.ours().count() == 1
+        && plugins.values.last().is_some_and(|last| {
+            is_ours(last) && (*last == wanted || (!restamp && config_of(last) == entry.config))
+        });
+    if in_place {
+        return Ok(Plan::Unchanged {
+            file_name: file_name.into(),
+        });
+    }
+    let text = without_ours(text)?;
+    let plugins = Plugins::of(&text)?;
+    if plugins.values.is_empty() {
         return Err(no_primary(file_name));
     }
-    plugins.push(Value::Object(entry.clone()));
-    Ok(plugins)
+    Ok(Plan::Write(InstallPlan {
+        file_name: file_name.into(),
+        content: splice::append_element(&text, &plugins.array, &wanted).into_bytes(),
+        replaces: None,
+    }))
+}
+
+fn config_of(plugin: &Value) -> Map<String, Value> {
+    let mut config = plugin.as_object().cloned().unwrap_or_default();
+    config.remove(STAMP_KEY);
+    config
+}
+
+/// The highest stamp above `ours` of a live installer's entry in a conflist's bytes.
+fn higher_stamp(bytes: &[u8], ours: Stamp, live: &dyn Fn(Stamp) -> bool) -> Option<Stamp> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let plugins = Plugins::of(text).ok()?;
+    plugins
+        .ours()
+        .map(Stamp::of)
+        .filter(|s| *s > ours && live(*s))
+        .max()
+}
+
+/// A conflist holding the single plugin's text as it was, untouched.
+/// ... and the record of what it was made from: the `.conf`'s name and the spacing around its
+/// JSON, so that uninstall can write back its exact bytes.
+fn converted_text(network: &Network) -> (String, Value) {
+    let mut header = String::new();
+    if let Some(version) = network.doc.get("cniVersion") {
+        header.push_str(&format!("  \"cniVersion\": {version},\n"));
+    }
+    let name = match network.doc.get("name") {
+        Some(name) => name.clone(),
+        // libcni needs a list name; CRI-O names a nameless network after its file too.
+        None => Value::String(file_stem(&network.file_name).to_owned()),
+    };
+    header.push_str(&format!("  \"name\": {name},\n"));
+    let body = network.text.trim();
+    let before = &network.text[..network.text.len() - network.text.trim_start().len()];
+    let after = &network.text[network.text.trim_end().len()..];
+    let text = format!("{{\n{header}  \"plugins\": [\n    {body}\n  ]\n}}\n");
+    let conversion =
+        serde_json::json!({"name": network.file_name, "before": before, "after": after});
+    (text, conversion)
+}
+
+const CONVERTED_KEY: &str = "convertedFrom";
+
+fn conversion_of(plugin: &Value) -> Option<&Value> {
+    plugin.get(STAMP_KEY)?.get(CONVERTED_KEY)
+}
+
+fn symlink_refused(file_name: &str) -> Error {
+    Error::config(format!(
+        "the active network {file_name} is a symbolic link: not modified (replacing the link \
+         would hide the owner's later edits, and its target is not ours to write); chain \
+         {PLUGIN_TYPE} in the file's source instead, or let the primary agent write a regular file"
+    ))
 }
 
 fn no_primary(file_name: &str) -> Error {
@@ -292,13 +510,20 @@ fn conflist_name(file_name: &str) -> String {
 }
 
 /// The converted file must neither overwrite a file that is not ours nor lose first place.
-fn check_conversion_target(source: &str, target: &str, files: &[ConfFile]) -> Result<()> {
-    if let Some(existing) = files.iter().find(|f| f.name == target) {
-        let ours = load_network(existing)
-            .ok()
-            .and_then(|n| n.doc.get("plugins").cloned())
-            .and_then(|p| p.as_array().map(|p| p.iter().any(is_ours)))
-            .unwrap_or(false);
+/// Returns the existing conflist of ours it would replace.
+fn check_conversion_target<'a>(
+    source: &str,
+    target: &str,
+    files: &'a [ConfFile],
+) -> Result<Option<&'a ConfFile>> {
+    let existing = files.iter().find(|f| f.name == target);
+    if let Some(existing) = existing {
+        let ours = !existing.symlink
+            && load_network(existing)
+                .ok()
+                .and_then(|n| n.doc.get("plugins").cloned())
+                .and_then(|p| p.as_array().map(|p| p.iter().any(is_ours)))
+                .unwrap_or(false);
         if !ours {
             return Err(Error::config(format!(
                 "cannot convert {source} to {target}: {target} exists and was not written by the installer"
@@ -317,28 +542,78 @@ fn check_conversion_target(source: &str, target: &str, files: &[ConfFile]) -> Re
             other.name
         )));
     }
-    Ok(())
+    Ok(existing)
 }
 
-/// The conflist without our entries, or `None` when `file` is not a conflist holding one.
-/// A list holding nothing but our entries is left alone: we never write one, so it is not ours.
-pub fn plan_uninstall(file: &ConfFile) -> Result<Option<Vec<u8>>> {
+/// What uninstall does to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uninstall {
+    /// The conflist without our entries, byte for byte as it was before they were added.
+    Rewrite(Vec<u8>),
+    /// The conflist was made by install from the single-plugin file `name`: write that back
+    /// with its exact bytes (unless the primary agent wrote it again) and remove the conflist.
+    Restore { name: String, content: Vec<u8> },
+}
+
+/// What to do about our entries in `file`; `None` when it is not a conflist holding one, or is
+/// a symbolic link (never written by us). A list holding nothing but our entries is left
+/// alone: we never write one, so it is not ours.
+/// `only`: remove them only if every one carries this stamp (another installer owns the rest).
+pub fn plan_uninstall(file: &ConfFile, only: Option<Stamp>) -> Result<Option<Uninstall>> {
     let Ok(network) = load_network(file) else {
         return Ok(None);
     };
-    if network.kind != FileKind::List {
+    if network.kind != FileKind::List || network.symlink {
         return Ok(None);
     }
-    let Some(plugins) = network.doc.get("plugins").and_then(Value::as_array) else {
+    let plugins = Plugins::of(&network.text)?;
+    if plugins.ours().next().is_none() || plugins.values.iter().all(is_ours) {
+        return Ok(None);
+    }
+    if let Some(stamp) = only {
+        if plugins.ours().any(|p| Stamp::of(p) != stamp) {
+            return Ok(None);
+        }
+    }
+    let text = without_ours(&network.text)?;
+    if let Some(restore) = restore_of(&network, &plugins, &text)? {
+        return Ok(Some(restore));
+    }
+    Ok(Some(Uninstall::Rewrite(text.into_bytes())))
+}
+
+/// The single-plugin file a conflist of ours was made from, if it still is just that: its name
+/// matches, it holds no key we did not write, and one plugin is left.
+fn restore_of(network: &Network, plugins: &Plugins, text: &str) -> Result<Option<Uninstall>> {
+    let Some(conversion) = plugins.ours().find_map(conversion_of) else {
         return Ok(None);
     };
-    if !plugins.iter().any(is_ours) || plugins.iter().all(is_ours) {
+    let field = |key: &str| conversion.get(key).and_then(Value::as_str);
+    let (Some(name), Some(before), Some(after)) = (field("name"), field("before"), field("after"))
+    else {
+        return Ok(None);
+    };
+    let only_ours = network
+        .doc
+        .keys()
+        .all(|k| matches!(k.as_str(), "cniVersion" | "name" | "plugins"));
+    let spacing = |s: &str| s.bytes().all(|b| b.is_ascii_whitespace());
+    if FileKind::of(name) != Some(FileKind::Single)
+        || conflist_name(name) != network.file_name
+        || !only_ours
+        || !spacing(before)
+        || !spacing(after)
+    {
         return Ok(None);
     }
-    let kept: Vec<Value> = plugins.iter().filter(|p| !is_ours(p)).cloned().collect();
-    let mut doc = network.doc.clone();
-    doc.insert("plugins".into(), Value::Array(kept));
-    render(&doc).map(Some)
+    let left = Plugins::of(text)?;
+    let [(start, end)] = left.array.elements[..] else {
+        return Ok(None);
+    };
+    Ok(Some(Uninstall::Restore {
+        name: name.to_owned(),
+        content: format!("{before}{}{after}", &text[start..end]).into_bytes(),
+    }))
 }
 
 #[cfg(test)]
@@ -347,17 +622,11 @@ mod tests {
     use serde_json::json;
 
     fn file(name: &str, value: Value) -> ConfFile {
-        ConfFile {
-            name: name.into(),
-            bytes: serde_json::to_vec(&value).unwrap(),
-        }
+        ConfFile::new(name, &serde_json::to_vec(&value).unwrap())
     }
 
     fn raw(name: &str, text: &str) -> ConfFile {
-        ConfFile {
-            name: name.into(),
-            bytes: text.as_bytes().to_vec(),
-        }
+        ConfFile::new(name, text.as_bytes())
     }
 
     fn bridge_conf() -> Value {
@@ -371,12 +640,34 @@ mod tests {
         ]})
     }
 
-    fn default_entry() -> Map<String, Value> {
-        plugin_entry(None).unwrap()
+    const STAMP: Stamp = Stamp {
+        generation: 1,
+        started: 100,
+    };
+
+    fn entry_with(config: Map<String, Value>, stamp: Stamp) -> Entry {
+        Entry { config, stamp }
+    }
+
+    fn default_entry() -> Entry {
+        entry_with(plugin_entry(None).unwrap(), STAMP)
     }
 
     fn parse(bytes: &[u8]) -> Value {
         serde_json::from_slice(bytes).unwrap()
+    }
+
+    /// The plan of a pass that must write.
+    fn write_plan(files: &[ConfFile], entry: &Entry) -> InstallPlan {
+        let network = active_network(files).0.unwrap();
+        match plan_install(&network, files, entry, true, &|_| true).unwrap() {
+            Plan::Write(plan) => plan,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    fn written(plan: &InstallPlan) -> ConfFile {
+        ConfFile::new(&plan.file_name, &plan.content)
     }
 
     #[test]
@@ -460,8 +751,9 @@ mod tests {
     #[test]
     fn default_entry_declares_the_annotations_capability() {
         assert_eq!(
-            Value::Object(default_entry()),
-            json!({"type": "intercept-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true}})
+            default_entry().value(),
+            json!({"type": "intercept-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+                   "installer": {"generation": 1, "started": 100}})
         );
     }
 
@@ -497,64 +789,202 @@ mod tests {
     }
 
     #[test]
-    fn conflist_gets_entry_last_and_keeps_key_order() {
-        let text = r#"{"plugins": [{"type": "calico", "mtu": 0}, {"type": "intercept-cni", "old": 1}, {"type": "portmap"}], "name": "k8s-pod-network", "cniVersion": "0.3.1"}"#;
+    fn configs_the_plugin_would_refuse_are_refused_with_the_reason() {
+        for (bad, says) in [
+            (&br#"{"inboundPort": 0}"#[..], "inboundPort"),
+            (br#"{"backend": "nftabels"}"#, "backend"),
+            (
+                br#"{"excludeNamespace": ["kube-system"]}"#,
+                "\"excludeNamespace\" (did you mean \"excludeNamespaces\"?)",
+            ),
+            (
+                br#"{"inboundPort": 15001, "outboundPort": 15001}"#,
+                "must differ",
+            ),
+            (br#"{"whatever": 1}"#, "unknown key \"whatever\""),
+        ] {
+            let err = plugin_entry(Some(bad)).unwrap_err();
+            assert_eq!(err.code, crate::cni::error::Code::InvalidConfig);
+            assert!(
+                err.msg.contains(says),
+                "{}: {}",
+                String::from_utf8_lossy(bad),
+                err.msg
+            );
+        }
+    }
+
+    #[test]
+    fn conflist_gets_entry_last_and_every_other_byte_kept() {
+        let text = "{\"plugins\": [{\"type\": \"calico\", \"mtu\": 0, \"big\": 123456789012345678901234567890, \"e\": 1e3, \"z\": -0},\n {\"type\": \"intercept-cni\", \"old\": 1}, {\"type\": \"portmap\"}], \"name\": \"k8s-pod-network\", \"cniVersion\": \"0.3.1\"}";
         let files = vec![raw("10-calico.conflist", text)];
-        let network = active_network(&files).0.unwrap();
-        let plan = plan_install(&network, &files, &default_entry()).unwrap();
+        let plan = write_plan(&files, &default_entry());
         assert_eq!(plan.file_name, "10-calico.conflist");
         assert_eq!(plan.replaces, None);
-        let out = parse(&plan.content);
-        let keys: Vec<&str> = out
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(keys, ["plugins", "name", "cniVersion"]);
-        assert_eq!(
-            out["plugins"],
-            json!([{"type": "calico", "mtu": 0}, {"type": "portmap"}, Value::Object(default_entry())])
-        );
+        let out = String::from_utf8(plan.content.clone()).unwrap();
+        let expected_prefix = "{\"plugins\": [{\"type\": \"calico\", \"mtu\": 0, \"big\": 123456789012345678901234567890, \"e\": 1e3, \"z\": -0}, {\"type\": \"portmap\"},";
+        assert!(out.starts_with(expected_prefix), "{out}");
+        assert!(out.ends_with("], \"name\": \"k8s-pod-network\", \"cniVersion\": \"0.3.1\"}"));
+        assert_eq!(parse(&plan.content)["plugins"][2], default_entry().value());
+    }
+
+    #[test]
+    fn install_then_uninstall_gives_the_original_bytes() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("testdata/install/10-numbers.conflist"),
+        )
+        .unwrap();
+        let files = vec![raw("10-numbers.conflist", &text)];
+        let plan = write_plan(&files, &default_entry());
+        let back = plan_uninstall(&written(&plan), None).unwrap().unwrap();
+        assert_eq!(back, Uninstall::Rewrite(text.into_bytes()));
     }
 
     #[test]
     fn install_is_a_fixed_point() {
         let files = vec![file("10-kind.conflist", bridge_list())];
-        let network = active_network(&files).0.unwrap();
-        let first = plan_install(&network, &files, &default_entry()).unwrap();
-        let again = vec![raw(
-            "10-kind.conflist",
-            std::str::from_utf8(&first.content).unwrap(),
-        )];
+        let first = write_plan(&files, &default_entry());
+        let again = vec![written(&first)];
         let network = active_network(&again).0.unwrap();
-        let second = plan_install(&network, &again, &default_entry()).unwrap();
-        assert_eq!(first.content, second.content);
+        assert_eq!(
+            plan_install(&network, &again, &default_entry(), true, &|_| true).unwrap(),
+            Plan::Unchanged {
+                file_name: "10-kind.conflist".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_higher_stamp_keeps_the_entry() {
+        let files = vec![file("10-kind.conflist", bridge_list())];
+        let mut other = plugin_entry(None).unwrap();
+        other.insert("podSelection".into(), json!("all"));
+        let newer = Stamp {
+            generation: 2,
+            started: 50,
+        };
+        let installed = vec![written(&write_plan(
+            &files,
+            &entry_with(other.clone(), newer),
+        ))];
+        let network = active_network(&installed).0.unwrap();
+        // The older installer leaves it, whatever its config.
+        assert_eq!(
+            plan_install(&network, &installed, &default_entry(), true, &|_| true).unwrap(),
+            Plan::Superseded {
+                file_name: "10-kind.conflist".into(),
+                by: newer
+            }
+        );
+        // ...unless that installer is gone.
+        assert!(matches!(
+            plan_install(&network, &installed, &default_entry(), true, &|_| false).unwrap(),
+            Plan::Write(_)
+        ));
+        // A newer one takes it over; with the same config a one-shot install leaves it be.
+        let newest = Stamp {
+            generation: 2,
+            started: 60,
+        };
+        assert!(matches!(
+            plan_install(
+                &network,
+                &installed,
+                &entry_with(other.clone(), newest),
+                true,
+                &|_| true
+            )
+            .unwrap(),
+            Plan::Write(_)
+        ));
+        assert!(matches!(
+            plan_install(
+                &network,
+                &installed,
+                &entry_with(other, newest),
+                false,
+                &|_| true
+            )
+            .unwrap(),
+            Plan::Unchanged { .. }
+        ));
+        // Removal on exit takes only an entry of one's own stamp.
+        assert_eq!(plan_uninstall(&installed[0], Some(STAMP)).unwrap(), None);
+        assert!(plan_uninstall(&installed[0], Some(newer))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn a_symlinked_network_is_refused_and_never_written() {
+        let mut link = file("10-kind.conflist", bridge_list());
+        link.symlink = true;
+        let files = vec![link.clone()];
+        let network = active_network(&files).0.unwrap();
+        let err = plan_install(&network, &files, &default_entry(), true, &|_| true).unwrap_err();
+        assert!(err.msg.contains("symbolic link"), "{err}");
+        let mut installed = written(&write_plan(
+            &[file("10-kind.conflist", bridge_list())],
+            &default_entry(),
+        ));
+        installed.symlink = true;
+        assert_eq!(plan_uninstall(&installed, None).unwrap(), None);
     }
 
     #[test]
     fn single_conf_becomes_conflist_with_same_name_and_version() {
         let files = vec![file("10-bridge.conf", bridge_conf())];
-        let network = active_network(&files).0.unwrap();
-        let plan = plan_install(&network, &files, &default_entry()).unwrap();
+        let plan = write_plan(&files, &default_entry());
         assert_eq!(plan.file_name, "10-bridge.conflist");
         assert_eq!(plan.replaces.as_deref(), Some("10-bridge.conf"));
+        let mut entry = default_entry().value();
+        entry["installer"]["convertedFrom"] =
+            json!({"name": "10-bridge.conf", "before": "", "after": ""});
         assert_eq!(
             parse(&plan.content),
-            json!({"cniVersion": "1.0.0", "name": "kind", "plugins": [bridge_conf(), Value::Object(default_entry())]})
+            json!({"cniVersion": "1.0.0", "name": "kind", "plugins": [bridge_conf(), entry]})
         );
-        let converted = ConfFile {
-            name: plan.file_name.clone(),
-            bytes: plan.content.clone(),
-        };
-        assert!(load_network(&converted).is_ok());
+        let text = String::from_utf8(plan.content.clone()).unwrap();
+        assert!(text.contains(std::str::from_utf8(&files[0].bytes).unwrap()));
+        assert!(load_network(&written(&plan)).is_ok());
+    }
+
+    #[test]
+    fn a_converted_conf_comes_back_byte_for_byte() {
+        let original = "\n  {\"cniVersion\": \"1.0.0\", \"name\": \"kind\", \"type\": \"bridge\", \"mtu\": 1e3}\n\n";
+        let files = vec![raw("10-bridge.conf", original)];
+        let plan = write_plan(&files, &default_entry());
+        // A watcher's later pass keeps the record of the conversion.
+        let newer = entry_with(
+            plugin_entry(None).unwrap(),
+            Stamp {
+                generation: 1,
+                started: 200,
+            },
+        );
+        let again = write_plan(&[written(&plan)], &newer);
+        assert_eq!(
+            plan_uninstall(&written(&again), None).unwrap(),
+            Some(Uninstall::Restore {
+                name: "10-bridge.conf".into(),
+                content: original.as_bytes().to_vec()
+            })
+        );
+        // A key added by someone else: only our entry goes.
+        let mut doc = parse(&again.content);
+        doc["disableCheck"] = json!(true);
+        let edited = file("10-bridge.conflist", doc);
+        assert!(matches!(
+            plan_uninstall(&edited, None).unwrap(),
+            Some(Uninstall::Rewrite(_))
+        ));
     }
 
     #[test]
     fn nameless_conf_is_named_after_its_file() {
         let files = vec![file("10-x.json", json!({"type": "ptp"}))];
-        let network = active_network(&files).0.unwrap();
-        let plan = plan_install(&network, &files, &default_entry()).unwrap();
+        let plan = write_plan(&files, &default_entry());
         assert_eq!(plan.file_name, "10-x.conflist");
         assert_eq!(parse(&plan.content)["name"], "10-x");
         assert!(parse(&plan.content).get("cniVersion").is_none());
@@ -563,30 +993,19 @@ mod tests {
     #[test]
     fn conversion_may_replace_only_our_own_conflist() {
         let entry = default_entry();
-        let ours = plan_install(
-            &load_network(&file("10-bridge.conf", bridge_conf())).unwrap(),
-            &[],
-            &entry,
-        )
-        .unwrap();
+        let ours = write_plan(&[file("10-bridge.conf", bridge_conf())], &entry);
         // The primary agent wrote its .conf again next to the conflist we made from it.
-        let files = vec![
-            file("10-bridge.conf", bridge_conf()),
-            ConfFile {
-                name: ours.file_name.clone(),
-                bytes: ours.content.clone(),
-            },
-        ];
+        let files = vec![file("10-bridge.conf", bridge_conf()), written(&ours)];
         let network = active_network(&files).0.unwrap();
         assert_eq!(network.file_name, "10-bridge.conf");
-        assert_eq!(plan_install(&network, &files, &entry).unwrap(), ours);
+        assert_eq!(write_plan(&files, &entry), ours);
 
         let foreign = vec![
             file("10-bridge.conf", bridge_conf()),
             raw("10-bridge.conflist", "{ broken"),
         ];
         let network = active_network(&foreign).0.unwrap();
-        let err = plan_install(&network, &foreign, &entry).unwrap_err();
+        let err = plan_install(&network, &foreign, &entry, true, &|_| true).unwrap_err();
         assert!(
             err.msg.contains("was not written by the installer"),
             "{err}"
@@ -600,7 +1019,7 @@ mod tests {
             file("10-a.conf-b.conflist", bridge_list()),
         ];
         let network = active_network(&files).0.unwrap();
-        let err = plan_install(&network, &files, &default_entry()).unwrap_err();
+        let err = plan_install(&network, &files, &default_entry(), true, &|_| true).unwrap_err();
         assert!(
             err.msg.contains("10-a.conf-b.conflist would sort before"),
             "{err}"
@@ -615,27 +1034,21 @@ mod tests {
             json!({"name": "x", "plugins": [{"type": "intercept-cni"}]}),
         )];
         let network = active_network(&lone).0.unwrap();
-        assert!(plan_install(&network, &lone, &entry).is_err());
+        assert!(plan_install(&network, &lone, &entry, true, &|_| true).is_err());
         let single = vec![file(
             "00-x.conf",
             json!({"name": "x", "type": "intercept-cni"}),
         )];
         let network = active_network(&single).0.unwrap();
-        assert!(plan_install(&network, &single, &entry).is_err());
+        assert!(plan_install(&network, &single, &entry, true, &|_| true).is_err());
     }
 
     #[test]
     fn uninstall_removes_only_our_entries() {
-        let files = vec![file("10-kind.conflist", bridge_list())];
-        let network = active_network(&files).0.unwrap();
-        let installed = plan_install(&network, &files, &default_entry()).unwrap();
-        let back = plan_uninstall(&ConfFile {
-            name: "10-kind.conflist".into(),
-            bytes: installed.content,
-        })
-        .unwrap()
-        .unwrap();
-        assert_eq!(back, render(bridge_list().as_object().unwrap()).unwrap());
+        let original = file("10-kind.conflist", bridge_list());
+        let installed = write_plan(std::slice::from_ref(&original), &default_entry());
+        let back = plan_uninstall(&written(&installed), None).unwrap().unwrap();
+        assert_eq!(back, Uninstall::Rewrite(original.bytes));
         let mut conf_naming_us = bridge_conf();
         conf_naming_us["plugins"] = json!([{"type": "intercept-cni"}, {"type": "x"}]);
         for untouched in [
@@ -643,12 +1056,12 @@ mod tests {
             file("10-kind.conf", conf_naming_us),
             raw("10-kind.conflist", "{"),
         ] {
-            assert_eq!(plan_uninstall(&untouched).unwrap(), None);
+            assert_eq!(plan_uninstall(&untouched, None).unwrap(), None);
         }
         let lone = file(
             "00-x.conflist",
             json!({"name": "x", "plugins": [{"type": "intercept-cni"}]}),
         );
-        assert_eq!(plan_uninstall(&lone).unwrap(), None);
+        assert_eq!(plan_uninstall(&lone, None).unwrap(), None);
     }
 }

@@ -2,11 +2,10 @@
 //! exact form `*-save` prints them back (`-p tcp -m tcp --dport`, `/32` kept, addresses before
 //! protocol before matches before target), so CHECK can compare text with text. Every value
 //! written here comes from a typed field (u16, u32, `PortRange`, `IpNetwork`): no string from a
-//! config or from the kernel is copied into the output except jump rules that passed
-//! `save::is_plain` (see `Removal`).
+//! config or from the kernel is copied into the output but plain chain names (jumps to ours are
+//! deleted by number, see `delete_jumps`).
 
-use super::save::NatTable;
-use crate::cni::error::{Error, Result};
+use super::save::{Jump, NatTable};
 use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
@@ -202,7 +201,7 @@ fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
 /// Restore input that installs `plan` for one family over the `existing` nat table, for
 /// `--noflush`: declaring a chain flushes it, so a repeated apply replaces its contents; the
 /// jumps are added only when missing and stray ones removed, so there is always exactly one.
-pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) -> Result<String> {
+pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) -> String {
     let chains = chains(plan, family);
     let mut out = String::from("*nat\n");
     for chain in &chains {
@@ -213,62 +212,84 @@ pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) ->
             let _ = writeln!(out, "-A {} {rule}", chain.name);
         }
     }
-    // The first canonical jump of each hook stays where it is; any other jump to ours goes.
+    // Our jump must be the first rule of its hook that takes effect. The first canonical jump
+    // stays where it is when nothing before it does; every other jump to ours goes.
     let mut hooked: Vec<&str> = Vec::new();
+    let mut strays = Vec::new();
     for jump in existing.jumps_to_own() {
         let canonical = HOOKS.iter().find(|(base, chain)| {
-            jump.from == *base && jump.spec == jump_spec(chain) && !hooked.contains(chain)
+            jump.from == *base
+                && jump.spec == jump_spec(chain)
+                && !hooked.contains(chain)
+                && existing
+                    .first_effective(base)
+                    .is_none_or(|(n, _)| n > jump.number)
         });
         match canonical {
             Some((_, chain)) => hooked.push(chain),
-            None => {
-                let _ = writeln!(out, "-D {} {}", jump.from, deletable(&jump)?);
-            }
+            None => strays.push(jump),
         }
     }
+    delete_jumps(&mut out, strays);
     for (base, chain) in HOOKS {
-        if !hooked.contains(&chain) {
-            let _ = writeln!(out, "-A {base} {}", jump_spec(chain));
+        if hooked.contains(&chain) {
+            continue;
         }
+        // In front of whatever else decides there (a fresh table gets the same `-A`).
+        match existing.first_effective(base) {
+            Some(_) => writeln!(out, "-I {base} 1 {}", jump_spec(chain)),
+            None => writeln!(out, "-A {base} {}", jump_spec(chain)),
+        }
+        .unwrap_or_default();
     }
     out.push_str("COMMIT\n");
-    Ok(out)
+    out
+}
+
+/// `-D CHAIN NUMBER` for each jump, last first within a chain so every number still names the
+/// rule read. Never the rule's text: whatever a jump looks like (a comment with quotes, odd
+/// matches), it is removed. A jump from a chain whose name cannot be written back is left (and
+/// logged); our chain it targets then stays, empty.
+fn delete_jumps(out: &mut String, mut jumps: Vec<Jump>) -> Vec<Jump> {
+    let (deletable, stuck): (Vec<Jump>, Vec<Jump>) = {
+        jumps.sort_by(|a, b| a.from.cmp(&b.from).then(b.number.cmp(&a.number)));
+        jumps.into_iter().partition(Jump::deletable)
+    };
+    for jump in &deletable {
+        let _ = writeln!(out, "-D {} {}", jump.from, jump.number);
+    }
+    for jump in &stuck {
+        log::warn!(
+            "chain {:?} jumps to {} and its name cannot be written back; leaving that jump",
+            jump.from,
+            jump.target
+        );
+    }
+    stuck
 }
 
 /// Restore input that removes every chain of ours and every jump to them from `existing`, or
 /// `None` when there is nothing to remove (so an untouched table is never written to).
-pub fn remove_input(existing: &NatTable) -> Result<Option<String>> {
+pub fn remove_input(existing: &NatTable) -> Option<String> {
     let own = existing.own_chains();
     let jumps = existing.jumps_to_own();
     if own.is_empty() && jumps.is_empty() {
-        return Ok(None);
+        return None;
     }
     let mut out = String::from("*nat\n");
     // Declaring flushes (under --noflush), so the chains are empty before they are deleted.
     for chain in &own {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
-    for jump in &jumps {
-        let _ = writeln!(out, "-D {} {}", jump.from, deletable(jump)?);
-    }
-    for chain in &own {
+    let stuck = delete_jumps(&mut out, jumps);
+    for chain in own
+        .iter()
+        .filter(|c| !stuck.iter().any(|j| j.target == **c))
+    {
         let _ = writeln!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
-    Ok(Some(out))
-}
-
-/// A jump read back from the kernel may be re-sent only when every token is plain (no quotes,
-/// no control characters), so it cannot smuggle anything into the restore input.
-fn deletable(jump: &super::save::Jump) -> Result<&str> {
-    if jump.is_plain() {
-        Ok(&jump.spec)
-    } else {
-        Err(Error::backend(format!(
-            "chain {} holds a jump to {} that cannot be removed safely (unusual characters): {:?}",
-            jump.from, jump.target, jump.spec
-        )))
-    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -383,7 +404,7 @@ mod golden {
     }
 
     fn compare(name: &str, plan: &InterceptPlan, family: Family) {
-        let rendered = apply_input(plan, family, &NatTable::default()).unwrap();
+        let rendered = apply_input(plan, family, &NatTable::default());
         let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "testdata", "iptables", name]
             .iter()
             .collect();
@@ -415,15 +436,17 @@ mod golden {
     }
 
     #[test]
-    fn existing_jumps_are_kept_once_and_strays_removed() {
+    fn existing_jumps_are_kept_once_and_strays_removed_by_number() {
         let plan = InterceptPlan::with_defaults(Families::BOTH);
         let table = NatTable::parse(
             "*nat\n:ICNI_INBOUND - [0:0]\n\
              -A PREROUTING -p tcp -j ICNI_INBOUND\n\
              -A PREROUTING -p tcp -j ICNI_INBOUND\n\
-             -A OUTPUT -j ICNI_INBOUND\nCOMMIT\n",
+             -A OUTPUT -j LOG\n\
+             -A OUTPUT -j ICNI_INBOUND\n\
+             -A OUTPUT -m comment --comment \"a \\\"-j\\\" b\" -j ICNI_OUTBOUND\nCOMMIT\n",
         );
-        let input = apply_input(&plan, Family::V4, &table).unwrap();
+        let input = apply_input(&plan, Family::V4, &table);
         let tail: Vec<&str> = input
             .lines()
             .filter(|l| !l.starts_with("-A ICNI_"))
@@ -431,29 +454,54 @@ mod golden {
         assert_eq!(
             tail[3..],
             [
-                "-D PREROUTING -p tcp -j ICNI_INBOUND",
-                "-D OUTPUT -j ICNI_INBOUND",
+                "-D OUTPUT 3",
+                "-D OUTPUT 2",
+                "-D PREROUTING 2",
                 "-A OUTPUT -p tcp -j ICNI_OUTBOUND",
                 "COMMIT"
             ]
         );
-        // A jump we cannot re-send safely stops the apply instead of being guessed at.
-        let odd = NatTable::parse(
-            "*nat\n-A OUTPUT -m comment --comment \"a\" -j ICNI_OUTBOUND\nCOMMIT\n",
+    }
+
+    /// Our jump must be the first rule of its hook that takes effect: one that comes after a
+    /// rule deciding something is moved in front of it (deleted by number, inserted first).
+    #[test]
+    fn a_jump_behind_a_deciding_rule_is_moved_first() {
+        let plan = InterceptPlan::with_defaults(Families::BOTH);
+        let table = NatTable::parse(
+            "*nat\n:ICNI_INBOUND - [0:0]\n:ICNI_OUTBOUND - [0:0]\n\
+             -A PREROUTING -j LOG\n\
+             -A PREROUTING -p tcp -j ICNI_INBOUND\n\
+             -A OUTPUT -p tcp -j RETURN\n\
+             -A OUTPUT -p tcp -j ICNI_OUTBOUND\nCOMMIT\n",
         );
-        assert!(apply_input(&plan, Family::V4, &odd).is_err());
+        let input = apply_input(&plan, Family::V4, &table);
+        let tail: Vec<&str> = input
+            .lines()
+            .filter(|l| !l.starts_with("-A ICNI_") && !l.starts_with(':'))
+            .collect();
+        assert_eq!(
+            tail[1..],
+            [
+                "-D OUTPUT 2",
+                "-I OUTPUT 1 -p tcp -j ICNI_OUTBOUND",
+                "COMMIT"
+            ]
+        );
     }
 
     #[test]
     fn removal_flushes_unhooks_and_deletes_only_what_is_there() {
-        assert_eq!(remove_input(&NatTable::default()).unwrap(), None);
+        assert_eq!(remove_input(&NatTable::default()), None);
         let table = NatTable::parse(
             "*nat\n:PREROUTING ACCEPT [0:0]\n:ICNI_OUTBOUND - [0:0]\n:KUBE-X - [0:0]\n\
-             -A OUTPUT -p tcp -j ICNI_OUTBOUND\n-A ICNI_OUTBOUND -j RETURN\nCOMMIT\n",
+             -A OUTPUT -j KUBE-X\n-A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
+             -A OUTPUT -m comment --comment \"hello world\" -j ICNI_OUTBOUND\n\
+             -A ICNI_OUTBOUND -j RETURN\nCOMMIT\n",
         );
         assert_eq!(
-            remove_input(&table).unwrap().unwrap(),
-            "*nat\n:ICNI_OUTBOUND - [0:0]\n-D OUTPUT -p tcp -j ICNI_OUTBOUND\n-X ICNI_OUTBOUND\nCOMMIT\n"
+            remove_input(&table).unwrap(),
+            "*nat\n:ICNI_OUTBOUND - [0:0]\n-D OUTPUT 3\n-D OUTPUT 2\n-X ICNI_OUTBOUND\nCOMMIT\n"
         );
     }
 
@@ -483,7 +531,7 @@ mod golden {
         extreme.exclude_inbound_sources = vec![net("::ffff:1.2.3.4/128"), net("0.0.0.0/0")];
         for plan in [custom(), excludes(), extreme] {
             for family in Family::ALL {
-                let text = apply_input(&plan, family, &NatTable::default()).unwrap();
+                let text = apply_input(&plan, family, &NatTable::default());
                 for line in text.lines() {
                     let known = line == "*nat"
                         || line == "COMMIT"

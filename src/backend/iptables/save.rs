@@ -20,23 +20,81 @@ pub struct Jump {
     pub from: String,
     pub target: String,
     pub spec: String,
+    /// Its position in `from`, from 1: how it is deleted (its text is never sent back).
+    pub number: usize,
 }
 
 impl Jump {
-    /// Plain tokens only (letters, digits, `-_.:/,!+`), so the rule can be re-sent as `-D` input
-    /// without anything from the kernel being able to add a line or a quoted argument.
-    pub fn is_plain(&self) -> bool {
-        let plain_name = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        plain_name(&self.from)
-            && !self.spec.is_empty()
+    /// Whether `-D <from> <number>` can name its chain: a plain name (letters, digits, `-_.`),
+    /// so nothing from the kernel can add a word or a line to the restore input.
+    pub fn deletable(&self) -> bool {
+        !self.from.is_empty()
             && self
-                .spec
+                .from
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/,!+ ".contains(&b))
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    }
+}
+
+/// Targets after which the packet goes on to the next rule: a rule with one of these, or with
+/// no target, decides nothing about where a connection goes.
+const GOES_ON: [&str; 14] = [
+    "LOG", "NFLOG", "ULOG", "TRACE", "MARK", "CONNMARK", "AUDIT", "SET", "CHECKSUM", "TOS", "DSCP",
+    "TTL", "HL", "CLASSIFY",
+];
+
+/// The words of a rule as `-save` prints them; a double-quoted word (a comment's text, with
+/// `\"` and `\\` inside) is one word, marked quoted so it is never taken for an option.
+fn words(spec: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut chars = spec.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut word = String::new();
+        let quoted = c == '"';
+        if quoted {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => word.extend(chars.next()),
+                    '"' => break,
+                    c => word.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+        }
+        out.push((word, quoted));
+    }
+    out
+}
+
+/// The rule's target and whether it is a goto (`-g`): the word after an unquoted `-j`/`-g`.
+pub fn target(spec: &str) -> Option<(String, bool)> {
+    let words = words(spec);
+    words.windows(2).find_map(|w| match (&w[0], &w[1]) {
+        ((flag, false), (target, false)) if flag == "-j" || flag == "-g" => {
+            Some((target.clone(), flag == "-g"))
+        }
+        _ => None,
+    })
+}
+
+/// Whether a rule decides where the connection goes (or may: a jump to another chain).
+pub fn takes_effect(spec: &str) -> bool {
+    match target(spec) {
+        None => false,
+        Some((_, true)) => true,
+        Some((target, false)) => !GOES_ON.contains(&target.as_str()),
     }
 }
 
@@ -96,24 +154,70 @@ impl NatTable {
             .map(|(_, spec)| spec.as_str())
     }
 
-    /// Rules in chains that are not ours that jump (`-j`) or go (`-g`) to one of ours.
+    /// Rules in chains that are not ours that jump (`-j`) or go (`-g`) to one of ours, however
+    /// they look otherwise (comments, other matches), with their numbers.
     pub fn jumps_to_own(&self) -> Vec<Jump> {
-        self.rules
-            .iter()
-            .filter(|(chain, _)| !is_own_chain(chain))
-            .filter_map(|(chain, spec)| {
-                let tokens: Vec<&str> = spec.split_whitespace().collect();
-                let target = tokens
-                    .windows(2)
-                    .find(|w| (w[0] == "-j" || w[0] == "-g") && is_own_chain(w[1]))?[1];
-                Some(Jump {
+        let mut numbers: Vec<(&str, usize)> = Vec::new();
+        let mut jumps = Vec::new();
+        for (chain, spec) in &self.rules {
+            let number = match numbers.iter_mut().find(|(c, _)| c == chain) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    numbers.push((chain, 1));
+                    1
+                }
+            };
+            if is_own_chain(chain) {
+                continue;
+            }
+            if let Some((target, _)) = target(spec).filter(|(t, _)| is_own_chain(t)) {
+                jumps.push(Jump {
                     from: chain.clone(),
-                    target: target.to_string(),
+                    target,
                     spec: spec.clone(),
-                })
-            })
-            .collect()
+                    number,
+                });
+            }
+        }
+        jumps
     }
+
+    /// The first rule of `chain` that takes effect, other than a jump to one of ours: its
+    /// number and text. Our jump must come before it.
+    pub fn first_effective<'a>(&'a self, chain: &'a str) -> Option<(usize, &'a str)> {
+        self.rules_of(chain)
+            .enumerate()
+            .find(|(_, spec)| {
+                takes_effect(spec) && target(spec).is_none_or(|(t, _)| !is_own_chain(&t))
+            })
+            .map(|(i, spec)| (i + 1, spec))
+    }
+}
+
+/// Rules of the raw table's `chain` that turn connection tracking off (`-j CT --notrack`,
+/// `-j NOTRACK`): connections they match are never NATed, so never intercepted.
+pub fn notrack_rules<'a>(text: &'a str, chain: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    let mut in_raw = false;
+    text.lines().filter_map(move |line| {
+        if let Some(name) = line.strip_prefix('*') {
+            in_raw = name.trim_end() == "raw";
+            return None;
+        }
+        let spec = line
+            .strip_prefix("-A ")?
+            .strip_prefix(chain)?
+            .strip_prefix(' ')?;
+        let words = words(spec);
+        let notrack = match target(spec) {
+            Some((t, false)) if t == "NOTRACK" => true,
+            Some((t, false)) if t == "CT" => words.iter().any(|(w, q)| !q && w == "--notrack"),
+            _ => false,
+        };
+        (in_raw && notrack).then_some(spec)
+    })
 }
 
 /// Everything that differs between `table` and the `expected` chains of one family (none
@@ -150,6 +254,16 @@ pub fn drift(expected: &[Chain], table: &NatTable, family: Family) -> Vec<String
         if count != 1 {
             found.push(format!(
                 "{fam} {base} has {count} jumps to {chain}, expected exactly 1"
+            ));
+            continue;
+        }
+        let ours = jumps
+            .iter()
+            .find(|j| j.from == base && normalize(&j.spec) == spec)
+            .map_or(0, |j| j.number);
+        if let Some((number, rule)) = table.first_effective(base).filter(|(n, _)| *n < ours) {
+            found.push(format!(
+                "{fam} {base} rule {number} `{rule}` takes effect before the jump to {chain} (rule {ours})"
             ));
         }
     }
@@ -246,8 +360,8 @@ COMMIT
         assert_eq!(t.own_chains(), vec![INBOUND_CHAIN]);
         let jumps = t.jumps_to_own();
         assert_eq!(jumps.len(), 2);
-        assert!(jumps[0].is_plain());
-        assert!(!jumps[1].is_plain(), "quoted comment must not be re-sent");
+        assert_eq!((jumps[0].number, jumps[1].number), (1, 2));
+        assert!(jumps.iter().all(Jump::deletable));
         assert_eq!(
             t.rules_of(INBOUND_CHAIN).collect::<Vec<_>>(),
             vec!["-p tcp -m tcp --dport 15006 -j RETURN"]

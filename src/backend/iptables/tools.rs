@@ -5,6 +5,7 @@ use super::render::Family;
 use super::save::NatTable;
 use crate::backend::IptablesMode;
 use crate::cni::error::{Code, Error, Result};
+use crate::trusted_path;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -55,8 +56,10 @@ pub struct Tools<'a> {
 }
 
 impl Tools<'_> {
-    /// The absolute path of `name`, if an executable file of that name is there.
-    pub fn locate(&self, name: &str) -> Option<PathBuf> {
+    /// The absolute path of `name`, if an executable file of that name is there; an error when
+    /// it is, but someone other than root could change it (see `trusted_path`): it would run
+    /// as root, in the host netns too (`iptablesMode: auto`).
+    pub fn locate(&self, name: &str) -> Result<Option<PathBuf>> {
         let candidates: Vec<PathBuf> = match self.dir {
             Some(dir) => vec![dir.join(name)],
             None => SEARCH_DIRS
@@ -64,14 +67,19 @@ impl Tools<'_> {
                 .map(|d| Path::new(d).join(name))
                 .collect(),
         };
-        candidates
+        let Some(found) = candidates
             .into_iter()
             .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+        else {
+            return Ok(None);
+        };
+        trusted_path::trusted_executable(&found)?;
+        Ok(Some(found))
     }
 
     pub fn require(&self, mode: IptablesMode, family: Family, tool: Tool) -> Result<PathBuf> {
         let name = binary_name(mode, family, tool);
-        self.locate(&name).ok_or_else(|| match self.dir {
+        self.locate(&name)?.ok_or_else(|| match self.dir {
             Some(dir) => Error::config(format!(
                 "iptablesPath {}: no executable {name} there",
                 dir.display()
@@ -86,11 +94,11 @@ impl Tools<'_> {
         })
     }
 
-    /// True when both binaries of this mode and family exist.
+    /// True when both binaries of this mode and family exist (and may be run).
     pub fn present(&self, mode: IptablesMode, family: Family) -> bool {
         [Tool::Save, Tool::Restore]
             .iter()
-            .all(|&t| self.locate(&binary_name(mode, family, t)).is_some())
+            .all(|&t| matches!(self.locate(&binary_name(mode, family, t)), Ok(Some(_))))
     }
 
     /// The current netns's nat table for this mode and family.
@@ -269,6 +277,20 @@ fn nft_nat_exists() -> [bool; 2] {
             *listed == probe
         })
     })
+}
+
+/// Holds the current netns for this plugin's iptables operations: an exclusive flock on the
+/// namespace's own inode (nsfs), which every open of the namespace shares and which needs no
+/// file of ours. Parallel ADDs, or an ADD racing a DEL, in one pod then run one after the
+/// other, both families as one step, as the kernel serialises nftables batches.
+pub fn lock_netns() -> Result<Flock<std::fs::File>> {
+    let what = "cannot lock the network namespace for iptables";
+    let ns = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlag::O_CLOEXEC.bits())
+        .open("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io(what, e))?;
+    Flock::lock(ns, FlockArg::LockExclusive).map_err(|(_, e)| Error::io(what, e))
 }
 
 /// The lock file for the netns the calling thread is in, named by the namespace's inode. The
