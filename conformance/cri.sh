@@ -472,8 +472,10 @@ cri_audit_case() {
 	check audit "plain pod left untouched by --repair" not_intercepted early-plain
 	check audit "audit again: the pod is intercepted, nothing to report (exit 0)" \
 		audit_reports 0 early-istio intercepted
+	in_pod early-istio nft flush chain inet intercept-cni output
+	check audit "drift (the outbound chain emptied) is reported drifted" audit_reports 1 early-istio drifted
 	in_pod early-istio nft flush ruleset
-	check audit "drift (rules flushed) is found again" audit_reports 1 early-istio missing
+	check audit "rules flushed: reported missing again" audit_reports 1 early-istio missing
 	in_pod early-plain nft add table inet intercept-cni
 	check audit "rules on a pod the policy leaves alone are reported, not removed" \
 		eval 'audit_reports 1 early-plain unexpected && cri_rules early-plain'
