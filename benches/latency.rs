@@ -169,6 +169,32 @@ fn plugin_env(command: &str, ns: &str, id: usize) -> Vec<(&'static str, String)>
 }
 
 fn plugin_config(backend: &str, ns: &str, dual_stack: bool) -> String {
+    plugin_config_sized(backend, ns, dual_stack, 0)
+}
+
+/// `n` IPv4 and `n` IPv6 CIDRs, every other /24 or /48 so that none merge.
+fn policy_cidrs(n: usize) -> (Vec<String>, Vec<String>) {
+    let v4 = (0..n)
+        .map(|i| {
+            format!(
+                "{}.{}.{}.0/24",
+                100 + 2 * i / 65536,
+                2 * i / 256 % 256,
+                2 * i % 256
+            )
+        })
+        .collect();
+    let v6 = (0..n).map(|i| format!("fd10:{:x}::/48", 2 * i)).collect();
+    (v4, v6)
+}
+
+/// `n` port ranges of two ports, every fourth port from 20000 (clear of the proxy's ports).
+fn policy_ports(n: usize) -> Vec<(usize, usize)> {
+    (0..n).map(|i| (20000 + 4 * i, 20001 + 4 * i)).collect()
+}
+
+/// The plugin's config excluding `n` CIDRs per family and `n` outbound port ranges.
+fn plugin_config_sized(backend: &str, ns: &str, dual_stack: bool, n: usize) -> String {
     let mut ips = vec![json!({"address": "10.248.0.2/24", "interface": 0})];
     if dual_stack {
         ips.push(json!({"address": "fd00:248::2/64", "interface": 0}));
@@ -197,7 +223,45 @@ fn plugin_config(backend: &str, ns: &str, dual_stack: bool) -> String {
         }
         other => panic!("unknown backend {other}"),
     }
+    if n > 0 {
+        let (mut cidrs, v6) = policy_cidrs(n);
+        if dual_stack {
+            cidrs.extend(v6);
+        }
+        let ports: Vec<String> = policy_ports(n)
+            .iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect();
+        conf["excludeOutboundCIDRs"] = json!(cidrs);
+        conf["excludeOutboundPorts"] = json!(ports);
+    }
     conf.to_string()
+}
+
+/// Istio's rules for one family with the same exclusions as `plugin_config_sized(.., n)`: one
+/// `RETURN` rule per CIDR and per port range in ISTIO_OUTPUT, as istio-iptables writes them.
+fn istio_rules_sized(n: usize, v6: bool) -> String {
+    let mut rules = if v6 {
+        ISTIO_RULES
+            .replace("127.0.0.6/32", "::6/128")
+            .replace("127.0.0.1/32", "::1/128")
+    } else {
+        ISTIO_RULES.to_string()
+    };
+    // Before the final jump to the redirect, where istio-iptables appends its exclusions.
+    let at = rules.find("-A ISTIO_OUTPUT -j ISTIO_REDIRECT").unwrap();
+    let mut extra = String::new();
+    let (v4_cidrs, v6_cidrs) = policy_cidrs(n);
+    for (a, b) in policy_ports(n) {
+        extra.push_str(&format!(
+            "-A ISTIO_OUTPUT -p tcp --dport {a}:{b} -j RETURN\n"
+        ));
+    }
+    for cidr in if v6 { v6_cidrs } else { v4_cidrs } {
+        extra.push_str(&format!("-A ISTIO_OUTPUT -d {cidr} -j RETURN\n"));
+    }
+    rules.insert_str(at, &extra);
+    rules
 }
 
 #[derive(Default)]
@@ -463,11 +527,14 @@ fn main() {
     for s in results.all() {
         println!("{}", s.row());
     }
-    let failed: usize = results.all().map(|s| s.failures).sum();
+    let mut failed: usize = results.all().map(|s| s.failures).sum();
     println!();
     let rss = footprint();
     parallel_starts(parallel);
-    targets(&results, rss);
+    let sizes = size_table(smoke);
+    failed += sizes.failures;
+    failed += if smoke { burst(16, 8) } else { burst(110, 16) };
+    targets(&results, rss, &sizes);
     // Not a threshold: a failing call means the figures are not of working calls.
     if failed > 0 {
         eprintln!("{failed} timed calls failed; the figures above are not trustworthy");
@@ -476,7 +543,7 @@ fn main() {
 }
 
 /// The targets, each with its figure and whether this run met it.
-fn targets(r: &Results, rss_kib: i64) {
+fn targets(r: &Results, rss_kib: i64, sizes: &SizeFigures) {
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     let floor = r.floor.p50();
     let nft_add = r.add[Results::plugin_index(0, true)].p50();
@@ -520,6 +587,206 @@ fn targets(r: &Results, rss_kib: i64) {
         rss_kib as f64 / 1024.0,
         verdict(rss_kib <= 8 * 1024)
     );
+    println!(
+        "- nftables ADD with 1000 CIDRs per family + 1000 port ranges / Istio's rules with the same exclusions via iptables-nft-restore: {:.2}x (target <= 0.5: {})",
+        sizes.nft_vs_istio_1000,
+        verdict(sizes.nft_vs_istio_1000 <= 0.5)
+    );
+    let (rss, n) = sizes.rss_largest;
+    println!(
+        "- peak RSS during nftables ADD at {n} CIDRs per family: {:.2} MiB, target <= 8 MiB (at 10000): {}",
+        rss as f64 / 1024.0,
+        verdict(rss <= 8 * 1024)
+    );
+}
+
+/// Policy sizes of the cost-versus-policy-size table: CIDRs per family, and as many port ranges.
+const SIZES: [usize; 5] = [0, 10, 100, 1000, 10000];
+
+/// What the targets need from the size table.
+struct SizeFigures {
+    /// nftables ADD / Istio's rules via iptables-nft-restore at 1000, p50s.
+    nft_vs_istio_1000: f64,
+    /// Peak RSS (KiB) of an nftables ADD at the largest size, and that size.
+    rss_largest: (i64, usize),
+    failures: usize,
+}
+
+/// Cost versus policy size: ADD and CHECK (dual-stack) of each backend excluding `n` CIDRs per
+/// family and `n` port ranges, against Istio's rules with the same exclusions through each
+/// restore (both families side by side). Fresh netns per call, order rotating, DELs after.
+fn size_table(smoke: bool) -> SizeFigures {
+    let sizes: &[usize] = if smoke { &[0, 1000] } else { &SIZES };
+    let mut figures = SizeFigures {
+        nft_vs_istio_1000: f64::NAN,
+        rss_largest: (0, 0),
+        failures: 0,
+    };
+    println!();
+    println!("cost versus policy size (dual-stack; n CIDRs per family + n outbound port ranges; p50 ms):");
+    println!();
+    println!("| n | nftables ADD | nftables CHECK | iptables-nft ADD | iptables-nft CHECK | iptables-legacy ADD | iptables-legacy CHECK | Istio via iptables-nft-restore | Istio via iptables-legacy-restore | nftables ADD / Istio nft |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    const ANCHORS: usize = 2;
+    for &n in sizes {
+        let (warmup, iterations) = match (smoke, n) {
+            (true, _) => (0, 1),
+            (false, 10000) => (1, 5),
+            (false, _) => (2, 15),
+        };
+        let mut add: Vec<Series> = BACKENDS.iter().map(|b| Series::new(b)).collect();
+        let mut check: Vec<Series> = BACKENDS.iter().map(|b| Series::new(b)).collect();
+        let mut anchor: Vec<Series> = MODES.iter().map(|m| Series::new(m)).collect();
+        let cases = BACKENDS.len() + ANCHORS;
+        for i in 0..warmup + iterations {
+            let keep = i >= warmup;
+            let spaces: Vec<Netns> = (0..cases)
+                .map(|c| Netns::new(&format!("size{n}-{i}-{c}")))
+                .collect();
+            for k in 0..cases {
+                let c = (i + k) % cases;
+                let ns = spaces[c].path();
+                if c < BACKENDS.len() {
+                    let conf = plugin_config_sized(BACKENDS[c], &ns, true, n);
+                    let call =
+                        |verb| timed_spawn(None, &[PLUGIN], &plugin_env(verb, &ns, i), &conf);
+                    let (a, k) = (call("ADD"), call("CHECK"));
+                    if BACKENDS[c] == "nftables" && n == *sizes.last().unwrap() {
+                        figures.rss_largest = (figures.rss_largest.0.max(a.2), n);
+                    }
+                    if keep {
+                        add[c].record(a);
+                        check[c].record(k);
+                    }
+                } else {
+                    let m = c - BACKENDS.len();
+                    let calls = [false, true]
+                        .iter()
+                        .map(|&v6| {
+                            let ip = if v6 { "ip6tables" } else { "iptables" };
+                            let restore = tool(&format!("{ip}-{}-restore", MODES[m]));
+                            Call::new(&[&restore, "--noflush"], &[], &istio_rules_sized(n, v6))
+                        })
+                        .collect();
+                    let r = timed_spawn_all(Some(&ns), calls);
+                    if keep {
+                        anchor[m].record(r);
+                    }
+                }
+            }
+            for (c, backend) in BACKENDS.iter().enumerate() {
+                let ns = spaces[c].path();
+                let conf = plugin_config_sized(backend, &ns, true, n);
+                let (_, ok, _) = timed_spawn(None, &[PLUGIN], &plugin_env("DEL", &ns, i), &conf);
+                figures.failures += usize::from(!ok);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let p = |s: &Series| {
+            if s.failures > 0 {
+                format!("{:.3} ({} failed)", s.p50(), s.failures)
+            } else {
+                format!("{:.3}", s.p50())
+            }
+        };
+        let ratio = add[0].p50() / anchor[0].p50();
+        if n == 1000 {
+            figures.nft_vs_istio_1000 = ratio;
+        }
+        figures.failures += add
+            .iter()
+            .chain(&check)
+            .chain(&anchor)
+            .map(|s| s.failures)
+            .sum::<usize>();
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {ratio:.2} |",
+            p(&add[0]),
+            p(&check[0]),
+            p(&add[2]),
+            p(&check[2]),
+            p(&add[1]),
+            p(&check[1]),
+            p(&anchor[0]),
+            p(&anchor[1]),
+        );
+    }
+    figures
+}
+
+/// Whether the plugin left anything of its own in `ns` after DEL.
+fn leftovers(backend: &str, ns: &Netns) -> bool {
+    let run = |argv: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(argv)
+            .output()
+            .expect("ip netns exec")
+    };
+    if backend == "nftables" {
+        let out = run(&["nft", "list", "tables"]);
+        return String::from_utf8_lossy(&out.stdout).contains("intercept-cni");
+    }
+    let mode = backend.trim_start_matches("iptables-");
+    ["iptables", "ip6tables"].iter().any(|ip| {
+        let out = run(&[&format!("{ip}-{mode}-save"), "-t", "nat"]);
+        String::from_utf8_lossy(&out.stdout).contains("ICNI_")
+    })
+}
+
+/// A node's worth of pods: `pods` ADDs (dual-stack, default policy), `concurrency` at a time
+/// as a runtime's workers would, then their DELs the same way; per backend, per-call p50/p99,
+/// pods/s, and whether any netns kept something. Returns the failed calls and leftovers.
+fn burst(pods: usize, concurrency: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    println!();
+    println!("{pods} pods, {concurrency} at a time (dual-stack, default policy):");
+    println!();
+    println!("| backend | verb | p50 ms | p99 ms | pods/s | failed |");
+    println!("|---|---|---|---|---|---|");
+    let mut bad = 0;
+    for backend in BACKENDS {
+        let namespaces: Vec<Netns> = (0..pods)
+            .map(|i| Netns::new(&format!("burst-{backend}-{i}")))
+            .collect();
+        for command in ["ADD", "DEL"] {
+            let next = AtomicUsize::new(0);
+            let series = Mutex::new(Series::new(command));
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..concurrency {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(ns) = namespaces.get(i) else { break };
+                        let path = ns.path();
+                        let conf = plugin_config(backend, &path, true);
+                        let r = timed_spawn(None, &[PLUGIN], &plugin_env(command, &path, i), &conf);
+                        series.lock().unwrap().record(r);
+                    });
+                }
+            });
+            let wall = start.elapsed().as_secs_f64();
+            let series = series.into_inner().unwrap();
+            bad += series.failures;
+            println!(
+                "| {backend} | {command} | {:.2} | {:.2} | {:.0} | {} |",
+                series.pct(50.0),
+                series.pct(99.0),
+                pods as f64 / wall,
+                series.failures
+            );
+        }
+        let left = namespaces
+            .iter()
+            .filter(|ns| leftovers(backend, ns))
+            .count();
+        if left > 0 {
+            println!("{backend}: {left} netns kept rules after DEL");
+        }
+        bad += left;
+    }
+    bad
 }
 
 /// N pods starting at once: every ADD in parallel, then every DEL.

@@ -193,6 +193,9 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
     for key in config::unknown_keys(&obj) {
         log::debug!("config: ignoring unknown key {key:?}");
     }
+    // Everything needed is in `conf` now; a policy of thousands of entries is megabytes of
+    // JSON values, better freed before the verb builds its own large structures.
+    drop(obj);
     match env.command {
         Command::Add => add(env, &conf, trace),
         Command::Del => del(

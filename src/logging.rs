@@ -171,15 +171,31 @@ pub fn rotated_path(path: &Path) -> PathBuf {
 
 /// Whether the rotated file may be replaced: absent, or a log file of ours.
 fn replaceable(rotated: &Path) -> std::result::Result<(), String> {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(open_flags())
-        .open(rotated)
-    {
+    match open_regular(rotated, false) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e.to_string()),
         Ok(file) => judge(&file),
     }
+}
+
+/// Opens `path` (for appending too when `append`) only if it is a regular file: a device is
+/// never opened (opening some, a watchdog say, acts), nor a FIFO, nor a symlink (O_NOFOLLOW).
+/// The directory is trusted, so nobody but root can swap the file between the look and the open.
+fn open_regular(path: &Path, append: bool) -> std::io::Result<File> {
+    let kind = std::fs::symlink_metadata(path)?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_symlink() {
+            "a symlink"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::other(what));
+    }
+    OpenOptions::new()
+        .read(true)
+        .append(append)
+        .custom_flags(open_flags())
+        .open(path)
 }
 
 /// The log file at `path` when it is one of ours (see `judge`); `None` when there is none.
@@ -187,12 +203,7 @@ fn replaceable(rotated: &Path) -> std::result::Result<(), String> {
 /// file at the path without a line of ours at its start was not made by the plugin.
 fn open_ours(path: &Path) -> Result<Option<File>> {
     let what = || format!("cannot open logFile {}", path.display());
-    let file = match OpenOptions::new()
-        .read(true)
-        .append(true)
-        .custom_flags(open_flags())
-        .open(path)
-    {
+    let file = match open_regular(path, true) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(what(), e)),
@@ -520,6 +531,14 @@ mod tests {
         let e = open_log_file(&their_dir.join("cni.log")).unwrap_err();
         assert!(e.msg.contains("owned by uid 65534"), "{}", e.msg);
         assert!(!their_dir.join("cni.log").exists());
+
+        // A device or FIFO is never opened (some devices act on open).
+        let fifo = dir.path().join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for odd in [Path::new("/dev/null"), &fifo] {
+            let e = open_log_file(odd).unwrap_err();
+            assert!(e.msg.contains("not a regular file"), "{}", e.msg);
+        }
 
         for (name, content) in [
             ("empty.log", &b""[..]),

@@ -23,12 +23,14 @@ pub fn trusted_dir(dir: &Path) -> Result<()> {
     check_resolved(dir, &canonical)
 }
 
-/// Makes `dir` usable as the plugin's private state directory, changing no mode of anything:
-/// missing components are created 0700 (so they are ours); an existing `dir` is used as it is
-/// only when it is already private (a real directory owned by us, no group or other bits),
-/// else refused with code 7. Whether the path is trusted (see the module comment) is judged
-/// first. A failure to create is an I/O error (code 5), which callers may tolerate.
-pub fn private_dir(dir: &Path) -> Result<()> {
+/// Makes `dir` usable as the plugin's state directory, changing no mode of anything: missing
+/// components are created 0700 (so they are ours); an existing `dir` owned by us is used as it
+/// is when it is private (no group or other bits), or when it is not writable by others and
+/// holds entries, all named as ours (`ours`: the default state dir is shared with the agent's
+/// events socket, which may have made it first); anything else is refused with code 7. Whether
+/// the path is trusted (see the module comment) is judged first. A failure to create is an I/O
+/// error (code 5), which callers may tolerate.
+pub fn private_dir(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
     check_literal(dir, true)?;
     let existing = prefixes(dir)
         .into_iter()
@@ -56,7 +58,17 @@ pub fn private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(what(), e))?;
     let meta = opened.metadata().map_err(|e| Error::io(what(), e))?;
     let mode = meta.permissions().mode() & 0o7777;
-    if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
+    let only_ours = || {
+        let mut names = fs::read_dir(dir).into_iter().flatten().map(|entry| {
+            entry
+                .ok()
+                .and_then(|e| e.file_name().into_string().ok())
+                .is_some_and(|name| ours(&name))
+        });
+        names.next() == Some(true) && names.all(|ok| ok)
+    };
+    let usable = mode & 0o077 == 0 || (mode & 0o022 == 0 && only_ours());
+    if meta.uid() != nix::unistd::geteuid().as_raw() || !usable {
         // Not ours to tighten: it may be `/`, `/proc` or another program's directory.
         return Err(Error::config(format!(
             "refusing stateDir {}: it exists and is not private (owner uid {}, mode {mode:o}); \
@@ -214,23 +226,30 @@ mod tests {
     fn creates_missing_dirs_0700_and_never_changes_an_existing_ones_mode() {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path().join("a/b/state");
-        private_dir(&state).unwrap();
+        private_dir(&state, |_| false).unwrap();
         for dir in [tmp.path().join("a"), tmp.path().join("a/b"), state.clone()] {
             assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         }
-        private_dir(&state).unwrap();
+        private_dir(&state, |_| false).unwrap();
         // A directory that is not private is refused (code 7), not tightened: it may be `/`.
         for loose in [0o755, 0o750, 0o701, 0o555] {
             chmod(&state, loose);
-            let e = private_dir(&state).unwrap_err();
+            let e = private_dir(&state, |_| false).unwrap_err();
             assert_eq!(e.code, crate::cni::error::Code::InvalidConfig, "{e}");
             assert!(e.msg.contains("not private"), "{e}");
             assert_eq!(mode(&state), loose);
         }
+        // Not private, but holding only entries named as ours: used as it is.
+        chmod(&state, 0o755);
+        fs::write(state.join("ours"), "").unwrap();
+        private_dir(&state, |name| name == "ours").unwrap();
+        fs::write(state.join("theirs"), "").unwrap();
+        refused(private_dir(&state, |name| name == "ours"), "not private");
+        assert_eq!(mode(&state), 0o755);
         // Private but another user's: refused (its owner is untrusted), mode unchanged.
         chmod(&state, 0o700);
         std::os::unix::fs::chown(&state, Some(NOBODY), None).unwrap();
-        refused(private_dir(&state), "owned by uid 65534");
+        refused(private_dir(&state, |_| false), "owned by uid 65534");
         assert_eq!(mode(&state), 0o700);
     }
 
@@ -244,16 +263,16 @@ mod tests {
         symlink(&real, &link).unwrap();
 
         // The state dir itself as a symlink: refused even when it leads somewhere trusted.
-        refused(private_dir(&link), "is a symlink");
+        refused(private_dir(&link, |_| false), "is a symlink");
         // A root-owned symlink on the way to a trusted place is fine (like /var/run -> /run).
-        private_dir(&link.join("state")).unwrap();
+        private_dir(&link.join("state"), |_| false).unwrap();
         trusted_dir(&link).unwrap();
         assert!(real.join("state").is_dir());
 
         // A symlink planted by another user is refused, wherever it points.
         lchown(&link, Some(NOBODY), None).unwrap();
         refused(
-            private_dir(&link.join("other")),
+            private_dir(&link.join("other"), |_| false),
             "symlink owned by uid 65534",
         );
         refused(trusted_dir(&link), "symlink owned by uid 65534");
@@ -266,7 +285,7 @@ mod tests {
         let into_theirs = tmp.path().join("into-theirs");
         symlink(&theirs, &into_theirs).unwrap();
         refused(
-            private_dir(&into_theirs.join("state")),
+            private_dir(&into_theirs.join("state"), |_| false),
             "is owned by uid 65534",
         );
         assert!(!theirs.join("state").exists());
@@ -280,16 +299,19 @@ mod tests {
 
         chmod(&shared, 0o775);
         refused(
-            private_dir(&shared.join("state")),
+            private_dir(&shared.join("state"), |_| false),
             "writable by group or others",
         );
         refused(trusted_dir(&shared), "writable by group or others");
         chmod(&shared, 0o1777);
-        private_dir(&shared.join("state")).unwrap();
+        private_dir(&shared.join("state"), |_| false).unwrap();
 
         std::os::unix::fs::chown(&shared, Some(NOBODY), None).unwrap();
         chmod(&shared, 0o755);
-        refused(private_dir(&shared.join("state")), "owned by uid 65534");
+        refused(
+            private_dir(&shared.join("state"), |_| false),
+            "owned by uid 65534",
+        );
         refused(trusted_dir(&shared.join("state")), "owned by uid 65534");
     }
 
@@ -298,9 +320,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("file");
         fs::write(&file, "").unwrap();
-        refused(private_dir(&file.join("state")), "is not a directory");
-        refused(private_dir(&file), "is not a directory");
-        refused(private_dir(Path::new("relative/state")), "absolute path");
-        refused(private_dir(&tmp.path().join("a/../state")), "without '..'");
+        refused(
+            private_dir(&file.join("state"), |_| false),
+            "is not a directory",
+        );
+        refused(private_dir(&file, |_| false), "is not a directory");
+        refused(
+            private_dir(Path::new("relative/state"), |_| false),
+            "absolute path",
+        );
+        refused(
+            private_dir(&tmp.path().join("a/../state"), |_| false),
+            "without '..'",
+        );
     }
 }

@@ -395,6 +395,18 @@ fn a_foreign_state_dir_is_refused_and_never_chmodded() {
     lab.cni("DEL", &conf).ok();
     assert_eq!(mode_of(&private), 0o700);
     assert!(!entries(&private).is_empty(), "the verdict was not cached");
+
+    // The agent's directory (the default stateDir holds its events socket), made 0755 by an
+    // earlier agent: only entries of ours, so used as it is, mode unchanged.
+    let agents = parent.path().join("agents");
+    fs::create_dir(&agents).unwrap();
+    fs::set_permissions(&agents, fs::Permissions::from_mode(0o755)).unwrap();
+    let _socket = std::os::unix::net::UnixDatagram::bind(agents.join("events.sock")).unwrap();
+    let conf = lab.config("1.1.0", json!({"backend": "auto", "stateDir": agents}));
+    lab.cni("ADD", &conf).ok();
+    lab.cni("DEL", &conf).ok();
+    assert_eq!(mode_of(&agents), 0o755);
+    assert!(entries(&agents).len() > 1, "the verdict was not cached");
 }
 
 /// A tmpfs mounted for the test (read-only, or tiny), unmounted on drop.

@@ -615,6 +615,36 @@ fn odd_jumps_to_our_chains_never_wedge_add_or_del(mode: IptablesMode) {
     ns.pod.run(|| b.remove()).unwrap();
 }
 
+/// A jump to our chain written with `nft` in a shape iptables-nft-save cannot print (a set
+/// lookup, `meta mark set`) makes -save fail: DEL still removes everything of ours (over
+/// netlink), and ADD repairs the table.
+#[test]
+fn an_nft_native_jump_iptables_cannot_read_never_wedges_del_or_add() {
+    let ns = TestNetns::new();
+    let b = backend(IptablesMode::Nft);
+    let plan = defaults();
+    let plant = || {
+        for family in ["ip", "ip6"] {
+            let addr = if family == "ip" { "1.2.3.4" } else { "fd00::4" };
+            let rule = format!(
+                "add rule {family} nat OUTPUT meta mark set 0x1 {family} daddr . tcp dport {{ {addr} . 80 }} jump ICNI_OUTBOUND"
+            );
+            run_ok(Command::new(IP).args(["netns", "exec", &ns.name, "/usr/sbin/nft", &rule]));
+        }
+    };
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    plant();
+    ns.pod.run(|| b.remove()).unwrap();
+    let left = ns.nft_tables()
+        + &String::from_utf8_lossy(&ns.exec(&["/usr/sbin/nft", "list", "ruleset"]).stdout);
+    assert!(!left.contains("ICNI_"), "left after DEL:\n{left}");
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    plant();
+    ns.pod.run(|| b.apply(&plan)).unwrap();
+    ns.pod.run(|| b.check(&plan)).unwrap();
+    ns.pod.run(|| b.remove()).unwrap();
+}
+
 macro_rules! for_both_modes {
     ($($name:ident),* $(,)?) => {
         mod legacy {
@@ -830,6 +860,34 @@ fn check_warns_about_bypasses_elsewhere() {
             "{mode}: {}",
             warned.stderr
         );
+        if mode == "nft" {
+            common::must(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &lab.pod.name,
+                    "iptables-legacy",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "9",
+                    "-j",
+                    "RETURN",
+                ],
+            );
+            let warned = lab.cni("CHECK", &conf).ok();
+            let needle = "IPv4 iptables-legacy nat rule 1 of OUTPUT `-p tcp -m tcp --dport 9 -j RETURN` runs beside ours";
+            assert!(
+                warned.stderr.contains(needle),
+                "{needle:?} not in {}",
+                warned.stderr
+            );
+        }
         lab.cni("DEL", &conf).ok();
     }
 }

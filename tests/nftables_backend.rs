@@ -481,6 +481,49 @@ fn live_exclusions_and_inclusions_bypass() {
     );
 }
 
+/// Sets are constant (bound to their rules), so a changed set means a changed table: someone
+/// reloaded it with an element more or less. CHECK reads every element back.
+#[test]
+fn check_notices_a_set_element_added_or_removed() {
+    let ns = Netns::new("nftsets");
+    let plan = InterceptPlan {
+        exclude_outbound_ports: ports(&["53", "9000-9100"]),
+        outbound_cidrs: OutboundCidrs::AllExcept(nets(&[
+            "169.254.169.254/32",
+            "10.96.0.0/12",
+            "fd00:2::/64",
+            "fd00:3::/64",
+        ])),
+        ..InterceptPlan::with_defaults(Families::BOTH)
+    };
+    in_ns(&ns, || Nftables.apply(&plan)).expect("apply");
+    in_ns(&ns, || Nftables.check(&plan)).expect("check after apply");
+    let installed = ns.nft_ruleset();
+    let reload = |text: String| {
+        nft(&ns, &["delete", "table", "inet", TABLE_NAME]);
+        let script = std::env::temp_dir().join(format!("icni-sets-{}.nft", std::process::id()));
+        std::fs::write(&script, text).unwrap();
+        nft(&ns, &["-f", script.to_str().unwrap()]);
+        std::fs::remove_file(&script).unwrap();
+    };
+    let assert_drift = |what: &str| {
+        let err = drift_of(&ns, &plan);
+        assert!(err.msg.contains(what), "expected {what:?} in: {err}");
+    };
+
+    reload(installed.replace("169.254.169.254", "169.254.169.254, 192.0.2.1"));
+    assert_drift("set out_excluded_v4 has extra 192.0.2.1");
+    reload(installed.replace("10.96.0.0/12, ", ""));
+    assert_drift("set out_excluded_v4 lacks 10.96.0.0/12");
+    reload(installed.replace("53, 9000-9100", "53, 9000-9101"));
+    assert_drift("set out_excluded_ports lacks 9000-9100");
+    reload(installed.replace(
+        "\tchain prerouting {",
+        "\tset other_v6 {\n\t\ttype ipv6_addr\n\t}\n\n\tchain prerouting {",
+    ));
+    assert_drift("unexpected set other_v6");
+}
+
 /// CHECK warns (and passes) about other tables that take a connection past ours: a nat chain
 /// of another table on our hooks at an earlier priority, and a notrack rule. ADD still works
 /// and the pod is intercepted; CHECK fails nothing for them.

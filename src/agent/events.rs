@@ -160,9 +160,11 @@ fn send_datagram(path: &Path, bytes: &[u8]) -> nix::Result<()> {
 pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let what = || format!("cannot listen for plugin events at {}", path.display());
     if let Some(dir) = path.parent() {
+        // 0700: the default directory is also the plugin's default stateDir, which must be
+        // private (the plugin never changes an existing directory's mode).
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(0o700)
             .create(dir)
             .map_err(|e| Error::io(what(), e))?;
     }

@@ -3,6 +3,7 @@
 //! `iptables-{legacy,nft}-restore --noflush`, one atomic restore per family.
 
 mod detect;
+mod netlink_removal;
 mod render;
 mod save;
 mod tools;
@@ -23,6 +24,11 @@ pub fn sweep_stale_lock_files() -> Result<usize> {
     let live = crate::netns::live_namespaces()
         .map_err(|e| Error::io("cannot list the live network namespaces", e))?;
     tools::sweep_lock_files(&live)
+}
+
+/// Whether `name` is one of the per-netns lock files (they share the default state dir).
+pub fn is_lock_file_name(name: &str) -> bool {
+    tools::lock_file_inode(name).is_some()
 }
 
 /// For STATUS: the IPv4 save/restore pair ADD would spawn exists (code 50 naming it otherwise).
@@ -66,17 +72,35 @@ impl Iptables {
         family: Family,
         nat_present: bool,
     ) -> Result<String> {
-        let existing = self.tools().read_nat_if(self.mode, family, nat_present)?;
+        let existing = match self.tools().read_nat_if(self.mode, family, nat_present) {
+            // A rule made with `nft` that -save cannot print: ours go over netlink (with every
+            // jump to them, that rule too if it is one), then the table is read again.
+            Err(e) if self.mode == IptablesMode::Nft && e.code == Code::Backend => {
+                log::warn!("{e}; removing ours over netlink, then reading again");
+                netlink_removal::remove_own(family)?;
+                self.tools().read_nat_if(self.mode, family, nat_present)?
+            }
+            other => other?,
+        };
         Ok(render::apply_input(plan, family, &existing))
     }
 
-    /// Removes our chains and jumps of one mode and family, if there are any.
+    /// Removes our chains and jumps of one mode and family, if there are any. When iptables-nft
+    /// cannot read or write a table that holds rules made with `nft`, they go over netlink.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
-        let existing = tools.read_nat(mode, family)?;
-        match render::remove_input(&existing) {
-            Some(input) => tools.restore(mode, family, &input),
-            None => Ok(()),
+        let removed = tools
+            .read_nat(mode, family)
+            .and_then(|existing| match render::remove_input(&existing) {
+                Some(input) => tools.restore(mode, family, &input),
+                None => Ok(()),
+            });
+        match removed {
+            Err(e) if mode == IptablesMode::Nft => {
+                log::warn!("{e}; removing over netlink instead");
+                netlink_removal::remove_own(family)
+            }
+            other => other,
         }
     }
 
@@ -125,6 +149,26 @@ impl Iptables {
                          the connections it matches are never NATed, so never intercepted",
                         family.label()
                     ));
+                }
+            }
+        }
+        // iptables-legacy's nat table runs beside iptables-nft's, at the same priority, and
+        // nftables cannot see it.
+        if self.mode == IptablesMode::Nft {
+            let legacy = IptablesMode::Legacy;
+            let present = tools::nat_present(legacy);
+            for family in Family::ALL.into_iter().filter(|f| present[f.index()]) {
+                let Ok(table) = self.tools().read_nat(legacy, family) else {
+                    continue;
+                };
+                for base in ["PREROUTING", "OUTPUT"] {
+                    if let Some((number, rule)) = table.first_effective(base) {
+                        found.push(format!(
+                            "{} iptables-legacy nat rule {number} of {base} `{rule}` runs beside \
+                             ours: connections it translates first are not intercepted",
+                            family.label()
+                        ));
+                    }
                 }
             }
         }

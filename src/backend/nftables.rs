@@ -36,17 +36,21 @@
 //! included ports and CIDRs select the DNAT rules themselves. Rules are only written for the
 //! families the pod has addresses in; `InboundPorts::None` leaves out the prerouting chain.
 //!
-//! Exclusions are one rule per port range or CIDR rather than sets: rustables 0.9 cannot send
-//! interval elements (no `NFTA_SET_ELEM_FLAGS`) nor an inverted lookup, so a set could hold only
-//! single ports, and nat chains only ever see a connection's first packet.
+//! A port or CIDR list of one entry is a plain comparison; a longer one is a named interval set
+//! (`sets`, hand-encoded through `wire` since rustables 0.9 cannot send interval elements)
+//! looked up by one rule, so the rule count stays constant however long the lists are. Sets go
+//! into the same batch, before the rules that use them.
 //!
 //! `apply` sends one batch: a first ADD only creates the table; when the table already exists
-//! the batch is "add, delete, add table + chains + rules", replacing it atomically. `check`
-//! dumps tables, chains and rules and compares every expression with what `apply` would send.
+//! the batch is "add, delete, add table + sets + chains + rules", replacing it atomically.
+//! `check` dumps tables, chains, rules, sets and set elements and compares every expression and
+//! element with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
 pub(crate) mod listing;
-mod transport;
+mod sets;
+pub(crate) mod transport;
+mod wire;
 
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
@@ -56,11 +60,14 @@ use nix::errno::Errno;
 use nix::libc;
 use rustables::error::QueryError;
 use rustables::expr::{
-    Bitwise, Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, IPv6HeaderField, Immediate, Meta,
-    MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register, TCPHeaderField,
+    Bitwise, Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, IPv6HeaderField, Immediate, Lookup,
+    Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register, TCPHeaderField,
     TransportHeaderField, VerdictKind,
 };
-use rustables::{Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily};
+use rustables::{
+    sys, Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily,
+};
+use sets::{KeyKind, SetSpec};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use transport::{Existing, Failure};
@@ -210,6 +217,20 @@ impl Family {
         .unwrap_or_else(|_| unreachable!("constant prefixes are valid"))
     }
 
+    fn pick(self, v4: &'static str, v6: &'static str) -> &'static str {
+        match self {
+            Family::Ipv4 => v4,
+            Family::Ipv6 => v6,
+        }
+    }
+
+    fn key(self) -> KeyKind {
+        match self {
+            Family::Ipv4 => KeyKind::Ipv4,
+            Family::Ipv6 => KeyKind::Ipv6,
+        }
+    }
+
     fn localhost(self) -> IpAddr {
         match self {
             Family::Ipv4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -236,6 +257,14 @@ enum Match {
     SkUid(u32),
     /// `meta skgid 1337`
     SkGid(u32),
+    /// `tcp dport @name`
+    TcpDportIn(&'static str),
+    /// `ip saddr @name`, `ip6 daddr @name`
+    AddrIn {
+        family: Family,
+        source: bool,
+        set: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,23 +325,59 @@ struct ChainSpec {
 /// Everything the plugin installs, in order: the pure model both renderings come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ruleset {
+    sets: Vec<SetSpec>,
     chains: Vec<ChainSpec>,
+}
+
+/// The sets a ruleset needs, made while its rules are: a list of one entry stays a plain
+/// comparison, a longer one becomes a set matched by one lookup.
+#[derive(Default)]
+struct Lists(Vec<SetSpec>);
+
+impl Lists {
+    fn ports(&mut self, name: &'static str, ranges: &[PortRange]) -> Option<Match> {
+        match ranges {
+            [] => None,
+            [range] => Some(Match::TcpDport(*range)),
+            _ => {
+                self.0.push(SetSpec::ports(name, ranges));
+                Some(Match::TcpDportIn(name))
+            }
+        }
+    }
+
+    /// The match for the networks of `family` among `nets` (others can never match).
+    fn addrs(
+        &mut self,
+        name: &'static str,
+        family: Family,
+        source: bool,
+        nets: &[IpNetwork],
+    ) -> Option<Match> {
+        let mut mine = nets.iter().filter(|n| Family::of(n.ip()) == family);
+        match (mine.next(), mine.next()) {
+            (None, _) => None,
+            (Some(&net), None) if source => Some(Match::Saddr(net)),
+            (Some(&net), None) => Some(Match::Daddr(net)),
+            _ => {
+                self.0.push(SetSpec::nets(name, family.key(), nets));
+                Some(Match::AddrIn {
+                    family,
+                    source,
+                    set: name,
+                })
+            }
+        }
+    }
 }
 
 impl Ruleset {
     fn from_plan(plan: &InterceptPlan) -> Ruleset {
         let families = Family::enabled(plan);
-        // CIDRs of a family the pod has no address in can never match: leave them out.
-        let in_families = |nets: &[IpNetwork]| -> Vec<IpNetwork> {
-            nets.iter()
-                .copied()
-                .filter(|n| families.contains(&Family::of(n.ip())))
-                .collect()
-        };
+        let mut sets = Lists::default();
         let mut chains = Vec::new();
 
-        // Inbound. Every excluded port range or CIDR is one `return` rule (see the module doc
-        // for why not sets).
+        // Inbound.
         if plan.inbound_ports != InboundPorts::None {
             let mut rules = Vec::new();
             let mut own_ports = vec![plan.inbound_port, plan.outbound_port];
@@ -322,8 +387,11 @@ impl Ruleset {
                     rules.push(RuleSpec::ret(vec![Match::TcpDport(range)]));
                 }
             }
-            for net in in_families(&plan.exclude_inbound_sources) {
-                rules.push(RuleSpec::ret(vec![Match::Saddr(net)]));
+            for &family in &families {
+                let name = family.pick("in_excluded_sources_v4", "in_excluded_sources_v6");
+                if let Some(m) = sets.addrs(name, family, true, &plan.exclude_inbound_sources) {
+                    rules.push(RuleSpec::ret(vec![m]));
+                }
             }
             let redirect = |family| Action::DnatOwnDaddr {
                 family,
@@ -331,20 +399,17 @@ impl Ruleset {
             };
             match &plan.inbound_ports {
                 InboundPorts::AllExcept(excluded) => {
-                    for range in excluded {
-                        rules.push(RuleSpec::ret(vec![Match::TcpDport(*range)]));
+                    if let Some(m) = sets.ports("in_excluded_ports", excluded) {
+                        rules.push(RuleSpec::ret(vec![m]));
                     }
                     for &family in &families {
                         rules.push(RuleSpec::new(vec![Match::Tcp], redirect(family)));
                     }
                 }
                 InboundPorts::Only(included) => {
-                    for range in included {
+                    if let Some(m) = sets.ports("in_included_ports", included) {
                         for &family in &families {
-                            rules.push(RuleSpec::new(
-                                vec![Match::TcpDport(*range)],
-                                redirect(family),
-                            ));
+                            rules.push(RuleSpec::new(vec![m.clone()], redirect(family)));
                         }
                     }
                 }
@@ -365,34 +430,34 @@ impl Ruleset {
         for &family in &families {
             rules.push(RuleSpec::ret(vec![Match::Daddr(family.loopback())]));
         }
-        for range in &plan.exclude_outbound_ports {
-            rules.push(RuleSpec::ret(vec![Match::TcpDport(*range)]));
+        if let Some(m) = sets.ports("out_excluded_ports", &plan.exclude_outbound_ports) {
+            rules.push(RuleSpec::ret(vec![m]));
         }
         let redirect = |family: Family| Action::DnatTo {
             addr: family.localhost(),
             port: plan.outbound_port,
         };
-        match &plan.outbound_cidrs {
-            OutboundCidrs::AllExcept(excluded) => {
-                for net in in_families(excluded) {
-                    rules.push(RuleSpec::ret(vec![Match::Daddr(net)]));
-                }
-                for &family in &families {
-                    rules.push(RuleSpec::new(
-                        vec![Match::Tcp, Match::Family(family)],
-                        redirect(family),
-                    ));
-                }
+        let (include, exclude) = match &plan.outbound_cidrs {
+            OutboundCidrs::AllExcept(excluded) => (None, excluded),
+            OutboundCidrs::Only { include, exclude } => (Some(include), exclude),
+        };
+        for &family in &families {
+            let name = family.pick("out_excluded_v4", "out_excluded_v6");
+            if let Some(m) = sets.addrs(name, family, false, exclude) {
+                rules.push(RuleSpec::ret(vec![m]));
             }
-            OutboundCidrs::Only { include, exclude } => {
-                for net in in_families(exclude) {
-                    rules.push(RuleSpec::ret(vec![Match::Daddr(net)]));
-                }
-                for net in in_families(include) {
-                    rules.push(RuleSpec::new(
-                        vec![Match::Tcp, Match::Daddr(net)],
-                        redirect(Family::of(net.ip())),
-                    ));
+        }
+        for &family in &families {
+            match include {
+                None => rules.push(RuleSpec::new(
+                    vec![Match::Tcp, Match::Family(family)],
+                    redirect(family),
+                )),
+                Some(include) => {
+                    let name = family.pick("out_included_v4", "out_included_v6");
+                    if let Some(m) = sets.addrs(name, family, false, include) {
+                        rules.push(RuleSpec::new(vec![Match::Tcp, m], redirect(family)));
+                    }
                 }
             }
         }
@@ -401,15 +466,18 @@ impl Ruleset {
             hook: NatHook::Output,
             rules,
         });
-        Ruleset { chains }
+        Ruleset {
+            sets: sets.0,
+            chains,
+        }
     }
 
     /// The one batch that installs the table, atomically. With `replace`, it starts with add
     /// (so the delete cannot fail even if the table just vanished) and delete, then builds the
     /// table again from scratch. `steps[i]` describes the message with sequence `i + 1`.
-    fn apply_batch(&self, replace: bool) -> Result<(Batch, Vec<Step>)> {
+    fn apply_batch(&self, replace: bool) -> Result<(wire::Batch, Vec<Step>)> {
         let table = table();
-        let mut batch = Batch::new();
+        let mut batch = wire::Batch::new();
         let mut steps = Vec::new();
         if replace {
             batch.add(&table, MsgType::Add);
@@ -419,6 +487,14 @@ impl Ruleset {
         }
         batch.add(&table, MsgType::Add);
         steps.push(Step::Table);
+        // Sets and their elements before the rules that look them up (a constant set takes
+        // no elements once a rule is bound to it).
+        for (id, set) in (1..).zip(&self.sets) {
+            set.messages(id, |msg| {
+                batch.push(msg);
+                steps.push(Step::Set(set.name));
+            });
+        }
         for spec in &self.chains {
             let chain = spec.to_chain();
             batch.add(&chain, MsgType::Add);
@@ -534,8 +610,74 @@ impl Ruleset {
                 drift.push(format!("unexpected chain {name}"));
             }
         }
+        drift.extend(self.set_drift()?);
         Ok(drift)
     }
+
+    /// Compares the table's sets, and every element, with this ruleset's.
+    fn set_drift(&self) -> Result<Vec<String>> {
+        let listing = |f| batch_error("cannot list the nftables sets", f, &[]);
+        let mut request = wire::Msg::new(sys::NFT_MSG_GETSET as u16, ProtocolFamily::Inet, 0);
+        request.str(sys::NFTA_SET_TABLE, TABLE_NAME);
+        let mut drift = Vec::new();
+        let mut seen = Vec::new();
+        for set in transport::dump(request).map_err(listing)? {
+            let name = wire::attr_str(&set, sys::NFTA_SET_NAME).unwrap_or("");
+            let Some(spec) = self.sets.iter().find(|s| s.name == name) else {
+                drift.push(format!("unexpected set {name}"));
+                continue;
+            };
+            seen.push(spec.name);
+            let flags = wire::attr_be32(&set, sys::NFTA_SET_FLAGS);
+            let key_len = wire::attr_be32(&set, sys::NFTA_SET_KEY_LEN);
+            if flags != Some(sets::SET_FLAGS) || key_len != Some(spec.key.len() as u32) {
+                drift.push(format!(
+                    "set {name} is not a constant interval set of its type"
+                ));
+                continue;
+            }
+            let mut request =
+                wire::Msg::new(sys::NFT_MSG_GETSETELEM as u16, ProtocolFamily::Inet, 0);
+            request
+                .str(sys::NFTA_SET_ELEM_LIST_TABLE, TABLE_NAME)
+                .str(sys::NFTA_SET_ELEM_LIST_SET, name);
+            let mut elements = Vec::new();
+            for part in transport::dump(request).map_err(listing)? {
+                let Some(list) = wire::attr(&part, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                    continue;
+                };
+                for (_, elem) in wire::attrs(list) {
+                    match sets::decode_element(elem, spec.key) {
+                        Some(e) => elements.push(e),
+                        None => drift.push(format!("set {name} holds a malformed element")),
+                    }
+                }
+            }
+            let (missing, extra) = spec.differences(&elements);
+            if !missing.is_empty() {
+                drift.push(format!("set {name} lacks {}", few(&missing)));
+            }
+            if !extra.is_empty() {
+                drift.push(format!("set {name} has extra {}", few(&extra)));
+            }
+        }
+        for spec in &self.sets {
+            if !seen.contains(&spec.name) {
+                drift.push(format!("set {} is missing", spec.name));
+            }
+        }
+        Ok(drift)
+    }
+}
+
+/// The first few items of a list, and how many more.
+fn few(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = items[..items.len().min(SHOWN)].join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
 }
 
 /// NFT_TABLE_F_DORMANT: the table exists but none of its chains are hooked.
@@ -656,19 +798,46 @@ fn load_addr(family: Family, source: bool) -> RawExpression {
     HighLevelPayload::Network(field).build().into()
 }
 
+/// Loads the TCP destination port into register 1.
+fn load_dport() -> RawExpression {
+    HighLevelPayload::Transport(TransportHeaderField::Tcp(TCPHeaderField::Dport))
+        .build()
+        .into()
+}
+
+/// Matches when register 1 is in the named set.
+fn lookup(set: &str) -> RawExpression {
+    Lookup::default()
+        .with_set(set)
+        .with_sreg(Register::Reg1)
+        .into()
+}
+
 impl Match {
     fn expressions(&self) -> Result<Vec<RawExpression>> {
         let tcp = || meta_eq(MetaType::L4Proto, [libc::IPPROTO_TCP as u8]);
         Ok(match self {
             Match::Tcp => tcp().into(),
             Match::Family(family) => nfproto_eq(*family).into(),
+            Match::TcpDportIn(set) => {
+                let mut exprs = tcp().to_vec();
+                exprs.push(load_dport());
+                exprs.push(lookup(set));
+                exprs
+            }
+            Match::AddrIn {
+                family,
+                source,
+                set,
+            } => {
+                let mut exprs = nfproto_eq(*family).to_vec();
+                exprs.push(load_addr(*family, *source));
+                exprs.push(lookup(set));
+                exprs
+            }
             Match::TcpDport(range) => {
                 let mut exprs = tcp().to_vec();
-                exprs.push(
-                    HighLevelPayload::Transport(TransportHeaderField::Tcp(TCPHeaderField::Dport))
-                        .build()
-                        .into(),
-                );
+                exprs.push(load_dport());
                 if range.is_single() {
                     exprs.push(Cmp::new(CmpOp::Eq, range.start().to_be_bytes()).into());
                 } else {
@@ -765,6 +934,15 @@ impl fmt::Display for Match {
             }
             Match::SkUid(uid) => write!(f, "meta skuid {uid}"),
             Match::SkGid(gid) => write!(f, "meta skgid {gid}"),
+            Match::TcpDportIn(set) => write!(f, "tcp dport @{set}"),
+            Match::AddrIn {
+                family,
+                source,
+                set,
+            } => {
+                let dir = if *source { "saddr" } else { "daddr" };
+                write!(f, "{} {dir} @{set}", family.keyword())
+            }
         }
     }
 }
@@ -801,6 +979,9 @@ impl fmt::Display for RuleSpec {
 impl fmt::Display for Ruleset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "table inet {TABLE_NAME} {{")?;
+        for set in &self.sets {
+            writeln!(f, "{set}")?;
+        }
         for (i, chain) in self.chains.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
@@ -830,6 +1011,8 @@ impl fmt::Display for Ruleset {
 enum Step {
     Table,
     Chain(&'static str),
+    /// The set or a part of its elements.
+    Set(&'static str),
     Rule {
         chain: &'static str,
         index: usize,
@@ -842,6 +1025,7 @@ impl fmt::Display for Step {
         match self {
             Step::Table => write!(f, "table inet {TABLE_NAME}"),
             Step::Chain(name) => write!(f, "nat chain {name}"),
+            Step::Set(name) => write!(f, "set {name}"),
             Step::Rule { chain, index, rule } => {
                 write!(f, "rule {} of chain {chain} (`{rule}`)", index + 1)
             }
@@ -895,6 +1079,9 @@ fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
         }
         (Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
             "nat chains in inet tables need Linux >= 5.2 with nft_chain_nat"
+        }
+        (Errno::EOPNOTSUPP | Errno::ENOENT, Some(Step::Set(_))) => {
+            "interval sets are missing (nf_tables set backends, Linux >= 4.1)"
         }
         (Errno::EOPNOTSUPP, _) => "the kernel lacks nf_tables (module nf_tables)",
         (Errno::ENOENT, Some(Step::Chain(_))) => {

@@ -276,8 +276,18 @@ fn port(obj: &Map<String, Value>, key: &str) -> Result<Option<u16>> {
     }
 }
 
+/// The array at `key`, borrowed (lists can hold thousands of entries; no copy); absent or null
+/// means "use the default".
+fn list<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a [Value]>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => Ok(Some(items)),
+        Some(v) => Err(invalid(key, v, "must be a list")),
+    }
+}
+
 fn port_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<PortRange>>> {
-    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+    let Some(items) = list(obj, key)? else {
         return Ok(None);
     };
     items
@@ -312,7 +322,7 @@ fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
 }
 
 fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork>>> {
-    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+    let Some(items) = list(obj, key)? else {
         return Ok(None);
     };
     items
@@ -576,20 +586,21 @@ fn subtract_ports(keep: &[PortRange], remove: &[PortRange]) -> Vec<PortRange> {
         .collect()
 }
 
-/// Sorted, without duplicates or networks contained in another listed one.
+/// Sorted, without duplicates or networks contained in another listed one. One sweep after
+/// sorting (lists of thousands are valid): two prefixes either nest or are disjoint, so a
+/// network is covered exactly when it starts within the last kept network of its family.
 fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
     let mut sorted = cidrs.to_vec();
-    sorted.sort_by_key(|n| (n.is_ipv6(), n.prefix(), n.network()));
-    let mut kept: Vec<IpNetwork> = Vec::new();
+    sorted.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+    let mut kept: Vec<IpNetwork> = Vec::with_capacity(sorted.len());
     for net in sorted {
         let covered = kept
-            .iter()
-            .any(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
+            .last()
+            .is_some_and(|k| k.is_ipv6() == net.is_ipv6() && k.contains(net.network()));
         if !covered {
             kept.push(net);
         }
     }
-    kept.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
     kept
 }
 

@@ -55,6 +55,9 @@ const MAX_VERDICT_BYTES: u64 = 1 << 20;
 
 const LOCK_FILE: &str = "host-check.lock";
 
+/// The agent's events socket, in the default state dir (`agent::events::DEFAULT_SOCKET`).
+const EVENTS_SOCKET: &str = "events.sock";
+
 /// The cached outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -156,7 +159,7 @@ pub(crate) fn verdict_at(
         Ok((compute(&boot_id), false))
     };
     // 0700, ours, and reached only through root-owned paths: see `trusted_path`.
-    match trusted_path::private_dir(state_dir) {
+    match trusted_path::private_dir(state_dir, is_our_entry) {
         Ok(()) => {}
         Err(e) if e.code == Code::Io => return uncached(e),
         Err(e) => return Err(e),
@@ -189,6 +192,16 @@ pub(crate) fn verdict_at(
     }
 }
 
+/// Names the plugin, and its agent, create in a state dir (the default one also holds the
+/// agent's events socket and the iptables backend's lock files).
+fn is_our_entry(name: &str) -> bool {
+    let stem = name.strip_suffix(".tmp").unwrap_or(name);
+    name == LOCK_FILE
+        || name == EVENTS_SOCKET
+        || (stem.starts_with("host-") && stem.ends_with(".json"))
+        || crate::backend::iptables::is_lock_file_name(name)
+}
+
 /// The cached verdict when it belongs to this boot and is still trusted; `None` otherwise
 /// (absent, foreign, unreadable, a symlink, or a failure older than the TTL).
 fn read_current(path: &Path, boot_id: &str) -> Option<Verdict> {
@@ -215,13 +228,14 @@ fn read_current(path: &Path, boot_id: &str) -> Option<Verdict> {
     Some(verdict)
 }
 
-/// Opens `path` read-only, or read-write and created 0600 when `create`; never via a symlink.
+/// Opens `path` read-only, or read-write and created 0600 when `create`; never via a symlink,
+/// and without blocking on a FIFO (which is then no verdict, or no lock).
 fn open_nofollow(path: &Path, create: bool) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(create)
         .create(create)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
         .mode(0o600)
         .open(path)
 }
@@ -432,6 +446,31 @@ mod tests {
             verdict_at(&fixture("builtin-only"), LEGACY, false, dir.path(), false).unwrap();
         assert!(passed.ok);
         assert!(apply(Policy::Enforce, &passed).is_ok());
+    }
+
+    /// The default state dir holds the agent's events socket and the iptables lock files, and a
+    /// directory with only those (and ours) is the plugin's, whatever its mode.
+    #[test]
+    fn the_agents_and_backends_files_count_as_ours() {
+        let socket = Path::new(crate::agent::events::DEFAULT_SOCKET);
+        assert_eq!(
+            socket.parent(),
+            Some(Path::new(crate::cni::config::DEFAULT_STATE_DIR))
+        );
+        let socket_name = socket.file_name().and_then(|n| n.to_str()).unwrap();
+        for name in [
+            socket_name,
+            LOCK_FILE,
+            "host-nftables-dual.json",
+            "host-iptables-nft-ipv4.json.tmp",
+            "xtables-4026532177.lock",
+            "xtables6-4026532177.lock",
+        ] {
+            assert!(is_our_entry(name), "{name}");
+        }
+        for name in ["passwd", "host-x", "events.sock.bak", ".hidden"] {
+            assert!(!is_our_entry(name), "{name}");
+        }
     }
 
     #[test]

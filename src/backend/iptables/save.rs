@@ -78,15 +78,27 @@ fn words(spec: &str) -> Vec<(String, bool)> {
     out
 }
 
-/// The rule's target and whether it is a goto (`-g`): the word after an unquoted `-j`/`-g`.
-pub fn target(spec: &str) -> Option<(String, bool)> {
+/// Every (target, goto) an unquoted `-j`/`-g` names. More than one only when an option's
+/// unquoted value is `-j` (iptables-legacy-save quotes a comment only when it has spaces), so
+/// the target is the last, and a jump to ours is any of them.
+fn targets(spec: &str) -> Vec<(String, bool)> {
     let words = words(spec);
-    words.windows(2).find_map(|w| match (&w[0], &w[1]) {
-        ((flag, false), (target, false)) if flag == "-j" || flag == "-g" => {
-            Some((target.clone(), flag == "-g"))
-        }
-        _ => None,
-    })
+    words
+        .windows(2)
+        .filter_map(|w| match (&w[0], &w[1]) {
+            ((flag, false), (target, false))
+                if (flag == "-j" || flag == "-g") && !target.starts_with('-') =>
+            {
+                Some((target.clone(), flag == "-g"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rule's target and whether it is a goto (`-g`).
+pub fn target(spec: &str) -> Option<(String, bool)> {
+    targets(spec).pop()
 }
 
 /// Whether a rule decides where the connection goes (or may: a jump to another chain).
@@ -173,7 +185,7 @@ impl NatTable {
             if is_own_chain(chain) {
                 continue;
             }
-            if let Some((target, _)) = target(spec).filter(|(t, _)| is_own_chain(t)) {
+            if let Some((target, _)) = targets(spec).into_iter().find(|(t, _)| is_own_chain(t)) {
                 jumps.push(Jump {
                     from: chain.clone(),
                     target,
@@ -191,7 +203,7 @@ impl NatTable {
         self.rules_of(chain)
             .enumerate()
             .find(|(_, spec)| {
-                takes_effect(spec) && target(spec).is_none_or(|(t, _)| !is_own_chain(&t))
+                takes_effect(spec) && !targets(spec).iter().any(|(t, _)| is_own_chain(t))
             })
             .map(|(i, spec)| (i + 1, spec))
     }
@@ -366,6 +378,44 @@ COMMIT
             t.rules_of(INBOUND_CHAIN).collect::<Vec<_>>(),
             vec!["-p tcp -m tcp --dport 15006 -j RETURN"]
         );
+    }
+
+    /// Comments cannot hide a jump to ours nor fake one: quoted words are never options, and
+    /// iptables-legacy-save leaves a one-word comment such as `-j` unquoted.
+    #[test]
+    fn jumps_are_found_whatever_their_comments_say() {
+        let t = NatTable::parse(
+            "*nat\n\
+             -A OUTPUT -m comment --comment -j -j ICNI_OUTBOUND\n\
+             -A OUTPUT -m comment --comment \"x \\\"-j ICNI_INBOUND\\\" y\" -j RETURN\n\
+             -A OUTPUT -j LOG --log-prefix -j --log-level 4\n\
+             -A PREROUTING -m comment --comment \"-g ICNI_INBOUND\" -g ICNI_INBOUND\nCOMMIT\n",
+        );
+        let jumps: Vec<(String, usize)> = t
+            .jumps_to_own()
+            .into_iter()
+            .map(|j| (format!("{} {}", j.from, j.target), j.number))
+            .collect();
+        assert_eq!(
+            jumps,
+            [
+                ("OUTPUT ICNI_OUTBOUND".to_string(), 1),
+                ("PREROUTING ICNI_INBOUND".to_string(), 1)
+            ]
+        );
+        assert_eq!(t.first_effective("OUTPUT").map(|(n, _)| n), Some(2));
+        assert!(!takes_effect("-j LOG --log-prefix -j --log-level 4"));
+        assert!(takes_effect(
+            "-p tcp -m tcp --dport 9 -j DNAT --to-destination 10.0.0.1"
+        ));
+        assert!(!takes_effect("-p tcp"));
+        let raw = "*raw\n-A OUTPUT -p tcp -j CT --notrack\n-A OUTPUT -j CT --zone 1\n\
+                   -A PREROUTING -j NOTRACK\nCOMMIT\n*nat\n-A OUTPUT -j NOTRACK\nCOMMIT\n";
+        assert_eq!(
+            notrack_rules(raw, "OUTPUT").collect::<Vec<_>>(),
+            ["-p tcp -j CT --notrack"]
+        );
+        assert_eq!(notrack_rules(raw, "PREROUTING").count(), 1);
     }
 
     #[test]

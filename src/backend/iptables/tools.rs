@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 
 /// Where the binaries are looked for when `iptablesPath` is not set.
 const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
@@ -73,7 +74,13 @@ impl Tools<'_> {
         else {
             return Ok(None);
         };
-        trusted_path::trusted_executable(&found)?;
+        // Once judged trusted, only root can change that: judged once per process.
+        static TRUSTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+        let mut trusted = TRUSTED.lock().unwrap_or_else(PoisonError::into_inner);
+        if !trusted.contains(&found) {
+            trusted_path::trusted_executable(&found)?;
+            trusted.push(found.clone());
+        }
         Ok(Some(found))
     }
 
@@ -353,7 +360,7 @@ pub fn sweep_lock_files(live: &std::collections::HashSet<u64>) -> Result<usize> 
 }
 
 /// The namespace inode in a lock file's name (`xtables-N.lock`, `xtables6-N.lock`).
-fn lock_file_inode(name: &str) -> Option<u64> {
+pub fn lock_file_inode(name: &str) -> Option<u64> {
     let stem = name.strip_suffix(".lock")?;
     let digits = stem
         .strip_prefix("xtables-")

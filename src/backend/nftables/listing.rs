@@ -3,8 +3,9 @@
 //! connection past our interception. rustables 0.9 decodes a `drop` policy as `accept`, and
 //! does not expose an object's family; this reads both from the messages themselves.
 //!
-//! Used by CHECK only (both backends): the policy of our own chains, and warnings about other
-//! tables that act on a connection before our rules do.
+//! Used by CHECK (both backends): the policy of our own chains, and warnings about other tables
+//! that act on a connection before our rules do; and by the iptables-nft removal that works
+//! when iptables-nft-save cannot print a table (`table_contents`: chains, rule handles, jumps).
 
 use super::NAT_PRIORITY;
 use crate::cni::error::{Error, Result};
@@ -33,10 +34,17 @@ const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
 /// NFTA_TARGET_NAME inside an xtables target (`nft_compat`, as iptables-nft writes `-j CT`).
 const NFTA_TARGET_NAME: u16 = 1;
 
@@ -94,44 +102,130 @@ impl BaseChain {
 
 /// Every base chain in the current netns, with its rule count.
 pub fn base_chains() -> Result<Vec<BaseChain>> {
-    let failed = |what: &str, e: Errno| Error::backend(format!("cannot list nftables {what}: {e}"));
-    let sock: OwnedFd = socket(
+    let sock = open_socket()?;
+    let mut chains = Vec::new();
+    dump(&sock, libc::NFT_MSG_GETCHAIN as u16, 1, |family, attrs| {
+        chains.extend(chain_of(family, attrs));
+    })
+    .map_err(|e| Error::backend(format!("cannot list nftables chains: {e}")))?;
+    for rule in rules(&sock)? {
+        // Table names are unique within a family, chain names within a table.
+        if let Some(c) = chains
+            .iter_mut()
+            .find(|c| c.family == rule.family && c.table == rule.table && c.name == rule.chain)
+        {
+            c.rules += 1;
+            c.notrack |= rule.notrack;
+        }
+    }
+    Ok(chains)
+}
+
+/// One rule of the namespace: where it is, its handle, and what it does that matters here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    pub family: u8,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    /// Chains it jumps or goes to.
+    pub jumps: Vec<String>,
+    notrack: bool,
+}
+
+/// The chain names and rules of one table (`family`, `name`), read over netlink whatever
+/// the rules look like: for removing what tools that parse rules cannot read.
+pub fn table_contents(family: u8, name: &str) -> Result<(Vec<String>, Vec<RuleRef>)> {
+    let sock = open_socket()?;
+    let mut chains = Vec::new();
+    dump(&sock, libc::NFT_MSG_GETCHAIN as u16, 1, |f, attrs| {
+        let (mut table, mut chain) = (None, None);
+        for (k, value) in Attrs(attrs) {
+            match k {
+                NFTA_CHAIN_TABLE => table = text(value),
+                NFTA_CHAIN_NAME => chain = text(value),
+                _ => {}
+            }
+        }
+        if f == family && table.as_deref() == Some(name) {
+            chains.extend(chain);
+        }
+    })
+    .map_err(|e| Error::backend(format!("cannot list nftables chains: {e}")))?;
+    let rules = rules(&sock)?
+        .into_iter()
+        .filter(|r| r.family == family && r.table == name)
+        .collect();
+    Ok((chains, rules))
+}
+
+fn open_socket() -> Result<OwnedFd> {
+    socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkNetFilter,
     )
-    .map_err(|e| failed("chains", e))?;
-    let mut chains = Vec::new();
-    dump(&sock, libc::NFT_MSG_GETCHAIN as u16, 1, |family, attrs| {
-        chains.extend(chain_of(family, attrs));
-    })
-    .map_err(|e| failed("chains", e))?;
-    dump(&sock, libc::NFT_MSG_GETRULE as u16, 2, |family, attrs| {
-        let (mut table, mut chain, mut notrack) = (None, None, false);
+    .map_err(|e| Error::backend(format!("cannot open a netfilter netlink socket: {e}")))
+}
+
+/// Every rule of the namespace.
+fn rules(sock: &OwnedFd) -> Result<Vec<RuleRef>> {
+    let mut found = Vec::new();
+    dump(sock, libc::NFT_MSG_GETRULE as u16, 2, |family, attrs| {
+        let mut rule = RuleRef {
+            family,
+            table: String::new(),
+            chain: String::new(),
+            handle: 0,
+            jumps: Vec::new(),
+            notrack: false,
+        };
         for (kind, value) in Attrs(attrs) {
             match kind {
-                NFTA_RULE_TABLE => table = text(value),
-                NFTA_RULE_CHAIN => chain = text(value),
+                NFTA_RULE_TABLE => rule.table = text(value).unwrap_or_default(),
+                NFTA_RULE_CHAIN => rule.chain = text(value).unwrap_or_default(),
+                NFTA_RULE_HANDLE => rule.handle = be_u64(value).unwrap_or_default(),
                 NFTA_RULE_EXPRESSIONS => {
-                    notrack =
-                        Attrs(value).any(|(k, e)| k == NFTA_LIST_ELEM && turns_off_tracking(e))
+                    for (_, elem) in Attrs(value).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+                        rule.notrack |= turns_off_tracking(elem);
+                        rule.jumps.extend(jump_target(elem));
+                    }
                 }
                 _ => {}
             }
         }
-        // Table names are unique within a family, chain names within a table.
-        if let Some(c) = chains.iter_mut().find(|c| {
-            c.family == family
-                && Some(&c.table) == table.as_ref()
-                && Some(&c.name) == chain.as_ref()
-        }) {
-            c.rules += 1;
-            c.notrack |= notrack;
-        }
+        found.push(rule);
     })
-    .map_err(|e| failed("rules", e))?;
-    Ok(chains)
+    .map_err(|e| Error::backend(format!("cannot list nftables rules: {e}")))?;
+    Ok(found)
+}
+
+/// The chain an `immediate` expression jumps or goes to.
+fn jump_target(elem: &[u8]) -> Option<String> {
+    let mut name = None;
+    let mut data = None;
+    for (k, v) in Attrs(elem) {
+        match k {
+            NFTA_EXPR_NAME => name = text(v),
+            NFTA_EXPR_DATA => data = Some(v),
+            _ => {}
+        }
+    }
+    if name.as_deref() != Some("immediate") {
+        return None;
+    }
+    let (_, value) = Attrs(data?).find(|(k, _)| *k == NFTA_IMMEDIATE_DATA)?;
+    let (_, verdict) = Attrs(value).find(|(k, _)| *k == NFTA_DATA_VERDICT)?;
+    let (mut code, mut chain) = (None, None);
+    for (k, v) in Attrs(verdict) {
+        match k {
+            NFTA_VERDICT_CODE => code = be_u32(v).map(|c| c as i32),
+            NFTA_VERDICT_CHAIN => chain = text(v),
+            _ => {}
+        }
+    }
+    matches!(code, Some(NFT_JUMP | NFT_GOTO)).then_some(chain?)
 }
 
 /// Sentences about other base chains that can take a connection past ours: a nat chain on our
@@ -304,6 +398,10 @@ impl<'a> Iterator for Attrs<'a> {
 fn text(value: &[u8]) -> Option<String> {
     let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
     std::str::from_utf8(&value[..end]).ok().map(str::to_string)
+}
+
+fn be_u64(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
 fn be_u32(value: &[u8]) -> Option<u32> {

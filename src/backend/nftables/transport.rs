@@ -5,11 +5,19 @@
 //! pod's table. Errors are reported whether or not an acknowledgement was asked for, so only the
 //! last message asks: one answer on success, and any error before it. The kernel processes a
 //! batch while `send` runs, so every answer is queued by the time it returns.
+//!
+//! A transaction is one `sendmsg`: the kernel aborts a batch whose end is not in the same
+//! datagram. A batch larger than the socket's send buffer (~208 KiB by default: thousands of set
+//! elements) therefore gets a send buffer of its size, so any valid plan goes in atomically.
+//! Errors are acknowledged without a copy of the refused message (`NETLINK_CAP_ACK`), so that an
+//! answer about a 64 KiB element list fits the reading buffer.
 
+use super::wire::{Msg, PAYLOAD_OFFSET};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::socket::{
-    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
 };
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -40,20 +48,119 @@ pub enum Existing {
 /// ends with batch-end) and waits for the kernel's verdict.
 pub fn send(mut batch: Vec<u8>, existing: Existing) -> Result<(), Failure> {
     let last_seq = prepare(&mut batch, existing)?;
-    let sock: OwnedFd = socket(
+    let sock = open()?;
+    cap_acks(&sock)?;
+    if batch.len() > DEFAULT_SNDBUF_ROOM {
+        fit_send_buffer(&sock, batch.len())?;
+    }
+    let kernel = NetlinkAddr::new(0, 0);
+    let sent = sendto(sock.as_raw_fd(), &batch, &kernel, MsgFlags::empty())
+        .map_err(|e| match e {
+            // Only when SO_SNDBUFFORCE was refused and net.core.wmem_max is below the batch.
+            Errno::EMSGSIZE => Failure::Socket(
+                "the batch is larger than the netlink send buffer may be (raise net.core.wmem_max, or run with CAP_NET_ADMIN in the host's user namespace)",
+                e,
+            ),
+            e => Failure::Socket("cannot send the batch", e),
+        })?;
+    if sent != batch.len() {
+        return Err(Failure::Socket("the batch was cut short", Errno::EMSGSIZE));
+    }
+    verdict(&sock, last_seq)
+}
+
+/// What a netlink socket's default send buffer takes in one datagram (net.core.wmem_default
+/// 212992, minus the 32 bytes netlink keeps); larger batches enlarge the buffer first.
+const DEFAULT_SNDBUF_ROOM: usize = 200 * 1024;
+
+fn open() -> Result<OwnedFd, Failure> {
+    socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkNetFilter,
     )
-    .map_err(|e| Failure::Socket("cannot open a netfilter netlink socket", e))?;
-    let kernel = NetlinkAddr::new(0, 0);
-    let sent = sendto(sock.as_raw_fd(), &batch, &kernel, MsgFlags::empty())
-        .map_err(|e| Failure::Socket("cannot send the batch", e))?;
-    if sent != batch.len() {
-        return Err(Failure::Socket("the batch was cut short", Errno::EMSGSIZE));
+    .map_err(|e| Failure::Socket("cannot open a netfilter netlink socket", e))
+}
+
+/// Errors come back as the error and the refused message's header only.
+fn cap_acks(sock: &OwnedFd) -> Result<(), Failure> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, an int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_CAP_ACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Failure::Socket(
+            "cannot set NETLINK_CAP_ACK on the netlink socket",
+            Errno::last(),
+        ));
     }
-    verdict(&sock, last_seq)
+    Ok(())
+}
+
+/// A send buffer taking `len` bytes in one datagram: SO_SNDBUFFORCE (CAP_NET_ADMIN, ignores
+/// net.core.wmem_max), else SO_SNDBUF within wmem_max, which may still be too small.
+fn fit_send_buffer(sock: &OwnedFd, len: usize) -> Result<(), Failure> {
+    // The kernel doubles the value for its bookkeeping and wants 32 bytes of room.
+    let want = (len + 4096).div_ceil(2) + 64;
+    if setsockopt(sock, sockopt::SndBufForce, &want).is_ok() {
+        return Ok(());
+    }
+    setsockopt(sock, sockopt::SndBuf, &want)
+        .map_err(|e| Failure::Socket("cannot enlarge the netlink send buffer", e))
+}
+
+/// Sends a dump request (`NLM_F_DUMP` is added) and returns the attributes of every message
+/// answered, in order.
+pub fn dump(request: Msg) -> Result<Vec<Vec<u8>>, Failure> {
+    let mut request = request.into_bytes();
+    set_flags(&mut request, 0, |flags| flags | libc::NLM_F_DUMP as u16);
+    let sock = open()?;
+    let kernel = NetlinkAddr::new(0, 0);
+    sendto(sock.as_raw_fd(), &request, &kernel, MsgFlags::empty())
+        .map_err(|e| Failure::Socket("cannot send a dump request", e))?;
+    // Dump datagrams are at most 32 KiB (netlink caps them there).
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Failure::Socket("cannot read a dump", e)),
+            Ok(0) => return Err(Failure::Socket("the dump ended early", Errno::EIO)),
+            Ok(n) => n,
+        };
+        let mut at = 0;
+        while at + HEADER_LEN <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < HEADER_LEN || at + len > n {
+                return Err(Failure::Socket("malformed dump", Errno::EBADMSG));
+            }
+            match kind as libc::c_int {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR if len >= HEADER_LEN + 4 => {
+                    let body = &buf[at + HEADER_LEN..at + len];
+                    let error = i32::from_ne_bytes(body[0..4].try_into().unwrap());
+                    if error != 0 {
+                        return Err(Failure::Refused {
+                            seq: 0,
+                            errno: Errno::from_raw(-error),
+                        });
+                    }
+                }
+                _ if len >= PAYLOAD_OFFSET => out.push(buf[at + PAYLOAD_OFFSET..at + len].to_vec()),
+                _ => {}
+            }
+            at += len.next_multiple_of(4);
+        }
+    }
 }
 
 /// Asks for an acknowledgement of the last message only (and makes the table's creation
