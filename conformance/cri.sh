@@ -490,19 +490,20 @@ cri_audit_case() {
 	check audit "a netns path outside the runtime's netns dir is never entered" audit_refuses_unproven
 }
 
-# The netns dir is narrowed to one where no pod lives: every pod is skipped, none entered.
+# The netns dir is narrowed to one where no pod lives: every pod is unproven, none entered.
 audit_refuses_unproven() {
 	local rc=0 name
 	name=unproven-$((++POD_SEQ))
 	cri_pod default "$name" "$ISTIO_ANNOTATIONS" >/dev/null || return 1
 	in_pod "$name" nft flush ruleset
 	audit --json --repair --netns-dir "$WORK/cri" >"$WORK/cri/audit.json" || rc=$?
+	[[ $rc == 1 ]] || { echo "audit exit status $rc, want 1 (an unproven pod needs attention)"; return 1; }
 	local out
 	out=$(python3 - "$WORK/cri/audit.json" "$(pod_field "$name" id)" <<-'EOF'
 		import json, sys
 		pods = {p["id"]: p for p in json.load(open(sys.argv[1]))["pods"]}
 		p = pods[sys.argv[2]]
-		assert p["status"] == "skipped" and "not proven" in p["detail"], p
+		assert p["status"] == "unproven" and "not proven" in p["detail"], p
 	EOF
 	) || { echo "$out"; cat "$WORK/cri/audit.json"; return 1; }
 	cri_no_rules "$name" || return 1

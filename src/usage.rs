@@ -114,12 +114,12 @@ decides each one with the plugin's own ADD policy and the plugin entry of the ac
 config, and compares its netns with the plan as the plugin's CHECK does. A pod's netns is entered
 only once proven to be the pod's: a file directly in a netns dir, not a symlink, a network
 namespace other than the node's own, and the one the sandbox's process lives in; others are
-reported as skipped. Runs intercept-cni-node, installed next to this executable.
+reported as unproven. Runs intercept-cni-node, installed next to this executable.
 
 Each pod is reported as: intercepted, not-selected, missing (should be intercepted, no rules),
 drifted (rules differ from the plan), repaired, repair-failed, unexpected (rules although the
-policy leaves the pod alone: reported, never removed), refused (ADD would refuse it) or skipped
-(host network, or netns not proven).
+policy leaves the pod alone: reported, never removed), refused (ADD would refuse it), skipped
+(host network), unproven (its netns not proven the pod's: never entered) or check-failed.
 
 Flags:
   --cri-socket PATH      the runtime's CRI socket (default: /run/containerd/containerd.sock)

@@ -32,8 +32,12 @@ pub enum Status {
     Unexpected,
     /// ADD would refuse this pod (e.g. invalid annotations).
     Refused,
-    /// Host network, or a netns that cannot be proven the pod's: never entered.
+    /// Host network, or no netns reported: nothing to audit.
     Skipped,
+    /// The runtime's netns path cannot be proven the pod's: never entered.
+    Unproven,
+    /// The pod netns could not be read (CHECK or the look for our rules failed otherwise).
+    CheckFailed,
 }
 
 impl Status {
@@ -48,6 +52,8 @@ impl Status {
             Status::Unexpected => "unexpected",
             Status::Refused => "refused",
             Status::Skipped => "skipped",
+            Status::Unproven => "unproven",
+            Status::CheckFailed => "check-failed",
         }
     }
 
@@ -86,7 +92,7 @@ pub fn pod(chained: &ChainedEntry, sandbox: &Sandbox, options: &Options) -> PodR
         ),
         Some(netns) => match proof::prove(netns, sandbox.pid, &options.netns_dirs) {
             Err(why) => (
-                Status::Skipped,
+                Status::Unproven,
                 format!("netns not proven the pod's: {why}"),
             ),
             Ok(()) => audit_netns(chained, sandbox, netns, options.repair),
@@ -131,7 +137,7 @@ fn audit_netns(
                 Status::Unexpected,
                 format!("rules present although {reason} (left alone)"),
             ),
-            Err(e) => (Status::Skipped, e.msg),
+            Err(e) => (Status::CheckFailed, e.msg),
         };
     }
     let check = |trace: &mut Trace| {
@@ -147,7 +153,7 @@ fn audit_netns(
             ),
             _ => (Status::Drifted, format!("{reason}; {}", e.msg)),
         },
-        Err(e) => return (Status::Skipped, format!("CHECK failed: {}", e.msg)),
+        Err(e) => return (Status::CheckFailed, format!("CHECK failed: {}", e.msg)),
     };
     if !repair {
         return found;
