@@ -205,6 +205,11 @@ fn plugin_config_sized(backend: &str, ns: &str, dual_stack: bool, n: usize) -> S
         "type": "intercept-cni",
         "podSelection": "all",
         "stateDir": STATE_DIR,
+        // A default Istio sidecar pod (istio-cni's rule set); dual-stack when it has IPv6.
+        "dualStack": dual_stack,
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
+            "sidecar.istio.io/status": r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"]}"#
+        }},
         "prevResult": {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": ns}],

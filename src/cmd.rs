@@ -31,8 +31,9 @@ use crate::cni::{result, version};
 use crate::host;
 use crate::logging;
 use crate::netns::{Lookup, PodNetns};
-use crate::plan::InterceptPlan;
+use crate::plan::{InterceptPlan, InterceptionMode};
 use crate::policy::{self, Decision};
+use crate::route;
 use serde_json::{Map, Value};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -253,7 +254,11 @@ pub fn plan_for<'a>(
         }
         Decision::Intercept { settings, reason } => {
             trace.policy = Some(format!("intercepted: {reason}"));
-            Some(config::build_plan(&settings, families)?)
+            Some(config::build_plan(
+                &settings,
+                families,
+                result::ipv6_first(prev),
+            )?)
         }
     };
     Ok((plan, prev))
@@ -322,7 +327,17 @@ fn add(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value>>
         &conf.state_dir,
         conf.host_prerequisites,
     )?;
-    ns.run(|| backend.apply(&plan))?;
+    ns.run(|| {
+        // TPROXY's policy routing first: diverted packets must never meet a missing route.
+        route::apply(&plan)?;
+        backend.apply(&plan).inspect_err(|_| {
+            if plan.mode != InterceptionMode::Redirect {
+                if let Err(e) = route::remove() {
+                    log::warn!("cannot undo the TPROXY routing: {e}");
+                }
+            }
+        })
+    })?;
     Ok(Some(answer))
 }
 
@@ -335,7 +350,17 @@ fn check(env: &CniEnv, conf: &NetConf, trace: &mut Trace) -> Result<Option<Value
     let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
     let backend = backend::build(kind, &conf.backend_options);
     trace.backend = Some(backend.name());
-    ns.run(|| backend.check(&plan))?;
+    ns.run(|| {
+        backend.check(&plan)?;
+        let drift = route::drift(&plan)?;
+        match drift.is_empty() {
+            true => Ok(()),
+            false => Err(Error::new(
+                Code::Drift,
+                format!("TPROXY routing differs from the plan: {}", drift.join("; ")),
+            )),
+        }
+    })?;
     Ok(None)
 }
 
@@ -402,6 +427,10 @@ fn del(
         if let Err(e) = remove_in(&ns, backend::build(*kind, options).as_ref()) {
             tolerated.push(e);
         }
+    }
+    // TPROXY's routing, whatever the backend (nothing to do when ADD made none).
+    if let Err(e) = ns.run(route::remove) {
+        fatal.push(e);
     }
     if let Some(e) = Error::collect(tolerated) {
         log::debug!("DEL: other backends could not remove (ignored): {e}");

@@ -11,5 +11,6 @@ pub mod logging;
 pub mod netns;
 pub mod plan;
 pub mod policy;
+pub mod route;
 pub mod trusted_path;
 pub mod usage;

@@ -56,14 +56,14 @@ Flags:
                          (default: off)
   --events-socket PATH   with --watch: the unix socket plugin invocations report to; each
                          record is printed as one JSON line on stdout and counted in /metrics
-                         (default: /var/run/intercept-cni/events.sock; \"\" for none)
+                         (default: /var/run/intercept-cni-agent/events.sock; \"\" for none)
   --host-root DIR        with --watch: the host's / as mounted in this container, read by the
                          host check of /readyz (default: this system's /, with the kernel probe)
   -h, --help             print this text
 
-Ready (/readyz 200) only when the active network chains the plugin last, the plugin in the bin
-dir is byte for byte this executable, and the host check passes for the backend the plugin
-config selects.
+Ready (/readyz 200) only when the active network chains the plugin last with the current plugin
+config (not a refused one), the plugin in the bin dir is byte for byte this executable, and the
+host check passes for the backend that config selects.
 ";
 
 pub const UNINSTALL: &str = "\
@@ -82,7 +82,7 @@ Flags:
 
 pub const DOCTOR: &str = "\
 usage: intercept-cni doctor [--backend auto|nftables|iptables] [--iptables-mode auto|legacy|nft]
-         [--ipv6] [--host-root DIR] [--json]
+         [--ipv6] [--dns-capture] [--tproxy] [--drop-invalid] [--host-root DIR] [--json]
 
 Checks the kernel modules the backend needs on this host: one row per module with its state,
 where that was learned, and the remedy when it is missing. With `auto` it first answers what the
@@ -94,6 +94,12 @@ Flags:
   --iptables-mode M      with --backend iptables: auto, legacy or nft (default: auto, the
                          variant the host already uses)
   --ipv6                 also check the IPv6 modules (default: IPv4 only)
+  --dns-capture          also require DNS capture's modules (a config with \"dnsCapture\": true,
+                         or pods with Istio's ISTIO_META_DNS_CAPTURE; default: not required)
+  --tproxy               also require TPROXY's modules (\"interceptionMode\": \"TPROXY\", or pods
+                         with sidecar.istio.io/interceptionMode: TPROXY; default: not required)
+  --drop-invalid         also require INVALID drop's modules (\"dropInvalid\": true, or pods with
+                         Istio's INVALID_DROP; default: not required)
   --host-root DIR        read every host path under DIR, an existing directory where a container
                          has the host's / mounted; skips the kernel probe (default: this system)
   --json                 print the report as JSON: `problems` lists only what stands in the way

@@ -176,3 +176,37 @@ fn json_keeps_problems_for_problems_with_the_remedy_per_module() {
     );
     assert_eq!(report["choice"], "configured");
 }
+
+/// A config's modes make their modules required: RHEL 9 without its extras package serves
+/// REDIRECT and DNS capture, not TPROXY (no nft_tproxy).
+#[test]
+fn modes_a_config_asks_for_make_their_modules_required() {
+    let run = |modes: &[&str]| {
+        let mut args = vec!["--backend", "nftables", "--host-root"];
+        let root = host("rhel9-nft");
+        args.push(&root);
+        args.push("--json");
+        args.extend_from_slice(modes);
+        let out = doctor(&args);
+        (out.status.code(), json(&out))
+    };
+    let tproxy_row = |report: &serde_json::Value| {
+        report["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "nft_tproxy")
+            .cloned()
+            .unwrap()
+    };
+    let (code, plain) = run(&[]);
+    assert_eq!(code, Some(0), "{plain:#}");
+    assert_eq!(tproxy_row(&plain)["required"], false);
+    let (code, dns) = run(&["--dns-capture", "--drop-invalid"]);
+    assert_eq!(code, Some(0), "{dns:#}");
+    let (code, tproxy) = run(&["--tproxy"]);
+    assert_eq!(code, Some(1), "{tproxy:#}");
+    assert_eq!(tproxy_row(&tproxy)["required"], true);
+    let problems = tproxy["problems"].to_string();
+    assert!(problems.contains("nft_tproxy is missing"), "{problems}");
+}

@@ -9,7 +9,10 @@ use intercept_cni::backend::nftables::{render_text, Nftables, TABLE_NAME};
 use intercept_cni::backend::Backend;
 use intercept_cni::cni::error::{Code, Error, Result};
 use intercept_cni::netns::PodNetns;
-use intercept_cni::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use intercept_cni::plan::{
+    DnsCapture, Families, IfName, InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs,
+    PortRange, Semantics, Tproxy,
+};
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +33,7 @@ fn nets(list: &[&str]) -> Vec<ipnetwork::IpNetwork> {
 fn golden_cases() -> Vec<(&'static str, InterceptPlan)> {
     let defaults = InterceptPlan::with_defaults(Families::BOTH);
     let v4_excludes = InterceptPlan {
-        proxy_gid: Some(1338),
+        proxy_gids: vec![1338],
         inbound_ports: InboundPorts::AllExcept(ports(&["22", "8000-8100"])),
         // The IPv6 entries must vanish: the pod has no IPv6 address.
         exclude_inbound_sources: nets(&["192.168.7.0/24", "fd00:1::/64"]),
@@ -45,8 +48,8 @@ fn golden_cases() -> Vec<(&'static str, InterceptPlan)> {
     let v4_includes = InterceptPlan {
         inbound_port: 16006,
         outbound_port: 16001,
-        proxy_uid: 2000,
-        proxy_gid: Some(2001),
+        proxy_uids: vec![2000],
+        proxy_gids: vec![2001],
         inbound_ports: InboundPorts::Only(ports(&["8080", "9000-9100"])),
         outbound_cidrs: OutboundCidrs::Only {
             include: nets(&["10.0.0.0/8", "172.16.0.0/12"]),
@@ -62,11 +65,72 @@ fn golden_cases() -> Vec<(&'static str, InterceptPlan)> {
         },
         ..InterceptPlan::with_defaults(Families::BOTH)
     };
+    // What istio-cni installs for a default injected pod (cni/pkg/plugin/testdata/basic.txt.golden).
+    let istio = InterceptPlan {
+        semantics: Semantics::Istio,
+        proxy_gids: vec![1337],
+        inbound_ports: InboundPorts::AllExcept(ports(&["15020", "15021", "15090"])),
+        exclude_outbound_ports: ports(&["15020"]),
+        ..InterceptPlan::with_defaults(V4_ONLY)
+    };
+    // Every Istio knob at once, dual-stack.
+    let istio_tuned = InterceptPlan {
+        semantics: Semantics::Istio,
+        proxy_uids: vec![1337, 1338],
+        proxy_gids: vec![1337],
+        inbound_ports: InboundPorts::Only(ports(&["8080", "9090"])),
+        exclude_outbound_ports: ports(&["15020", "3306"]),
+        include_outbound_ports: ports(&["32000"]),
+        outbound_cidrs: OutboundCidrs::Only {
+            include: nets(&["10.0.0.0/8", "fd00::/8"]),
+            exclude: nets(&["10.96.0.0/12"]),
+        },
+        exclude_interfaces: vec!["eth9".parse::<IfName>().unwrap()],
+        reroute_interfaces: vec!["net1".parse::<IfName>().unwrap()],
+        ..InterceptPlan::with_defaults(Families::BOTH)
+    };
+    // What linkerd-cni installs for a default injected pod (IPv4 only, as its chart's default).
+    let linkerd = InterceptPlan {
+        semantics: Semantics::Linkerd,
+        inbound_port: 4143,
+        outbound_port: 4140,
+        proxy_uids: vec![2102],
+        inbound_ports: InboundPorts::AllExcept(ports(&["4190", "4191"])),
+        exclude_inbound_sources: nets(&["10.244.0.0/16"]),
+        ..InterceptPlan::with_defaults(V4_ONLY)
+    };
+    // Istio's modes (dns.txt.golden + invalid-drop.txt.golden; tproxy.txt.golden), dual-stack.
+    let istio_dns_drop = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        ..istio_tuned.clone()
+    };
+    let istio_tproxy = InterceptPlan {
+        semantics: Semantics::Istio,
+        proxy_gids: vec![1337],
+        inbound_ports: InboundPorts::AllExcept(ports(&["15020", "15021", "15090"])),
+        exclude_outbound_ports: ports(&["15020"]),
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(Families::BOTH)
+    };
+    // Every mode on an IPv4-only plain pod: the other family passes the mode chains untouched.
+    let ipv4_only_modes = InterceptPlan {
+        dns: Some(DnsCapture::istio()),
+        drop_invalid: true,
+        mode: InterceptionMode::Tproxy(Tproxy::istio()),
+        ..InterceptPlan::with_defaults(V4_ONLY)
+    };
     vec![
         ("defaults_dual_stack", defaults),
+        ("ipv4_only_modes", ipv4_only_modes),
+        ("istio_dns_drop", istio_dns_drop),
+        ("istio_tproxy", istio_tproxy),
         ("ipv4_only_excludes", v4_excludes),
         ("ipv4_only_includes", v4_includes),
         ("inbound_none", no_inbound),
+        ("istio_default", istio),
+        ("istio_tuned", istio_tuned),
+        ("linkerd_default", linkerd),
     ]
 }
 
@@ -155,7 +219,7 @@ fn apply_converges_and_check_passes() {
     let err = drift_of(&ns, &plan);
     assert!(
         err.msg
-            .contains("chain output rule 4 differs from `meta l4proto tcp meta nfproto ipv4 dnat ip to 127.0.0.1:15001`"),
+            .contains("chain output rule 3 differs from `meta l4proto tcp redirect to :15001`"),
         "{err}"
     );
 }
@@ -186,19 +250,19 @@ fn check_names_what_drifted() {
         Ok(())
     })
     .unwrap();
-    assert_drift("chain output rule 2 differs from `ip daddr 127.0.0.0/8 return`");
-    assert_drift("chain output rule 5 is missing");
+    assert_drift("chain output rule 2 differs from `oifname \"lo\" return`");
+    assert_drift("chain output rule 3 is missing");
 
     reapply();
     nft(&ns, &["flush", "chain", "inet", TABLE_NAME, "prerouting"]);
-    assert_drift("chain prerouting rule 1 is missing (`tcp dport 15006 return`)");
+    assert_drift("chain prerouting rule 1 is missing (`meta l4proto tcp redirect to :15006`)");
 
     reapply();
     nft(
         &ns,
         &["add", "rule", "inet", TABLE_NAME, "output", "counter"],
     );
-    assert_drift("chain output has 1 extra rule(s) after rule 5");
+    assert_drift("chain output has 1 extra rule(s) after rule 3");
 
     reapply();
     nft(
@@ -280,7 +344,7 @@ fn ipv4_only_plan_has_no_ipv6_rules() {
     let plan = InterceptPlan::with_defaults(V4_ONLY);
     in_ns(&ns, || Nftables.apply(&plan)).expect("apply");
     let listed = ns.nft_ruleset();
-    assert!(listed.contains("dnat ip to 127.0.0.1:15001"), "{listed}");
+    assert!(listed.contains("meta nfproto != ipv4 return"), "{listed}");
     assert!(
         !listed.contains("ip6") && !listed.contains("ipv6"),
         "{listed}"
@@ -425,7 +489,7 @@ fn live_default_plan_redirects_both_ways() {
 fn live_exclusions_and_inclusions_bypass() {
     let lab = Lab::new();
     let plan = InterceptPlan {
-        proxy_gid: Some(1338),
+        proxy_gids: vec![1338],
         inbound_ports: InboundPorts::Only(ports(&["9080"])),
         exclude_outbound_ports: ports(&["8000-8100"]),
         outbound_cidrs: OutboundCidrs::AllExcept(nets(&["fd00:248::1/128"])),

@@ -148,7 +148,12 @@ fn linkerd_skip_subnets_exempts_inbound_sources(backend: fn() -> Value) {
         "linkerd.io/proxy-version": "stable-2.14.10",
         "config.linkerd.io/skip-subnets": format!("{PEER_V4}/32"),
     });
-    let conf = pod_config(&lab, backend, json!({}), annotations);
+    // IPv6 only with linkerd-cni's `ipv6` switch (off by default, as in its chart).
+    let conf = pod_config(&lab, backend, json!({}), annotations.clone());
+    lab.cni("ADD", &conf).ok();
+    lab.inbound_direct(v6(POD_V6, 9080));
+    lab.cni("DEL", &conf).ok();
+    let conf = pod_config(&lab, backend, json!({"dualStack": true}), annotations);
     lab.cni("ADD", &conf).ok();
     lab.cni("CHECK", &conf).ok();
     // From the skipped subnet: straight to the application.
@@ -212,13 +217,24 @@ fn hostile_values_rejected_without_change(backend: fn() -> Value) {
             "traffic.sidecar.istio.io/excludeOutboundPorts",
             "53$(reboot)",
         ),
-        ("sidecar.istio.io/interceptionMode", "TPROXY"),
+        ("sidecar.istio.io/interceptionMode", "TPROXY;"),
+        (
+            "proxy.istio.io/config",
+            "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"$(reboot)\"\n",
+        ),
+        (
+            "proxy.istio.io/config",
+            "{\"proxyMetadata\": {\"INVALID_DROP\": [\"true\"]}}",
+        ),
         ("config.linkerd.io/skip-subnets", "10.0.0.0/8,;"),
         ("config.linkerd.io/proxy-uid", "2102 -j RETURN"),
     ];
     for (key, value) in cases {
         let mut annotations = json!({"intercept-cni.io/enabled": "true"});
-        if key.starts_with("traffic.sidecar") || key.starts_with("sidecar.") {
+        if key.starts_with("traffic.sidecar")
+            || key.starts_with("sidecar.")
+            || key.starts_with("proxy.istio.io/")
+        {
             annotations = json!({"sidecar.istio.io/status": "{}"});
         } else if key.starts_with("config.linkerd.io/") {
             annotations = json!({"linkerd.io/proxy-version": "stable-2.14.10"});

@@ -2,20 +2,22 @@
 //! `ICNI_OUTBOUND` from OUTPUT, REDIRECT to the proxy), written with
 //! `iptables-{legacy,nft}-restore --noflush`, one atomic restore per family.
 
+mod chains;
 mod detect;
+mod modes;
 mod netlink_removal;
 mod render;
 mod save;
 mod tools;
 
+pub use chains::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 pub use detect::{choose_mode, detect_mode, HostRules};
-pub use render::{CHAIN_PREFIX, INBOUND_CHAIN, OUTBOUND_CHAIN};
 
 use super::nftables::listing;
 use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
-use render::Family;
+use chains::Family;
 use tools::{binary_name, Tool, Tools};
 
 /// For GC: removes the lock files of namespaces that are gone (DEL found them gone and could not
@@ -65,36 +67,64 @@ impl Iptables {
     }
 
     /// The restore input that installs `plan` for one family over what is there now
-    /// (`nat_present`: from `tools::nat_present`).
+    /// (`present[t][family]`: whether table `TABLES[t]` exists, from `tools::tables_present`).
+    /// The mode tables (raw, mangle) are read only when they exist: a default ADD in a fresh
+    /// netns spawns no more than before.
     fn apply_input(
         &self,
         plan: &InterceptPlan,
         family: Family,
-        nat_present: bool,
+        present: &[[bool; 2]],
     ) -> Result<String> {
-        let existing = match self.tools().read_nat_if(self.mode, family, nat_present) {
+        let tools = self.tools();
+        let i = family.index();
+        let existing = match tools.read_nat_if(self.mode, family, present[0][i]) {
             // A rule made with `nft` that -save cannot print: ours go over netlink (with every
             // jump to them, that rule too if it is one), then the table is read again.
             Err(e) if self.mode == IptablesMode::Nft && e.code == Code::Backend => {
                 log::warn!("{e}; removing ours over netlink, then reading again");
                 netlink_removal::remove_own(family)?;
-                self.tools().read_nat_if(self.mode, family, nat_present)?
+                tools.read_nat_if(self.mode, family, present[0][i])?
             }
             other => other?,
         };
-        Ok(render::apply_input(plan, family, &existing))
+        let mut input = render::apply_input(plan, family, &existing);
+        for (table, exists) in modes::EXTRA_TABLES.iter().zip(&present[1..]) {
+            let (chains, hooks) = modes::table(plan, family, table);
+            if chains.is_empty() && !exists[i] {
+                continue;
+            }
+            let existing = tools.read_table_if(self.mode, family, table, exists[i])?;
+            if chains.is_empty() {
+                // Left from an earlier ADD with other modes.
+                input += &render::remove_section(table, &existing).unwrap_or_default();
+            } else {
+                input += &render::section(table, &chains, &hooks, &existing);
+            }
+        }
+        Ok(input)
     }
 
-    /// Removes our chains and jumps of one mode and family, if there are any. When iptables-nft
-    /// cannot read or write a table that holds rules made with `nft`, they go over netlink.
+    /// Removes our chains and jumps of one mode and family, in every table, if there are any.
+    /// When iptables-nft cannot read or write a table that holds rules made with `nft`, they go
+    /// over netlink.
     fn remove_family(&self, mode: IptablesMode, family: Family) -> Result<()> {
         let tools = self.tools();
-        let removed = tools
-            .read_nat(mode, family)
-            .and_then(|existing| match render::remove_input(&existing) {
-                Some(input) => tools.restore(mode, family, &input),
-                None => Ok(()),
-            });
+        let present = tools::tables_present(mode, &TABLES);
+        let removed = (|| {
+            let mut input = String::new();
+            for (table, exists) in TABLES.iter().zip(&present) {
+                if !exists[family.index()] {
+                    continue;
+                }
+                let existing = tools.read_table_if(mode, family, table, true)?;
+                input += &render::remove_section(table, &existing).unwrap_or_default();
+            }
+            match input.is_empty() {
+                false => tools.restore(mode, family, &input),
+                true => Ok(()),
+            }
+        })();
         match removed {
             Err(e) if mode == IptablesMode::Nft => {
                 log::warn!("{e}; removing over netlink instead");
@@ -156,9 +186,9 @@ impl Iptables {
         // nftables cannot see it.
         if self.mode == IptablesMode::Nft {
             let legacy = IptablesMode::Legacy;
-            let present = tools::nat_present(legacy);
+            let present = tools::tables_present(legacy, &["nat"])[0];
             for family in Family::ALL.into_iter().filter(|f| present[f.index()]) {
-                let Ok(table) = self.tools().read_nat(legacy, family) else {
+                let Ok(table) = self.tools().read_nat_if(legacy, family, true) else {
                     continue;
                 };
                 for base in ["PREROUTING", "OUTPUT"] {
@@ -192,6 +222,9 @@ impl Iptables {
     }
 }
 
+/// Every table this backend writes to.
+const TABLES: [&str; 3] = ["nat", modes::EXTRA_TABLES[0], modes::EXTRA_TABLES[1]];
+
 impl Backend for Iptables {
     fn name(&self) -> &'static str {
         match self.mode {
@@ -213,15 +246,15 @@ impl Backend for Iptables {
             .iter()
             .map(|&family| Ok((family, self.tools().spawn_restore(self.mode, family)?)))
             .collect::<Result<Vec<_>>>()?;
-        let present = tools::nat_present(self.mode);
+        let present = tools::tables_present(self.mode, &TABLES);
         // A family the pod no longer has keeps nothing from an earlier ADD.
         disabled
             .iter()
-            .filter(|family| present[family.index()])
+            .filter(|family| present.iter().any(|p| p[family.index()]))
             .try_for_each(|&family| self.remove_family(self.mode, family))?;
         let inputs = enabled
             .iter()
-            .map(|&family| self.apply_input(plan, family, present[family.index()]))
+            .map(|&family| self.apply_input(plan, family, &present))
             .collect::<Result<Vec<String>>>()?;
         let mut started = Vec::new();
         let mut failed = Vec::new();
@@ -260,14 +293,24 @@ impl Backend for Iptables {
         for warning in self.bypasses() {
             log::warn!("{}: {warning}", self.name());
         }
+        let present = tools::tables_present(self.mode, &TABLES);
         for family in Family::ALL {
-            let existing = self.tools().read_nat(self.mode, family)?;
-            let expected = if family.enabled_in(plan) {
-                render::chains(plan, family)
-            } else {
-                Vec::new()
-            };
-            drift.extend(save::drift(&expected, &existing, family));
+            let enabled = family.enabled_in(plan);
+            for (table, exists) in TABLES.iter().zip(&present) {
+                let (chains, hooks) = match (enabled, *table) {
+                    (false, _) => (Vec::new(), Vec::new()),
+                    (true, "nat") => (render::chains(plan, family), render::nat_hooks(plan)),
+                    (true, table) => modes::table(plan, family, table),
+                };
+                let existing =
+                    self.tools()
+                        .read_table_if(self.mode, family, table, exists[family.index()])?;
+                let found = save::drift(&chains, &hooks, &existing, family);
+                drift.extend(found.into_iter().map(|d| match *table {
+                    "nat" => d,
+                    table => format!("{table}: {d}"),
+                }));
+            }
         }
         match drift.first() {
             None => Ok(()),
@@ -305,12 +348,19 @@ impl Backend for Iptables {
     }
 
     fn installed(&self) -> Result<bool> {
+        // What DEL would have to remove is what counts as installed.
+        let present = tools::tables_present(self.mode, &TABLES);
         for family in Family::ALL {
-            // What DEL would have to remove is what counts as installed.
-            if self.tools().present(self.mode, family)
-                && render::remove_input(&self.tools().read_nat(self.mode, family)?).is_some()
-            {
-                return Ok(true);
+            if !self.tools().present(self.mode, family) {
+                continue;
+            }
+            for (table, exists) in TABLES.iter().zip(&present) {
+                if exists[family.index()] {
+                    let existing = self.tools().read_table_if(self.mode, family, table, true)?;
+                    if render::remove_section(table, &existing).is_some() {
+                        return Ok(true);
+                    }
+                }
             }
         }
         Ok(false)

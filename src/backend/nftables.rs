@@ -47,29 +47,32 @@
 //! element with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
+mod expr;
 pub(crate) mod listing;
+mod modes;
 mod sets;
 pub(crate) mod transport;
 mod wire;
 
 use super::Backend;
 use crate::cni::error::{Code, Error, Result};
-use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use crate::plan::rules::{self, IpFamily, Program};
+use crate::plan::{IfName, InterceptPlan, PortRange};
 use ipnetwork::IpNetwork;
 use nix::errno::Errno;
 use nix::libc;
 use rustables::error::QueryError;
 use rustables::expr::{
-    Bitwise, Cmp, CmpOp, HighLevelPayload, IPv4HeaderField, IPv6HeaderField, Immediate, Lookup,
-    Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register, TCPHeaderField,
-    TransportHeaderField, VerdictKind,
+    Bitwise, Cmp, CmpOp, ExpressionVariant, HighLevelPayload, IPv4HeaderField, IPv6HeaderField,
+    Immediate, Lookup, Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register,
+    TCPHeaderField, TransportHeaderField, VerdictKind,
 };
 use rustables::{
     sys, Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily,
 };
 use sets::{KeyKind, SetSpec};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use transport::{Existing, Failure};
 
 /// The one table this plugin owns in each pod netns (family inet).
@@ -93,7 +96,7 @@ impl Backend for Nftables {
         // Replacing means deleting a hooked table, for which the kernel waits a grace period
         // (~10-15 ms), so a first ADD never does it; asking first would cost a round trip.
         let (create, steps) = ruleset.apply_batch(false)?;
-        match transport::send(create.finalize(), Existing::Refuse) {
+        match transport::send(create, Existing::Refuse) {
             Ok(()) => {
                 log::debug!("nftables: created table inet {TABLE_NAME}");
                 return Ok(());
@@ -112,7 +115,7 @@ impl Backend for Nftables {
         }
         let (replace, steps) = ruleset.apply_batch(true)?;
         log::debug!("nftables: table inet {TABLE_NAME} exists; replacing it");
-        transport::send(replace.finalize(), Existing::AsBatched)
+        transport::send(replace, Existing::AsBatched)
             .map_err(|f| batch_error("cannot install the nftables ruleset", f, &steps))
     }
 
@@ -209,32 +212,19 @@ impl Family {
         }
     }
 
-    fn loopback(self) -> IpNetwork {
-        match self {
-            Family::Ipv4 => IpNetwork::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
-            Family::Ipv6 => IpNetwork::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
-        }
-        .unwrap_or_else(|_| unreachable!("constant prefixes are valid"))
-    }
-
-    fn pick(self, v4: &'static str, v6: &'static str) -> &'static str {
-        match self {
-            Family::Ipv4 => v4,
-            Family::Ipv6 => v6,
-        }
-    }
-
     fn key(self) -> KeyKind {
         match self {
             Family::Ipv4 => KeyKind::Ipv4,
             Family::Ipv6 => KeyKind::Ipv6,
         }
     }
+}
 
-    fn localhost(self) -> IpAddr {
-        match self {
-            Family::Ipv4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Family::Ipv6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+impl From<IpFamily> for Family {
+    fn from(f: IpFamily) -> Family {
+        match f {
+            IpFamily::V4 => Family::Ipv4,
+            IpFamily::V6 => Family::Ipv6,
         }
     }
 }
@@ -257,6 +247,20 @@ enum Match {
     SkUid(u32),
     /// `meta skgid 1337`
     SkGid(u32),
+    /// `meta nfproto != ipv4`
+    NotFamily(Family),
+    /// `tcp dport != 15008`
+    TcpDportNot(u16),
+    /// `ip daddr != 127.0.0.1`
+    DaddrNot(IpNetwork),
+    /// `meta skuid != 1337`
+    SkUidNot(u32),
+    /// `meta skgid != 1337`
+    SkGidNot(u32),
+    /// `iifname "eth1"`
+    Iifname(IfName),
+    /// `oifname "lo"`
+    Oifname(IfName),
     /// `tcp dport @name`
     TcpDportIn(&'static str),
     /// `ip saddr @name`, `ip6 daddr @name`
@@ -271,10 +275,9 @@ enum Match {
 enum Action {
     /// Leave this chain: the connection is not intercepted.
     Return,
-    /// REDIRECT for arriving traffic: DNAT to the packet's own destination address, new port.
-    DnatOwnDaddr { family: Family, port: u16 },
-    /// REDIRECT for local traffic: DNAT to loopback and the proxy's port.
-    DnatTo { addr: IpAddr, port: u16 },
+    /// REDIRECT to this port (to the arriving interface's address, or loopback for local
+    /// traffic), exactly as iptables' REDIRECT.
+    Redirect(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,6 +330,8 @@ struct ChainSpec {
 struct Ruleset {
     sets: Vec<SetSpec>,
     chains: Vec<ChainSpec>,
+    /// The chains of DNS capture, TPROXY and INVALID drop (`modes`), after ours.
+    modes: Vec<modes::ModeChain>,
 }
 
 /// The sets a ruleset needs, made while its rules are: a list of one entry stays a plain
@@ -371,111 +376,96 @@ impl Lists {
     }
 }
 
+impl Lists {
+    /// The nft matches for one condition of `plan::rules`.
+    fn translate(&mut self, m: &rules::Match) -> Match {
+        match m {
+            rules::Match::InIface(name) => Match::Iifname(name.clone()),
+            rules::Match::OutIface(name) => Match::Oifname(name.clone()),
+            rules::Match::Source(list) | rules::Match::Dest(list) => {
+                let source = matches!(m, rules::Match::Source(_));
+                let family = Family::of(list.nets[0].ip());
+                match self.addrs(list.name, family, source, &list.nets) {
+                    Some(m) => m,
+                    None => unreachable!("lists of plan::rules are never empty"),
+                }
+            }
+            rules::Match::NotDest(net) => Match::DaddrNot(*net),
+            rules::Match::DestPorts(list) => match self.ports(list.name, &list.ports) {
+                Some(m) => m,
+                None => unreachable!("lists of plan::rules are never empty"),
+            },
+            rules::Match::NotDestPort(port) => Match::TcpDportNot(*port),
+            rules::Match::Uid(id) => Match::SkUid(*id),
+            rules::Match::NotUid(id) => Match::SkUidNot(*id),
+            rules::Match::Gid(id) => Match::SkGid(*id),
+            rules::Match::NotGid(id) => Match::SkGidNot(*id),
+        }
+    }
+}
+
 impl Ruleset {
+    /// The rules of `plan::rules`, one for one. A plan of one family starts each chain by
+    /// returning the other family; a redirect names TCP, as iptables' REDIRECT needs `-p tcp`.
     fn from_plan(plan: &InterceptPlan) -> Ruleset {
         let families = Family::enabled(plan);
+        let program = Program::of(plan);
         let mut sets = Lists::default();
         let mut chains = Vec::new();
-
-        // Inbound.
-        if plan.inbound_ports != InboundPorts::None {
-            let mut rules = Vec::new();
-            let mut own_ports = vec![plan.inbound_port, plan.outbound_port];
-            own_ports.dedup();
-            for port in own_ports {
-                if let Ok(range) = PortRange::single(port) {
-                    rules.push(RuleSpec::ret(vec![Match::TcpDport(range)]));
-                }
+        for (name, hook, rules) in [
+            ("prerouting", NatHook::Prerouting, &program.inbound),
+            ("output", NatHook::Output, &program.outbound),
+        ] {
+            if rules.is_empty() {
+                continue;
             }
-            for &family in &families {
-                let name = family.pick("in_excluded_sources_v4", "in_excluded_sources_v6");
-                if let Some(m) = sets.addrs(name, family, true, &plan.exclude_inbound_sources) {
-                    rules.push(RuleSpec::ret(vec![m]));
-                }
+            let mut specs = Vec::new();
+            if let [only] = families[..] {
+                specs.push(RuleSpec::ret(vec![Match::NotFamily(only)]));
             }
-            let redirect = |family| Action::DnatOwnDaddr {
-                family,
-                port: plan.inbound_port,
-            };
-            match &plan.inbound_ports {
-                InboundPorts::AllExcept(excluded) => {
-                    if let Some(m) = sets.ports("in_excluded_ports", excluded) {
-                        rules.push(RuleSpec::ret(vec![m]));
-                    }
-                    for &family in &families {
-                        rules.push(RuleSpec::new(vec![Match::Tcp], redirect(family)));
-                    }
+            for rule in rules {
+                let mut matches = Vec::new();
+                let names_address = rule.matches.iter().any(|m| {
+                    matches!(
+                        m,
+                        rules::Match::Source(_) | rules::Match::Dest(_) | rules::Match::NotDest(_)
+                    )
+                });
+                if let (Some(family), false, 2) = (rule.family, names_address, families.len()) {
+                    matches.push(Match::Family(Family::from(family)));
                 }
-                InboundPorts::Only(included) => {
-                    if let Some(m) = sets.ports("in_included_ports", included) {
-                        for &family in &families {
-                            rules.push(RuleSpec::new(vec![m.clone()], redirect(family)));
-                        }
-                    }
+                let names_port = rule.matches.iter().any(|m| {
+                    matches!(m, rules::Match::DestPorts(_) | rules::Match::NotDestPort(_))
+                });
+                let action = match rule.action {
+                    rules::Action::Return => Action::Return,
+                    rules::Action::ToInbound => Action::Redirect(plan.inbound_port),
+                    rules::Action::ToOutbound => Action::Redirect(plan.outbound_port),
+                };
+                if action != Action::Return && !names_port {
+                    matches.push(Match::Tcp);
                 }
-                InboundPorts::None => {}
+                matches.extend(rule.matches.iter().map(|m| sets.translate(m)));
+                specs.push(RuleSpec::new(matches, action));
             }
             chains.push(ChainSpec {
-                name: "prerouting",
-                hook: NatHook::Prerouting,
-                rules,
+                name,
+                hook,
+                rules: specs,
             });
         }
-
-        // Outbound.
-        let mut rules = vec![RuleSpec::ret(vec![Match::SkUid(plan.proxy_uid)])];
-        if let Some(gid) = plan.proxy_gid {
-            rules.push(RuleSpec::ret(vec![Match::SkGid(gid)]));
-        }
-        for &family in &families {
-            rules.push(RuleSpec::ret(vec![Match::Daddr(family.loopback())]));
-        }
-        if let Some(m) = sets.ports("out_excluded_ports", &plan.exclude_outbound_ports) {
-            rules.push(RuleSpec::ret(vec![m]));
-        }
-        let redirect = |family: Family| Action::DnatTo {
-            addr: family.localhost(),
-            port: plan.outbound_port,
-        };
-        let (include, exclude) = match &plan.outbound_cidrs {
-            OutboundCidrs::AllExcept(excluded) => (None, excluded),
-            OutboundCidrs::Only { include, exclude } => (Some(include), exclude),
-        };
-        for &family in &families {
-            let name = family.pick("out_excluded_v4", "out_excluded_v6");
-            if let Some(m) = sets.addrs(name, family, false, exclude) {
-                rules.push(RuleSpec::ret(vec![m]));
-            }
-        }
-        for &family in &families {
-            match include {
-                None => rules.push(RuleSpec::new(
-                    vec![Match::Tcp, Match::Family(family)],
-                    redirect(family),
-                )),
-                Some(include) => {
-                    let name = family.pick("out_included_v4", "out_included_v6");
-                    if let Some(m) = sets.addrs(name, family, false, include) {
-                        rules.push(RuleSpec::new(vec![Match::Tcp, m], redirect(family)));
-                    }
-                }
-            }
-        }
-        chains.push(ChainSpec {
-            name: "output",
-            hook: NatHook::Output,
-            rules,
-        });
         Ruleset {
             sets: sets.0,
             chains,
+            modes: modes::chains(plan),
         }
     }
 
     /// The one batch that installs the table, atomically. With `replace`, it starts with add
     /// (so the delete cannot fail even if the table just vanished) and delete, then builds the
     /// table again from scratch. `steps[i]` describes the message with sequence `i + 1`.
-    fn apply_batch(&self, replace: bool) -> Result<(wire::Batch, Vec<Step>)> {
+    /// The mode chains' rules are hand-encoded and spliced in last.
+    fn apply_batch(&self, replace: bool) -> Result<(Vec<u8>, Vec<Step>)> {
         let table = table();
         let mut batch = wire::Batch::new();
         let mut steps = Vec::new();
@@ -508,7 +498,25 @@ impl Ruleset {
                 });
             }
         }
-        Ok((batch, steps))
+        if self.modes.is_empty() {
+            return Ok((batch.finalize(), steps));
+        }
+        for chain in &self.modes {
+            batch.add(&chain.to_chain(&table), MsgType::Add);
+            steps.push(Step::Chain(chain.name));
+        }
+        let mut messages = Vec::new();
+        for chain in &self.modes {
+            messages.extend(chain.rule_messages());
+            for (index, rule) in chain.rules.iter().enumerate() {
+                steps.push(Step::ModeRule {
+                    chain: chain.name,
+                    index,
+                    text: rule.text.clone(),
+                });
+            }
+        }
+        Ok((expr::splice(batch.finalize(), &messages), steps))
     }
 }
 
@@ -535,78 +543,104 @@ impl Ruleset {
             .into_iter()
             .filter(is_inet_chain)
             .collect();
-        // One dump of every rule in the namespace, not one per chain: a filtered dump stops at
-        // the first table of that name, whatever its family (an `ip intercept-cni` would hide ours).
-        let mut all_rules = Vec::new();
-        rustables::query::list_objects_with_data(
-            libc::NFT_MSG_GETRULE as u16,
-            &|rule: rustables::Rule, rules: &mut Vec<rustables::Rule>| {
-                rules.push(rule);
-                Ok(())
-            },
-            None,
-            &mut all_rules,
-        )
-        .map_err(listing)?;
+        // One dump of the inet family's rules, read by our own parser: rustables fails a whole
+        // dump on a `ct zone` key, and a filtered dump could stop at another family's table.
+        let request = wire::Msg::new(sys::NFT_MSG_GETRULE as u16, ProtocolFamily::Inet, 0);
+        let all_rules: Vec<expr::ParsedRule> = transport::dump(request)
+            .map_err(|f| batch_error("cannot list the nftables ruleset", f, &[]))?
+            .iter()
+            .map(|body| expr::parse_rule(body))
+            .filter(|rule| rule.table == TABLE_NAME)
+            .collect();
         let raw = listing::base_chains()?;
         let is_ours = |c: &listing::BaseChain| c.family == listing::INET && c.table == TABLE_NAME;
         for warning in listing::bypasses(&raw, is_ours) {
             log::warn!("nftables: {warning}");
         }
-        for spec in &self.chains {
-            let want = spec.to_chain();
+        let compare = |name: &str,
+                       want: Chain,
+                       kind: String,
+                       expected: Vec<(String, Vec<expr::Canonical>)>,
+                       drift: &mut Vec<String>| {
             let Some(found) = chains.iter().find(|c| c.get_name() == want.get_name()) else {
-                drift.push(format!("chain {} is missing", spec.name));
-                continue;
+                drift.push(format!("chain {name} is missing"));
+                return;
             };
-            // The policy as the kernel sent it: rustables reads NF_DROP back as accept.
+            // The policy as the kernel sent it: rustables reads NF_DROP back as accept. A
+            // regular chain (a mode's jump target) has none.
             let policy = raw
                 .iter()
-                .find(|c| is_ours(c) && c.name == spec.name)
+                .find(|c| is_ours(c) && c.name == name)
                 .and_then(|c| c.policy);
+            let wanted_policy = want.get_hook().map(|_| listing::NF_ACCEPT);
             if found.get_hook() != want.get_hook()
                 || found.get_type() != want.get_type()
-                || policy != Some(listing::NF_ACCEPT)
+                || policy != wanted_policy
             {
-                drift.push(format!(
-                    "chain {} is not a nat chain at {} priority {NAT_PRIORITY} with policy accept",
-                    spec.name,
-                    spec.hook.name()
-                ));
+                drift.push(format!("chain {name} is not {kind}"));
             }
-            let rules: Vec<&rustables::Rule> = all_rules
-                .iter()
-                .filter(|r| is_inet_rule(r, &want))
-                .collect();
-            for (index, rule) in spec.rules.iter().enumerate() {
-                let expected = rule.to_rule(&want)?;
+            let rules: Vec<&expr::ParsedRule> =
+                all_rules.iter().filter(|r| r.chain == name).collect();
+            for (index, (text, exprs)) in expected.iter().enumerate() {
                 match rules.get(index) {
                     None => drift.push(format!(
-                        "chain {} rule {} is missing (`{rule}`)",
-                        spec.name,
+                        "chain {name} rule {} is missing (`{text}`)",
                         index + 1
                     )),
-                    Some(found) if found.get_expressions() != expected.get_expressions() => drift
-                        .push(format!(
-                            "chain {} rule {} differs from `{rule}`",
-                            spec.name,
-                            index + 1
-                        )),
+                    Some(found) if &found.exprs != exprs => drift.push(format!(
+                        "chain {name} rule {} differs from `{text}`",
+                        index + 1
+                    )),
                     Some(_) => {}
                 }
             }
-            if rules.len() > spec.rules.len() {
+            if rules.len() > expected.len() {
                 drift.push(format!(
-                    "chain {} has {} extra rule(s) after rule {}",
-                    spec.name,
-                    rules.len() - spec.rules.len(),
-                    spec.rules.len()
+                    "chain {name} has {} extra rule(s) after rule {}",
+                    rules.len() - expected.len(),
+                    expected.len()
                 ));
             }
+        };
+        for spec in &self.chains {
+            let want = spec.to_chain();
+            let mut expected = Vec::new();
+            for rule in &spec.rules {
+                expected.push((rule.to_string(), canonical_rule(&rule.to_rule(&want)?)));
+            }
+            let kind = format!(
+                "a nat chain at {} priority {NAT_PRIORITY} with policy accept",
+                spec.hook.name()
+            );
+            compare(spec.name, want, kind, expected, &mut drift);
+        }
+        for chain in &self.modes {
+            let expected = chain
+                .rules
+                .iter()
+                .zip(chain.rule_messages())
+                .map(|(rule, msg)| {
+                    let exprs = expr::parse_rules(&msg)
+                        .pop()
+                        .map(|r| r.exprs)
+                        .unwrap_or_default();
+                    (rule.text.clone(), exprs)
+                })
+                .collect();
+            let kind = chain.kind();
+            compare(
+                chain.name,
+                chain.to_chain(&table()),
+                kind,
+                expected,
+                &mut drift,
+            );
         }
         for chain in &chains {
             let name = chain.get_name().map_or("", String::as_str);
-            if !self.chains.iter().any(|spec| spec.name == name) {
+            if !self.chains.iter().any(|spec| spec.name == name)
+                && !self.modes.iter().any(|m| m.name == name)
+            {
                 drift.push(format!("unexpected chain {name}"));
             }
         }
@@ -680,6 +714,16 @@ fn few(items: &[String]) -> String {
     text
 }
 
+/// A rustables rule's expressions as `expr::parse_rules` reads them, to compare with a dump.
+fn canonical_rule(rule: &rustables::Rule) -> Vec<expr::Canonical> {
+    let mut batch = Batch::new();
+    batch.add(rule, MsgType::Add);
+    expr::parse_rules(&batch.finalize())
+        .pop()
+        .map(|r| r.exprs)
+        .unwrap_or_default()
+}
+
 /// NFT_TABLE_F_DORMANT: the table exists but none of its chains are hooked.
 const TABLE_F_DORMANT: u32 = 1;
 
@@ -716,28 +760,6 @@ fn is_inet_chain(listed: &Chain) -> bool {
     }
     if let Some(userdata) = listed.get_userdata() {
         probe.set_userdata(userdata.clone());
-    }
-    *listed == probe
-}
-
-fn is_inet_rule(listed: &rustables::Rule, chain: &Chain) -> bool {
-    let Ok(mut probe) = rustables::Rule::new(chain) else {
-        return false;
-    };
-    if let Some(handle) = listed.get_handle() {
-        probe.set_handle(*handle);
-    }
-    if let Some(exprs) = listed.get_expressions() {
-        probe.set_expressions(exprs.clone());
-    }
-    if let Some(position) = listed.get_position() {
-        probe.set_position(*position);
-    }
-    if let Some(userdata) = listed.get_userdata() {
-        probe.set_userdata(userdata.clone());
-    }
-    if let Some(id) = listed.get_id() {
-        probe.set_id(*id);
     }
     *listed == probe
 }
@@ -865,8 +887,50 @@ impl Match {
             // The kernel keeps socket UIDs and GIDs in host byte order.
             Match::SkUid(uid) => meta_eq(MetaType::SkUid, uid.to_ne_bytes()).into(),
             Match::SkGid(gid) => meta_eq(MetaType::SkGid, gid.to_ne_bytes()).into(),
+            Match::SkUidNot(uid) => meta_cmp(MetaType::SkUid, CmpOp::Neq, uid.to_ne_bytes()).into(),
+            Match::SkGidNot(gid) => meta_cmp(MetaType::SkGid, CmpOp::Neq, gid.to_ne_bytes()).into(),
+            Match::NotFamily(family) => {
+                meta_cmp(MetaType::NfProto, CmpOp::Neq, [family.nfproto() as u8]).into()
+            }
+            Match::TcpDportNot(port) => {
+                let mut exprs = tcp().to_vec();
+                exprs.push(load_dport());
+                exprs.push(Cmp::new(CmpOp::Neq, port.to_be_bytes()).into());
+                exprs
+            }
+            Match::DaddrNot(net) => {
+                let family = Family::of(net.ip());
+                let mut exprs = nfproto_eq(family).to_vec();
+                exprs.push(load_addr(family, false));
+                if net.prefix() < max_prefix(net) {
+                    let mask = ip_bytes(net.mask());
+                    let zero = vec![0u8; mask.len()];
+                    let bitwise = Bitwise::new(mask, zero).map_err(|e| {
+                        Error::backend(format!("cannot build a prefix match for {net}: {e}"))
+                    })?;
+                    exprs.push(bitwise.into());
+                }
+                exprs.push(Cmp::new(CmpOp::Neq, ip_bytes(net.network())).into());
+                exprs
+            }
+            // Names compare over the whole IFNAMSIZ buffer, zero-padded, as nft sends them.
+            Match::Iifname(name) => meta_eq(MetaType::IifName, ifname_bytes(name)).into(),
+            Match::Oifname(name) => meta_eq(MetaType::OifName, ifname_bytes(name)).into(),
         })
     }
+}
+
+fn meta_cmp(key: MetaType, op: CmpOp, value: impl Into<Vec<u8>>) -> [RawExpression; 2] {
+    [Meta::new(key).into(), Cmp::new(op, value).into()]
+}
+
+/// IFNAMSIZ.
+const IFNAMSIZ: usize = 16;
+
+fn ifname_bytes(name: &IfName) -> Vec<u8> {
+    let mut bytes = name.as_str().as_bytes().to_vec();
+    bytes.resize(IFNAMSIZ, 0);
+    bytes
 }
 
 fn max_prefix(net: &IpNetwork) -> u8 {
@@ -878,33 +942,29 @@ fn max_prefix(net: &IpNetwork) -> u8 {
 
 impl Action {
     fn expressions(&self) -> Vec<RawExpression> {
-        // DNAT reads the address from register 1 and the port (2 bytes, big-endian) from 2.
-        let dnat = |family: Family, port: u16| -> [RawExpression; 2] {
-            [
-                Immediate::new_data(port.to_be_bytes().to_vec(), Register::Reg2).into(),
-                Nat::default()
-                    .with_nat_type(NatType::DNat)
-                    .with_family(family.nfproto())
-                    .with_ip_register(Register::Reg1)
-                    .with_port_register(Register::Reg2)
-                    .into(),
-            ]
-        };
         match self {
             Action::Return => vec![Immediate::new_verdict(VerdictKind::Return).into()],
-            Action::DnatOwnDaddr { family, port } => {
-                let mut exprs = nfproto_eq(*family).to_vec();
-                exprs.push(load_addr(*family, false));
-                exprs.extend(dnat(*family, *port));
-                exprs
-            }
-            Action::DnatTo { addr, port } => {
-                let mut exprs = vec![Immediate::new_data(ip_bytes(*addr), Register::Reg1).into()];
-                exprs.extend(dnat(Family::of(*addr), *port));
-                exprs
-            }
+            Action::Redirect(port) => vec![
+                Immediate::new_data(port.to_be_bytes().to_vec(), Register::Reg1).into(),
+                redirect_expression(),
+            ],
         }
     }
+}
+
+/// `redir` with the port in register 1 (rustables 0.9 has no such expression). Its attributes
+/// are NFTA_REDIR_REG_PROTO_MIN = 1, _MAX = 1 and NFTA_REDIR_FLAGS = NF_NAT_RANGE_PROTO_SPECIFIED
+/// (2), numbered 1, 2, 3; rustables' `nat` writes attributes 1, 2, 3 as big-endian u32 too (type
+/// DNAT = 1, family inet = 1, address register 2), so its encoding under the name `redir` is
+/// exactly the one wanted, and exactly what the kernel dumps back (see `same_expressions`).
+fn redirect_expression() -> RawExpression {
+    let attrs = Nat::default()
+        .with_nat_type(NatType::DNat)
+        .with_family(ProtocolFamily::Inet)
+        .with_ip_register(Register::Reg2);
+    RawExpression::default()
+        .with_name("redir")
+        .with_data(ExpressionVariant::Nat(attrs))
 }
 
 /// Prints a network the way nft does: no `/32` or `/128` on a single address.
@@ -934,6 +994,17 @@ impl fmt::Display for Match {
             }
             Match::SkUid(uid) => write!(f, "meta skuid {uid}"),
             Match::SkGid(gid) => write!(f, "meta skgid {gid}"),
+            Match::SkUidNot(uid) => write!(f, "meta skuid != {uid}"),
+            Match::SkGidNot(gid) => write!(f, "meta skgid != {gid}"),
+            Match::NotFamily(Family::Ipv4) => write!(f, "meta nfproto != ipv4"),
+            Match::NotFamily(Family::Ipv6) => write!(f, "meta nfproto != ipv6"),
+            Match::TcpDportNot(port) => write!(f, "tcp dport != {port}"),
+            Match::DaddrNot(net) => {
+                write!(f, "{} daddr != ", Family::of(net.ip()).keyword())?;
+                fmt_net(f, net)
+            }
+            Match::Iifname(name) => write!(f, "iifname \"{name}\""),
+            Match::Oifname(name) => write!(f, "oifname \"{name}\""),
             Match::TcpDportIn(set) => write!(f, "tcp dport @{set}"),
             Match::AddrIn {
                 family,
@@ -951,18 +1022,7 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Return => write!(f, "return"),
-            Action::DnatOwnDaddr { family, port } => {
-                let kw = family.keyword();
-                write!(f, "dnat {kw} to {kw} daddr:{port}")
-            }
-            Action::DnatTo {
-                addr: IpAddr::V4(a),
-                port,
-            } => write!(f, "dnat ip to {a}:{port}"),
-            Action::DnatTo {
-                addr: IpAddr::V6(a),
-                port,
-            } => write!(f, "dnat ip6 to [{a}]:{port}"),
+            Action::Redirect(port) => write!(f, "redirect to :{port}"),
         }
     }
 }
@@ -1002,6 +1062,10 @@ impl fmt::Display for Ruleset {
             }
             writeln!(f, "\t}}")?;
         }
+        for chain in &self.modes {
+            writeln!(f)?;
+            write!(f, "{chain}")?;
+        }
         writeln!(f, "}}")
     }
 }
@@ -1018,6 +1082,11 @@ enum Step {
         index: usize,
         rule: RuleSpec,
     },
+    ModeRule {
+        chain: &'static str,
+        index: usize,
+        text: String,
+    },
 }
 
 impl fmt::Display for Step {
@@ -1028,6 +1097,9 @@ impl fmt::Display for Step {
             Step::Set(name) => write!(f, "set {name}"),
             Step::Rule { chain, index, rule } => {
                 write!(f, "rule {} of chain {chain} (`{rule}`)", index + 1)
+            }
+            Step::ModeRule { chain, index, text } => {
+                write!(f, "rule {} of chain {chain} (`{text}`)", index + 1)
             }
         }
     }
@@ -1080,6 +1152,9 @@ fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
         (Errno::EOPNOTSUPP, Some(Step::Chain(_))) => {
             "nat chains in inet tables need Linux >= 5.2 with nft_chain_nat"
         }
+        (Errno::ENOENT | Errno::EOPNOTSUPP, Some(Step::ModeRule { .. })) => {
+            "an nf_tables expression module is missing (nft_ct with conntrack zones, nft_tproxy, nf_tproxy_ipv4/6)"
+        }
         (Errno::EOPNOTSUPP | Errno::ENOENT, Some(Step::Set(_))) => {
             "interval sets are missing (nf_tables set backends, Linux >= 4.1)"
         }
@@ -1102,7 +1177,7 @@ fn refusal(what: &str, errno: Errno, seq: u32, steps: &[Step]) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts};
 
     fn rules_text(ruleset: &Ruleset, chain: &str) -> Vec<String> {
         ruleset
@@ -1114,16 +1189,19 @@ mod tests {
     }
 
     #[test]
-    fn proxy_ports_are_returned_once_when_equal() {
-        let plan = InterceptPlan {
-            outbound_port: 15006,
-            ..InterceptPlan::with_defaults(Families::BOTH)
-        };
-        let rules = rules_text(&Ruleset::from_plan(&plan), "prerouting");
-        assert_eq!(
-            rules.iter().filter(|r| r.contains("dport 15006")).count(),
-            1
-        );
+    fn one_family_guards_each_chain_and_redirects_name_tcp() {
+        let plan = InterceptPlan::with_defaults(Families {
+            ipv4: false,
+            ipv6: true,
+        });
+        let ruleset = Ruleset::from_plan(&plan);
+        for chain in ["prerouting", "output"] {
+            let rules = rules_text(&ruleset, chain);
+            assert_eq!(rules[0], "meta nfproto != ipv6 return", "{rules:?}");
+            for rule in rules.iter().filter(|r| r.contains("redirect")) {
+                assert!(rule.starts_with("meta l4proto tcp "), "{rule}");
+            }
+        }
     }
 
     #[test]

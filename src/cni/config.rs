@@ -11,7 +11,10 @@ use crate::agent::events;
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use crate::host::Policy as HostPolicy;
 use crate::logging;
-use crate::plan::{Families, InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use crate::plan::{
+    DnsCapture, Families, IfName, InboundPorts, InterceptPlan, InterceptionMode, OutboundCidrs,
+    PortRange, Semantics, Tproxy,
+};
 use ipnetwork::IpNetwork;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -67,10 +70,11 @@ pub struct Attachment {
 /// a copy of these, then `build_plan` validates the combination once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanSettings {
+    pub semantics: Semantics,
     pub inbound_port: u16,
     pub outbound_port: u16,
-    pub proxy_uid: u32,
-    pub proxy_gid: Option<u32>,
+    pub proxy_uids: Vec<u32>,
+    pub proxy_gids: Vec<u32>,
     pub exclude_inbound_ports: Vec<PortRange>,
     /// Inbound connections from these sources are not redirected (Linkerd's skip-subnets).
     pub exclude_inbound_sources: Vec<IpNetwork>,
@@ -80,21 +84,47 @@ pub struct PlanSettings {
     pub exclude_outbound_cidrs: Vec<IpNetwork>,
     /// `None`: every destination; `Some`: only these.
     pub include_outbound_cidrs: Option<Vec<IpNetwork>>,
+    // Modes (see `plan::InterceptPlan`).
+    pub dns_capture: bool,
+    pub interception_mode: ModeKey,
+    pub drop_invalid: bool,
+    pub include_outbound_ports: Vec<PortRange>,
+    pub exclude_interfaces: Vec<IfName>,
+    pub reroute_interfaces: Vec<IfName>,
+    /// Whether the proxy serves IPv6 (`None`: the mesh's default, see `families_for`).
+    pub dual_stack: Option<bool>,
+}
+
+/// `interceptionMode` (Istio's names; NONE is a per-pod opt-out handled by the policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ModeKey {
+    #[serde(rename = "REDIRECT")]
+    Redirect,
+    #[serde(rename = "TPROXY")]
+    Tproxy,
 }
 
 impl Default for PlanSettings {
     fn default() -> Self {
         PlanSettings {
+            semantics: Semantics::Own,
             inbound_port: 15006,
             outbound_port: 15001,
-            proxy_uid: 1337,
-            proxy_gid: None,
+            proxy_uids: vec![1337],
+            proxy_gids: Vec::new(),
             exclude_inbound_ports: Vec::new(),
             exclude_inbound_sources: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             include_inbound_ports: None,
             exclude_outbound_cidrs: Vec::new(),
             include_outbound_cidrs: None,
+            dns_capture: false,
+            interception_mode: ModeKey::Redirect,
+            drop_invalid: false,
+            include_outbound_ports: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            reroute_interfaces: Vec::new(),
+            dual_stack: None,
         }
     }
 }
@@ -102,7 +132,9 @@ impl Default for PlanSettings {
 impl PlanSettings {
     /// Rules that span several keys (each key alone was checked while decoding).
     pub fn validate(&self) -> Result<()> {
-        if self.inbound_port == self.outbound_port {
+        // The meshes accept equal ports (Linkerd's own tests use them); a plain pod's unknown
+        // proxy could not tell its two directions apart.
+        if self.semantics == Semantics::Own && self.inbound_port == self.outbound_port {
             return Err(Error::config(format!(
                 "inboundPort and outboundPort must differ (both are {})",
                 self.inbound_port
@@ -117,10 +149,11 @@ impl PlanSettings {
 /// Istio's and Linkerd's annotations replace their installation defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SettingsOverlay {
+    pub semantics: Option<Semantics>,
     pub inbound_port: Option<u16>,
     pub outbound_port: Option<u16>,
-    pub proxy_uid: Option<u32>,
-    pub proxy_gid: Option<u32>,
+    pub proxy_uids: Option<Vec<u32>>,
+    pub proxy_gids: Option<Vec<u32>>,
     pub exclude_inbound_ports: Option<Vec<PortRange>>,
     pub exclude_inbound_sources: Option<Vec<IpNetwork>>,
     pub exclude_outbound_ports: Option<Vec<PortRange>>,
@@ -129,6 +162,16 @@ pub struct SettingsOverlay {
     pub exclude_outbound_cidrs: Option<Vec<IpNetwork>>,
     /// `Some(None)`: every destination again (Istio's `*`).
     pub include_outbound_cidrs: Option<Option<Vec<IpNetwork>>>,
+    pub dns_capture: Option<bool>,
+    pub interception_mode: Option<ModeKey>,
+    pub drop_invalid: Option<bool>,
+    pub include_outbound_ports: Option<Vec<PortRange>>,
+    pub exclude_interfaces: Option<Vec<IfName>>,
+    pub reroute_interfaces: Option<Vec<IfName>>,
+    pub dual_stack: Option<bool>,
+    /// Added to the inbound exclusions below instead of replacing them (linkerd-cni appends
+    /// `config.linkerd.io/skip-inbound-ports` to its configured list).
+    pub more_exclude_inbound_ports: Vec<PortRange>,
 }
 
 impl SettingsOverlay {
@@ -138,13 +181,14 @@ impl SettingsOverlay {
                 *slot = v.clone();
             }
         }
+        set(&mut s.semantics, &self.semantics);
         set(&mut s.inbound_port, &self.inbound_port);
         set(&mut s.outbound_port, &self.outbound_port);
-        set(&mut s.proxy_uid, &self.proxy_uid);
-        if let Some(gid) = self.proxy_gid {
-            s.proxy_gid = Some(gid);
-        }
+        set(&mut s.proxy_uids, &self.proxy_uids);
+        set(&mut s.proxy_gids, &self.proxy_gids);
         set(&mut s.exclude_inbound_ports, &self.exclude_inbound_ports);
+        s.exclude_inbound_ports
+            .extend_from_slice(&self.more_exclude_inbound_ports);
         set(
             &mut s.exclude_inbound_sources,
             &self.exclude_inbound_sources,
@@ -153,6 +197,15 @@ impl SettingsOverlay {
         set(&mut s.include_inbound_ports, &self.include_inbound_ports);
         set(&mut s.exclude_outbound_cidrs, &self.exclude_outbound_cidrs);
         set(&mut s.include_outbound_cidrs, &self.include_outbound_cidrs);
+        set(&mut s.dns_capture, &self.dns_capture);
+        set(&mut s.interception_mode, &self.interception_mode);
+        set(&mut s.drop_invalid, &self.drop_invalid);
+        set(&mut s.include_outbound_ports, &self.include_outbound_ports);
+        set(&mut s.exclude_interfaces, &self.exclude_interfaces);
+        set(&mut s.reroute_interfaces, &self.reroute_interfaces);
+        if self.dual_stack.is_some() {
+            s.dual_stack = self.dual_stack;
+        }
     }
 }
 
@@ -218,6 +271,13 @@ const KNOWN_KEYS: &[&str] = &[
     "includeInboundPorts",
     "excludeOutboundCIDRs",
     "includeOutboundCIDRs",
+    "dnsCapture",
+    "interceptionMode",
+    "dropInvalid",
+    "includeOutboundPorts",
+    "excludeInterfaces",
+    "rerouteInterfaces",
+    "dualStack",
     "stateDir",
     "logLevel",
     "logFile",
@@ -332,6 +392,39 @@ fn cidr_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IpNetwork
                 return Err(invalid(key, item, "must be a CIDR string"));
             };
             parse_cidr(s).map_err(|why| invalid(key, item, why))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// A proxy UID or GID: one number or a list of them (the proxy may run under several).
+fn id_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<u32>>> {
+    let Some(v) = obj.get(key).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let items = match v {
+        Value::Array(items) => items.as_slice(),
+        one => std::slice::from_ref(one),
+    };
+    if items.is_empty() || items.len() > crate::policy::MAX_LIST_ITEMS {
+        return Err(invalid(key, v, "must be an ID or a list of 1-256 IDs"));
+    }
+    items
+        .iter()
+        .map(|item| u32::deserialize(item).map_err(|e| invalid(key, item, e)))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn interface_list(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<IfName>>> {
+    let Some(items) = field::<Vec<Value>>(obj, key)? else {
+        return Ok(None);
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::String(s) => s.parse::<IfName>().map_err(|why| invalid(key, item, why)),
+            _ => Err(invalid(key, item, "must be an interface name")),
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
@@ -482,14 +575,22 @@ impl NetConf {
         let netconf_settings = SettingsOverlay {
             inbound_port: port(obj, "inboundPort")?,
             outbound_port: port(obj, "outboundPort")?,
-            proxy_uid: field(obj, "proxyUID")?,
-            proxy_gid: field(obj, "proxyGID")?,
+            proxy_uids: id_list(obj, "proxyUID")?,
+            proxy_gids: id_list(obj, "proxyGID")?,
             exclude_inbound_ports: port_list(obj, "excludeInboundPorts")?,
             exclude_inbound_sources: cidr_list(obj, "excludeInboundSourceCIDRs")?,
             exclude_outbound_ports: port_list(obj, "excludeOutboundPorts")?,
             include_inbound_ports: port_list(obj, "includeInboundPorts")?.map(Some),
             exclude_outbound_cidrs: cidr_list(obj, "excludeOutboundCIDRs")?,
             include_outbound_cidrs: cidr_list(obj, "includeOutboundCIDRs")?.map(Some),
+            dns_capture: field(obj, "dnsCapture")?,
+            interception_mode: field(obj, "interceptionMode")?,
+            drop_invalid: field(obj, "dropInvalid")?,
+            include_outbound_ports: port_list(obj, "includeOutboundPorts")?,
+            exclude_interfaces: interface_list(obj, "excludeInterfaces")?,
+            reroute_interfaces: interface_list(obj, "rerouteInterfaces")?,
+            dual_stack: field(obj, "dualStack")?,
+            ..SettingsOverlay::default()
         };
         let mut settings = PlanSettings::default();
         netconf_settings.apply_to(&mut settings);
@@ -604,13 +705,36 @@ fn normalize_cidrs(cidrs: &[IpNetwork]) -> Vec<IpNetwork> {
     kept
 }
 
-/// The one step from settings (config, possibly overlaid by a per-pod policy) to a plan.
-/// (Every backend itself keeps the proxy's own ports from being redirected to the proxy.)
-pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<InterceptPlan> {
+/// The families to program: the pod's, less IPv6 when its proxy does not serve IPv6. istio-cni
+/// programs IPv4 always and IPv6 only with dual-stack or an IPv6-first pod (istio/istio
+/// `tools/common/config/config.go`, getLocalIP); linkerd-cni only with its `ipv6` switch, off by
+/// default; a plain pod gets the families it has unless `dualStack` is false.
+fn families_for(settings: &PlanSettings, pod: Families, ipv6_first: bool) -> Families {
+    let ipv6 = pod.ipv6
+        && match settings.semantics {
+            Semantics::Istio => settings.dual_stack == Some(true) || ipv6_first,
+            Semantics::Linkerd => settings.dual_stack == Some(true),
+            Semantics::Own => settings.dual_stack != Some(false),
+        };
+    let ipv4 = pod.ipv4 || settings.semantics == Semantics::Istio;
+    Families { ipv4, ipv6 }
+}
+
+/// The one step from settings (config, possibly overlaid by a per-pod policy) to a plan, for a
+/// pod with addresses in `pod` (`ipv6_first`: its first address is IPv6).
+pub fn build_plan(
+    settings: &PlanSettings,
+    pod: Families,
+    ipv6_first: bool,
+) -> Result<InterceptPlan> {
     settings.validate()?;
     let inbound_excluded = &settings.exclude_inbound_ports;
     let inbound_ports = match &settings.include_inbound_ports {
         None => InboundPorts::AllExcept(normalize_ports(inbound_excluded)),
+        // istio-iptables redirects an include list as it is, exclusions ignored.
+        Some(include) if settings.semantics == Semantics::Istio && !include.is_empty() => {
+            InboundPorts::Only(normalize_ports(include))
+        }
         Some(include) => {
             let only = subtract_ports(include, inbound_excluded);
             if only.is_empty() {
@@ -628,17 +752,52 @@ pub fn build_plan(settings: &PlanSettings, families: Families) -> Result<Interce
             exclude: exclude_cidrs,
         },
     };
+    let mut uids = settings.proxy_uids.clone();
+    let mut gids = settings.proxy_gids.clone();
+    if settings.semantics == Semantics::Linkerd {
+        // proxy-init writes its owner rules only for IDs above 0.
+        uids.retain(|&id| id > 0);
+        gids.retain(|&id| id > 0);
+    }
+    dedup_keep_order(&mut uids);
+    dedup_keep_order(&mut gids);
     Ok(InterceptPlan {
         inbound_port: settings.inbound_port,
         outbound_port: settings.outbound_port,
-        proxy_uid: settings.proxy_uid,
-        proxy_gid: settings.proxy_gid,
+        proxy_uids: uids,
+        proxy_gids: gids,
         inbound_ports,
         exclude_inbound_sources: normalize_cidrs(&settings.exclude_inbound_sources),
         exclude_outbound_ports: normalize_ports(&settings.exclude_outbound_ports),
         outbound_cidrs,
-        families,
+        include_outbound_ports: normalize_ports(&settings.include_outbound_ports),
+        exclude_interfaces: dedup_sorted(&settings.exclude_interfaces),
+        reroute_interfaces: dedup_sorted(&settings.reroute_interfaces),
+        semantics: settings.semantics,
+        families: families_for(settings, pod, ipv6_first),
+        dns: settings.dns_capture.then(DnsCapture::istio),
+        mode: match settings.interception_mode {
+            ModeKey::Redirect => InterceptionMode::Redirect,
+            ModeKey::Tproxy => InterceptionMode::Tproxy(Tproxy::istio()),
+        },
+        drop_invalid: settings.drop_invalid,
     })
+}
+
+fn dedup_keep_order<T: PartialEq + Copy>(list: &mut Vec<T>) {
+    let mut seen = Vec::with_capacity(list.len());
+    list.retain(|x| {
+        let new = !seen.contains(x);
+        seen.push(*x);
+        new
+    });
+}
+
+fn dedup_sorted(list: &[IfName]) -> Vec<IfName> {
+    let mut out = list.to_vec();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
@@ -702,7 +861,10 @@ mod tests {
         assert_eq!(conf.exclude_namespaces, ["kube-system", "istio-system"]);
         let s = &conf.settings;
         assert_eq!((s.inbound_port, s.outbound_port), (15106, 15101));
-        assert_eq!((s.proxy_uid, s.proxy_gid), (2000, Some(0)));
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![2000], vec![0])
+        );
         assert_eq!(s.exclude_inbound_ports, ports(&[(22, 22), (15020, 15021)]));
         assert_eq!(s.exclude_inbound_sources, nets(&["10.96.0.0/12"]));
         assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
@@ -763,6 +925,35 @@ mod tests {
         assert_eq!(conf.backend, BackendChoice::Auto);
         let conf = parse(br#"{"inboundPort": null, "proxyGID": null}"#).unwrap();
         assert_eq!(conf.settings, PlanSettings::default());
+    }
+
+    #[test]
+    fn mesh_keys_parse() {
+        let conf = parse(
+            br#"{"proxyUID": [1337, 1338], "proxyGID": 7, "includeOutboundPorts": [9999],
+                 "excludeInterfaces": ["net1"], "rerouteInterfaces": ["tap0"], "dualStack": false}"#,
+        )
+        .unwrap();
+        let s = &conf.settings;
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![1337, 1338], vec![7])
+        );
+        assert_eq!(s.include_outbound_ports, ports(&[(9999, 9999)]));
+        assert_eq!(s.exclude_interfaces[0].as_str(), "net1");
+        assert_eq!(s.reroute_interfaces[0].as_str(), "tap0");
+        assert_eq!(s.dual_stack, Some(false));
+        for bad in [
+            r#"{"proxyUID": []}"#,
+            r#"{"proxyGID": [-1]}"#,
+            r#"{"rerouteInterfaces": [""]}"#,
+        ] {
+            assert_eq!(
+                parse(bad.as_bytes()).unwrap_err().code,
+                Code::InvalidConfig,
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -838,6 +1029,12 @@ mod tests {
             ("host-prerequisites", "hostPrerequisites"),
             ("prev-result-not-object", "prevResult"),
             ("gc-attachments-shape", "cni.dev/valid-attachments"),
+            (
+                "exclude-interfaces",
+                "excludeInterfaces: invalid value \"eth0 -j ACCEPT\"",
+            ),
+            ("proxy-uid-list", "proxyUID: invalid value \"x\""),
+            ("dual-stack", "dualStack: invalid value \"yes\""),
         ];
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/config");
         let on_disk = std::fs::read_dir(dir)
@@ -889,7 +1086,7 @@ mod tests {
 
     #[test]
     fn default_settings_give_the_default_plan() {
-        let plan = build_plan(&PlanSettings::default(), Families::BOTH).unwrap();
+        let plan = build_plan(&PlanSettings::default(), Families::BOTH, false).unwrap();
         assert_eq!(plan, InterceptPlan::with_defaults(Families::BOTH));
     }
 
@@ -905,7 +1102,7 @@ mod tests {
             ipv4: true,
             ipv6: false,
         };
-        let plan = build_plan(&settings, v4).unwrap();
+        let plan = build_plan(&settings, v4, false).unwrap();
         assert_eq!(plan.families, v4);
         assert_eq!(
             plan.inbound_ports,
@@ -922,7 +1119,7 @@ mod tests {
             exclude_inbound_ports: ports(&[(1, 65535)]),
             ..PlanSettings::default()
         };
-        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        let plan = build_plan(&settings, Families::BOTH, false).unwrap();
         assert_eq!(
             plan.inbound_ports,
             InboundPorts::AllExcept(ports(&[(1, 65535)]))
@@ -937,7 +1134,7 @@ mod tests {
                 include_inbound_ports: Some(include.clone()),
                 ..PlanSettings::default()
             };
-            let plan = build_plan(&settings, Families::BOTH).unwrap();
+            let plan = build_plan(&settings, Families::BOTH, false).unwrap();
             assert_eq!(plan.inbound_ports, InboundPorts::None, "{include:?}");
         }
     }
@@ -948,7 +1145,7 @@ mod tests {
             exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.0.0.0/8", "fd00::/8", "10.0.0.0/8"]),
             ..PlanSettings::default()
         };
-        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        let plan = build_plan(&settings, Families::BOTH, false).unwrap();
         assert_eq!(
             plan.outbound_cidrs,
             OutboundCidrs::AllExcept(nets(&["10.0.0.0/8", "fd00::/8"]))
@@ -958,7 +1155,7 @@ mod tests {
             exclude_outbound_cidrs: nets(&["192.168.1.0/24"]),
             ..PlanSettings::default()
         };
-        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        let plan = build_plan(&settings, Families::BOTH, false).unwrap();
         assert_eq!(
             plan.outbound_cidrs,
             OutboundCidrs::Only {
@@ -984,13 +1181,13 @@ mod tests {
     #[test]
     fn an_overlay_keeps_what_it_does_not_set() {
         let mut s = PlanSettings {
-            proxy_gid: Some(7),
+            proxy_gids: vec![7],
             include_inbound_ports: Some(ports(&[(80, 80)])),
             exclude_outbound_ports: ports(&[(53, 53)]),
             ..PlanSettings::default()
         };
         SettingsOverlay::default().apply_to(&mut s);
-        assert_eq!(s.proxy_gid, Some(7));
+        assert_eq!(s.proxy_gids, vec![7]);
         let overlay = SettingsOverlay {
             outbound_port: Some(4140),
             include_inbound_ports: Some(None),
@@ -1004,7 +1201,7 @@ mod tests {
         assert_eq!(s.include_inbound_ports, None);
         assert!(s.exclude_outbound_ports.is_empty());
         assert_eq!(s.exclude_inbound_sources, nets(&["10.0.0.0/8"]));
-        assert_eq!(s.proxy_gid, Some(7));
+        assert_eq!(s.proxy_gids, vec![7]);
     }
 
     #[test]
@@ -1013,7 +1210,7 @@ mod tests {
             exclude_inbound_sources: nets(&["10.1.0.0/16", "fd00::/8", "10.0.0.0/8"]),
             ..PlanSettings::default()
         };
-        let plan = build_plan(&settings, Families::BOTH).unwrap();
+        let plan = build_plan(&settings, Families::BOTH, false).unwrap();
         assert_eq!(
             plan.exclude_inbound_sources,
             nets(&["10.0.0.0/8", "fd00::/8"])
@@ -1026,7 +1223,7 @@ mod tests {
             outbound_port: 15006,
             ..PlanSettings::default()
         };
-        let e = build_plan(&settings, Families::BOTH).unwrap_err();
+        let e = build_plan(&settings, Families::BOTH, false).unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
     }
 }

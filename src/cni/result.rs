@@ -66,6 +66,17 @@ pub fn families(prev_result: &Value) -> Result<Families> {
     Ok(found)
 }
 
+/// Whether the pod's first address is IPv6 (istio-cni then programs IPv6 without dual-stack).
+pub fn ipv6_first(prev_result: &Value) -> bool {
+    prev_result
+        .get("ips")
+        .and_then(Value::as_array)
+        .and_then(|ips| ips.first())
+        .and_then(|ip| ip.get("address"))
+        .and_then(Value::as_str)
+        .is_some_and(|a| a.contains(':'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! `intercept-cni doctor`: the host check for the backend the plugin will use, as a table or as
 //! JSON. Its help text is `usage::DOCTOR`.
 
-use super::{choose, HostRoot, Report};
+use super::{choose, HostRoot, Modes, Report};
 use crate::backend::{BackendChoice, BackendOptions, IptablesMode};
 use serde::Serialize;
 use std::io::Write;
@@ -12,6 +12,8 @@ use std::path::PathBuf;
 struct Options {
     choice: BackendChoice,
     ipv6: bool,
+    /// The modes a config asks for: their modules become required.
+    modes: Modes,
     host_root: Option<PathBuf>,
     json: bool,
 }
@@ -44,6 +46,8 @@ pub fn doctor_main(args: &[String]) -> i32 {
         options.ipv6,
         probe,
     );
+    let mut chosen = chosen;
+    chosen.report.require_modes(options.ipv6, options.modes);
     let report = &chosen.report;
     let text = if options.json {
         let view = JsonReport {
@@ -75,6 +79,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
         choice: BackendChoice::Auto,
         ipv6: false,
+        modes: Modes::default(),
         host_root: None,
         json: false,
     };
@@ -106,6 +111,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 options.host_root = Some(PathBuf::from(dir));
             }
             "--ipv6" => options.ipv6 = true,
+            "--dns-capture" => options.modes.dns = true,
+            "--tproxy" => options.modes.tproxy = true,
+            "--drop-invalid" => options.modes.drop_invalid = true,
             "--json" => options.json = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -209,6 +217,7 @@ mod tests {
             Options {
                 choice: BackendChoice::Auto,
                 ipv6: false,
+                modes: Modes::default(),
                 host_root: None,
                 json: false
             }
@@ -236,6 +245,8 @@ mod tests {
         assert_eq!(o.host_root, Some(PathBuf::from("/")));
         let o = parse(&args(&["--backend", "iptables"])).unwrap();
         assert_eq!(o.choice, BackendChoice::Iptables(None));
+        let o = parse(&args(&["--dns-capture", "--tproxy", "--drop-invalid"])).unwrap();
+        assert!(o.modes.dns && o.modes.tproxy && o.modes.drop_invalid);
         let o = parse(&args(&["--backend", "iptables", "--iptables-mode", "auto"])).unwrap();
         assert_eq!(o.choice, BackendChoice::Iptables(None));
         let o = parse(&args(&["--backend", "nftables"])).unwrap();

@@ -38,6 +38,7 @@ use crate::backend::{BackendKind, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::{Families, InterceptPlan};
 use detect::{Evidence, Finding, Sources, Tristate};
+pub use modules::Modes;
 use modules::{KernelVersion, Requirement};
 use serde::{Deserialize, Serialize};
 
@@ -281,6 +282,20 @@ fn remedy(finding: &Finding, (module, symbol): (&str, &str), release: Option<&st
 }
 
 impl Report {
+    /// Marks the modules the rules of `modes` need as required (for a config that asks for
+    /// them) and sums the report up again.
+    pub fn require_modes(&mut self, ipv6: bool, modes: Modes) {
+        if !modes.any() {
+            return;
+        }
+        for m in &mut self.modules {
+            if Requirement::find(&m.name).is_some_and(|r| r.required_by(ipv6, modes)) {
+                m.required = true;
+            }
+        }
+        self.summarize();
+    }
+
     /// Only unverified modules stand between this report and a pass: the probe can decide.
     fn needs_probe(&self) -> bool {
         let failing = self.required_missing();
@@ -490,7 +505,7 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(
-            text.contains("nft_nat is missing (/boot/config-5.10.162+ has no CONFIG_NFT_NAT)"),
+            text.contains("nft_redir is missing (/boot/config-5.10.162+ has no CONFIG_NFT_REDIR)"),
             "{text}"
         );
         assert!(!check(IPT_NFT, false, &root).ok);
@@ -605,7 +620,7 @@ pub(crate) mod tests {
             )
         );
         assert_eq!(state(&r, "nf_conntrack").0, ModuleState::Builtin);
-        assert_eq!(module(&r, "nft_nat").evidence, Evidence::Unverified);
+        assert_eq!(module(&r, "nft_redir").evidence, Evidence::Unverified);
         assert!(
             problems(&r).contains("without --host-root"),
             "{}",
@@ -616,10 +631,10 @@ pub(crate) mod tests {
         let mut passed = r.clone();
         passed.confirm_by_probe();
         assert!(passed.ok, "{}", problems(&passed));
-        assert!(module(&passed, "nft_nat")
+        assert!(module(&passed, "nft_redir")
             .source
             .starts_with("functional probe"));
-        assert_eq!(module(&passed, "nft_nat").state, ModuleState::Builtin);
+        assert_eq!(module(&passed, "nft_redir").state, ModuleState::Builtin);
         // Optional modules are not the probe's business.
         assert_eq!(module(&passed, "nft_socket").state, ModuleState::Missing);
 
@@ -763,7 +778,7 @@ pub(crate) mod tests {
     #[test]
     fn probe_decides_what_the_files_cannot() {
         for (kind, probed) in [
-            (NFT, "nft_nat"),
+            (NFT, "nft_redir"),
             (LEGACY, "iptable_nat"),
             (IPT_NFT, "xt_owner"),
         ] {

@@ -1,7 +1,8 @@
 //! The kernel modules each backend needs: one table per backend and iptables mode, filtered by
 //! IP family and feature. Derived from the Istio platform requirements (the seed) and from what
-//! our REDIRECT-mode rules really use; the seed's modules for features we do not implement
-//! (TPROXY, DNS capture, ambient mode, node bridging) are listed as not required, for reference.
+//! our REDIRECT-mode rules really use. The modules of DNS capture, TPROXY and INVALID drop are
+//! required only when a config asks for those modes (`Modes`); the seed's modules for features
+//! we do not implement (ambient mode, node bridging) are listed as not required, for reference.
 //!
 //! Module names changed over kernel history; each rename below was checked against the kernel
 //! sources and their commit history:
@@ -75,13 +76,59 @@ pub enum Family {
     Ipv6,
 }
 
-/// What a module serves. Only `Redirect` (our rules) makes a module required.
+/// What a module serves. `Redirect` (our default rules) makes a module required; `Mode`, only
+/// when one of its modes is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feature {
     /// The rules this plugin installs.
     Redirect,
+    /// Rules of the modes that a config turns on.
+    Mode(Modes),
     /// Features of other meshes' rules that this plugin does not install.
     NotUsed,
+}
+
+/// The modes beyond TCP REDIRECT a config asks for (or a module serves).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Modes {
+    pub dns: bool,
+    pub tproxy: bool,
+    pub drop_invalid: bool,
+}
+
+impl Modes {
+    const DNS: Modes = Modes {
+        dns: true,
+        tproxy: false,
+        drop_invalid: false,
+    };
+    const TPROXY: Modes = Modes {
+        dns: false,
+        tproxy: true,
+        drop_invalid: false,
+    };
+    /// Connection state and marks: TPROXY and INVALID drop.
+    const CONNTRACK: Modes = Modes {
+        dns: false,
+        tproxy: true,
+        drop_invalid: true,
+    };
+    /// The ct expression: zones (DNS), state and marks (TPROXY, INVALID drop).
+    const ALL: Modes = Modes {
+        dns: true,
+        tproxy: true,
+        drop_invalid: true,
+    };
+
+    fn meets(self, other: Modes) -> bool {
+        (self.dns && other.dns)
+            || (self.tproxy && other.tproxy)
+            || (self.drop_invalid && other.drop_invalid)
+    }
+
+    pub fn any(self) -> bool {
+        self.meets(Modes::ALL)
+    }
 }
 
 /// A module that newer kernels fold into another one.
@@ -110,6 +157,12 @@ impl Requirement {
     /// Required for this pod family on the plugin's own rules.
     pub fn required(&self, ipv6: bool) -> bool {
         self.feature == Feature::Redirect && (self.family == Family::Any || ipv6)
+    }
+
+    /// Required by the rules of `modes` for this pod family.
+    pub fn required_by(&self, ipv6: bool, modes: Modes) -> bool {
+        matches!(self.feature, Feature::Mode(serves) if serves.meets(modes))
+            && (self.family == Family::Any || ipv6)
     }
 
     /// The table row for `name`, in any backend's table.
@@ -147,7 +200,7 @@ const fn since(mut r: Requirement, version: KernelVersion) -> Requirement {
 }
 
 use Family::{Any, Ipv6};
-use Feature::{NotUsed, Redirect};
+use Feature::{Mode, NotUsed, Redirect};
 
 const V4_19: KernelVersion = KernelVersion::new(4, 19);
 const V5_1: KernelVersion = KernelVersion::new(5, 1);
@@ -184,13 +237,23 @@ const NFT_NAT_CHAINS: &[Requirement] = &[
 
 #[rustfmt::skip]
 const NFTABLES: &[Requirement] = &[
-    row("nft_nat", "NFT_NAT", Any, Redirect, "dnat to the proxy ports"),
-    row("nft_ct", "NFT_CT", Any, NotUsed,
-        "ct expression: conntrack matches (Istio), not used here"),
-    row("nft_redir", "NFT_REDIR", Any, NotUsed,
-        "redirect statement (Istio's rules; ours use dnat)"),
-    row("nft_socket", "NFT_SOCKET", Any, NotUsed, "TPROXY interception (Istio), not used here"),
-    row("nft_tproxy", "NFT_TPROXY", Any, NotUsed, "TPROXY interception (Istio), not used here"),
+    row("nft_nat", "NFT_NAT", Any, Mode(Modes::DNS), "nat expression: DNS capture's dnat"),
+    row("nft_ct", "NFT_CT", Any, Mode(Modes::ALL),
+        "ct expression: DNS capture's conntrack zones, TPROXY's and INVALID drop's state and marks"),
+    row("nft_redir", "NFT_REDIR", Any, Redirect, "redirect to the proxy ports"),
+    row("nft_socket", "NFT_SOCKET", Any, NotUsed,
+        "socket expression (other TPROXY rule sets), not used here"),
+    row("nft_tproxy", "NFT_TPROXY", Any, Mode(Modes::TPROXY),
+        "tproxy statement: TPROXY interception"),
+];
+
+/// The transparent-proxy core both `nft_tproxy` and `xt_TPROXY` use.
+#[rustfmt::skip]
+const TPROXY_CORE: &[Requirement] = &[
+    row("nf_tproxy_ipv4", "NF_TPROXY_IPV4", Any, Mode(Modes::TPROXY),
+        "TPROXY socket lookup (IPv4)"),
+    row("nf_tproxy_ipv6", "NF_TPROXY_IPV6", Ipv6, Mode(Modes::TPROXY),
+        "TPROXY socket lookup (IPv6)"),
 ];
 
 /// xtables matches and targets, shared by both iptables modes.
@@ -206,12 +269,16 @@ const XTABLES: &[Requirement] = &[
         "REDIRECT target to the proxy ports"),
     merged(row("nf_nat_redirect", "NF_NAT_REDIRECT", Any, Redirect,
         "REDIRECT address selection"), "nf_nat", V5_1),
-    row("xt_conntrack", "NETFILTER_XT_MATCH_CONNTRACK", Any, NotUsed,
-        "conntrack matches (Istio), not used here"),
-    row("xt_mark", "NETFILTER_XT_MARK", Any, NotUsed,
-        "TPROXY and ambient mode (Istio), not used here"),
-    row("xt_connmark", "NETFILTER_XT_CONNMARK", Any, NotUsed,
-        "TPROXY and ambient mode (Istio), not used here"),
+    row("xt_conntrack", "NETFILTER_XT_MATCH_CONNTRACK", Any, Mode(Modes::CONNTRACK),
+        "--ctstate: TPROXY's established connections, INVALID drop"),
+    row("xt_mark", "NETFILTER_XT_MARK", Any, Mode(Modes::TPROXY),
+        "MARK and --mark: TPROXY's divert marks"),
+    row("xt_connmark", "NETFILTER_XT_CONNMARK", Any, Mode(Modes::TPROXY),
+        "CONNMARK: TPROXY's marks kept in the connection"),
+    row("xt_TPROXY", "NETFILTER_XT_TARGET_TPROXY", Any, Mode(Modes::TPROXY),
+        "TPROXY target: TPROXY interception"),
+    row("xt_CT", "NETFILTER_XT_TARGET_CT", Any, Mode(Modes::DNS),
+        "CT --zone: DNS capture's conntrack zones"),
     row("ip_set", "IP_SET", Any, NotUsed, "ambient mode (Istio), not used here"),
     row("ip_set_hash_ip", "IP_SET_HASH_IP", Any, NotUsed, "ambient mode (Istio), not used here"),
     row("br_netfilter", "BRIDGE_NETFILTER", Any, NotUsed,
@@ -225,14 +292,14 @@ const IPTABLES_LEGACY: &[Requirement] = &[
     row("ip6_tables", "IP6_NF_IPTABLES", Ipv6, Redirect, "ip6tables-legacy (IPv6)"),
     row("iptable_nat", "IP_NF_NAT", Any, Redirect, "the IPv4 nat table"),
     row("ip6table_nat", "IP6_NF_NAT", Ipv6, Redirect, "the IPv6 nat table"),
-    row("iptable_mangle", "IP_NF_MANGLE", Any, NotUsed,
-        "mangle table: TPROXY (Istio), not used here"),
-    row("ip6table_mangle", "IP6_NF_MANGLE", Ipv6, NotUsed,
-        "mangle table: TPROXY (Istio), not used here"),
-    row("iptable_raw", "IP_NF_RAW", Any, NotUsed,
-        "raw table: DNS capture (Istio), not used here"),
-    row("ip6table_raw", "IP6_NF_RAW", Ipv6, NotUsed,
-        "raw table: DNS capture (Istio), not used here"),
+    row("iptable_mangle", "IP_NF_MANGLE", Any, Mode(Modes::CONNTRACK),
+        "the IPv4 mangle table: TPROXY, INVALID drop"),
+    row("ip6table_mangle", "IP6_NF_MANGLE", Ipv6, Mode(Modes::CONNTRACK),
+        "the IPv6 mangle table: TPROXY, INVALID drop"),
+    row("iptable_raw", "IP_NF_RAW", Any, Mode(Modes::DNS),
+        "the IPv4 raw table: DNS capture's conntrack zones"),
+    row("ip6table_raw", "IP6_NF_RAW", Ipv6, Mode(Modes::DNS),
+        "the IPv6 raw table: DNS capture's conntrack zones"),
 ];
 
 const IPTABLES_NFT: &[Requirement] = &[row(
@@ -247,6 +314,7 @@ const ALL: &[&[Requirement]] = &[
     NAT_CORE,
     NFT_NAT_CHAINS,
     NFTABLES,
+    TPROXY_CORE,
     XTABLES,
     IPTABLES_LEGACY,
     IPTABLES_NFT,
@@ -256,10 +324,12 @@ const ALL: &[&[Requirement]] = &[
 /// (their predecessors are in the table instead). An unknown kernel counts as a current one.
 pub fn table(kind: BackendKind, kernel: Option<KernelVersion>) -> Vec<&'static Requirement> {
     let groups: &[&[Requirement]] = match kind {
-        BackendKind::Nftables => &[NFT_NAT_CHAINS, NFTABLES, NAT_CORE],
-        BackendKind::Iptables(IptablesMode::Legacy) => &[IPTABLES_LEGACY, XTABLES, NAT_CORE],
+        BackendKind::Nftables => &[NFT_NAT_CHAINS, NFTABLES, NAT_CORE, TPROXY_CORE],
+        BackendKind::Iptables(IptablesMode::Legacy) => {
+            &[IPTABLES_LEGACY, XTABLES, NAT_CORE, TPROXY_CORE]
+        }
         BackendKind::Iptables(IptablesMode::Nft) => {
-            &[NFT_NAT_CHAINS, IPTABLES_NFT, XTABLES, NAT_CORE]
+            &[NFT_NAT_CHAINS, IPTABLES_NFT, XTABLES, NAT_CORE, TPROXY_CORE]
         }
     };
     groups
@@ -432,7 +502,9 @@ mod tests {
         for kind in KINDS {
             for r in table(kind, None) {
                 match (r.feature, r.family) {
-                    (Feature::NotUsed, _) => assert!(!r.required(true) && !r.required(false)),
+                    (Feature::NotUsed | Feature::Mode(_), _) => {
+                        assert!(!r.required(true) && !r.required(false))
+                    }
                     (Feature::Redirect, Family::Ipv6) => {
                         assert!(r.required(true) && !r.required(false))
                     }
@@ -442,6 +514,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn modes_require_their_modules_on_each_backend() {
+        let required = |kind, modes: Modes, ipv6| -> Vec<&str> {
+            table(kind, None)
+                .iter()
+                .filter(|r| r.required_by(ipv6, modes))
+                .map(|r| r.name)
+                .collect()
+        };
+        let dns = Modes {
+            dns: true,
+            ..Modes::default()
+        };
+        let tproxy = Modes {
+            tproxy: true,
+            ..Modes::default()
+        };
+        let drop = Modes {
+            drop_invalid: true,
+            ..Modes::default()
+        };
+        let legacy = BackendKind::Iptables(IptablesMode::Legacy);
+        assert_eq!(
+            required(BackendKind::Nftables, dns, false),
+            ["nft_nat", "nft_ct"]
+        );
+        assert_eq!(
+            required(BackendKind::Nftables, tproxy, true),
+            ["nft_ct", "nft_tproxy", "nf_tproxy_ipv4", "nf_tproxy_ipv6"]
+        );
+        assert_eq!(
+            required(legacy, dns, true),
+            ["iptable_raw", "ip6table_raw", "xt_CT"]
+        );
+        assert_eq!(
+            required(legacy, drop, false),
+            ["iptable_mangle", "xt_conntrack"]
+        );
+        let nft_tproxy = required(BackendKind::Iptables(IptablesMode::Nft), tproxy, false);
+        for m in [
+            "xt_TPROXY",
+            "xt_mark",
+            "xt_connmark",
+            "xt_conntrack",
+            "nf_tproxy_ipv4",
+        ] {
+            assert!(nft_tproxy.contains(&m), "{m}");
+        }
+        assert!(required(legacy, Modes::default(), true).is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `iptablesMode: auto`: pick the variant the host already uses, as a careful operator would.
 
-use super::render::Family;
+use super::chains::Family;
 use super::tools::{mode_name, Tools};
 use crate::backend::{BackendOptions, IptablesMode};
 

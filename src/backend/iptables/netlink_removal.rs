@@ -3,7 +3,7 @@
 //! NET_ADMIN in the pod could so wedge teardown. Our chains and every rule that jumps or goes to
 //! them are then deleted over netlink, by handle, in one batch, whatever the rules look like.
 
-use super::render::Family;
+use super::chains::Family;
 use super::save::is_own_chain;
 use crate::backend::nftables::listing;
 use crate::backend::nftables::transport::{self, Existing, Failure};

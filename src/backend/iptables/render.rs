@@ -5,168 +5,128 @@
 //! config or from the kernel is copied into the output but plain chain names (jumps to ours are
 //! deleted by number, see `delete_jumps`).
 
+use super::chains::{jump_spec, Chain, Family, Hook, HOOKS, INBOUND_CHAIN, OUTBOUND_CHAIN};
 use super::save::{Jump, NatTable};
-use crate::plan::{InboundPorts, InterceptPlan, OutboundCidrs, PortRange};
+use crate::plan::rules::{Action, Match, NetList, Program, Rule};
+use crate::plan::{InterceptPlan, PortRange};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
-
-/// Every chain this plugin creates starts with this; nothing else does.
-pub const CHAIN_PREFIX: &str = "ICNI_";
-pub const INBOUND_CHAIN: &str = "ICNI_INBOUND";
-pub const OUTBOUND_CHAIN: &str = "ICNI_OUTBOUND";
-
-/// Where each of our chains is hooked: (built-in chain, our chain).
-pub const HOOKS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)];
 
 /// `multiport` takes at most 15 ports, a range counting as two.
 const MULTIPORT_SLOTS: usize = 15;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
+/// The jumps of the nat table for `plan`.
+pub fn nat_hooks(plan: &InterceptPlan) -> Vec<Hook> {
+    let mut hooks = super::modes::nat_hooks(plan);
+    hooks.extend(HOOKS.map(|(base, chain)| Hook {
+        base,
+        chain,
+        spec: jump_spec(chain),
+        first: false,
+    }));
+    hooks
 }
 
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The position of this family in `ALL`.
-    pub fn index(self) -> usize {
-        match self {
-            Family::V4 => 0,
-            Family::V6 => 1,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    pub fn enabled_in(self, plan: &InterceptPlan) -> bool {
-        match self {
-            Family::V4 => plan.families.ipv4,
-            Family::V6 => plan.families.ipv6,
-        }
-    }
-
-    fn holds(self, net: &IpNetwork) -> bool {
-        matches!(
-            (self, net),
-            (Family::V4, IpNetwork::V4(_)) | (Family::V6, IpNetwork::V6(_))
-        )
-    }
-
-    fn loopback(self) -> &'static str {
-        match self {
-            Family::V4 => "127.0.0.0/8",
-            Family::V6 => "::1/128",
-        }
-    }
-}
-
-/// One of our chains and its rules, each without the leading `-A CHAIN `.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chain {
-    pub name: &'static str,
-    pub rules: Vec<String>,
-}
-
-/// The rule spec of the jump from a built-in chain to ours.
-pub fn jump_spec(chain: &str) -> String {
-    format!("-p tcp -j {chain}")
-}
-
-/// The chains `apply(plan)` installs for one family, in order.
+/// The nat chains `apply(plan)` installs for one family, in order.
 pub fn chains(plan: &InterceptPlan, family: Family) -> Vec<Chain> {
-    vec![
+    let program = Program::of(plan);
+    let mut chains = vec![
         Chain {
             name: INBOUND_CHAIN,
-            rules: inbound_rules(plan, family),
+            rules: render(plan, &program.inbound, family),
         },
         Chain {
             name: OUTBOUND_CHAIN,
-            rules: outbound_rules(plan, family),
+            rules: render(plan, &program.outbound, family),
         },
-    ]
+    ];
+    chains.extend(super::modes::nat_chains(plan, family));
+    chains
 }
 
-fn inbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
-    let mut rules = Vec::new();
-    if plan.inbound_ports == InboundPorts::None {
-        return rules;
-    }
-    let redirect = format!("-j REDIRECT --to-ports {}", plan.inbound_port);
-    // The proxy's own ports are never redirected to itself.
-    rules.push(format!(
-        "-p tcp -m tcp --dport {} -j RETURN",
-        plan.inbound_port
-    ));
-    if plan.outbound_port != plan.inbound_port {
-        rules.push(format!(
-            "-p tcp -m tcp --dport {} -j RETURN",
-            plan.outbound_port
-        ));
-    }
-    for source in plan
-        .exclude_inbound_sources
+/// The rules of one of our nat chains for one family.
+fn render(plan: &InterceptPlan, rules: &[Rule], family: Family) -> Vec<String> {
+    rules
         .iter()
-        .filter(|n| family.holds(n))
-    {
-        rules.push(format!("{}-j RETURN", address_match("-s", source)));
-    }
-    match &plan.inbound_ports {
-        InboundPorts::AllExcept(excluded) => {
-            for ports in multiport_lists(excluded) {
-                rules.push(format!("-p tcp -m multiport --dports {ports} -j RETURN"));
-            }
-            rules.push(format!("-p tcp {redirect}"));
-        }
-        InboundPorts::Only(included) => {
-            for ports in multiport_lists(included) {
-                rules.push(format!("-p tcp -m multiport --dports {ports} {redirect}"));
-            }
-        }
-        InboundPorts::None => {}
-    }
-    rules
+        .filter(|r| r.applies_to(family.ip()))
+        .flat_map(|r| render_rule(plan, r))
+        .collect()
 }
 
-fn outbound_rules(plan: &InterceptPlan, family: Family) -> Vec<String> {
-    let redirect = format!("-p tcp -j REDIRECT --to-ports {}", plan.outbound_port);
-    // Owners by number only: a name would need an NSS lookup that can stall (istio/istio#48416).
-    let mut rules = vec![format!("-m owner --uid-owner {} -j RETURN", plan.proxy_uid)];
-    if let Some(gid) = plan.proxy_gid {
-        rules.push(format!("-m owner --gid-owner {gid} -j RETURN"));
-    }
-    rules.push(format!("-d {} -j RETURN", family.loopback()));
-    for ports in multiport_lists(&plan.exclude_outbound_ports) {
-        rules.push(format!("-p tcp -m multiport --dports {ports} -j RETURN"));
-    }
-    match &plan.outbound_cidrs {
-        OutboundCidrs::AllExcept(excluded) => {
-            for net in excluded.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}-j RETURN", address_match("-d", net)));
+/// One rule in `-save`'s order (`-s`, `-d`, `-i`, `-o`, `-p`, matches, target). A list of
+/// networks becomes one rule per network, and a port list longer than multiport takes several
+/// rules in a row, as iptables itself expands them: they match the same.
+fn render_rule(plan: &InterceptPlan, rule: &Rule) -> Vec<String> {
+    let mut sources = vec![String::new()];
+    let mut dests = vec![String::new()];
+    let mut ifaces = String::new();
+    let mut ports = vec![String::new()];
+    let mut not_ports: Vec<String> = Vec::new();
+    let mut owner = String::new();
+    let mut tcp = !matches!(rule.action, Action::Return);
+    let each = |flag: &str, list: &NetList| -> Vec<String> {
+        list.nets.iter().map(|n| address_match(flag, n)).collect()
+    };
+    for m in &rule.matches {
+        match m {
+            Match::Source(list) => sources = each("-s", list),
+            Match::Dest(list) => dests = each("-d", list),
+            Match::NotDest(net) => dests = vec![format!("! {}", address_match("-d", net))],
+            Match::InIface(name) => ifaces += &format!("-i {name} "),
+            Match::OutIface(name) => ifaces += &format!("-o {name} "),
+            Match::DestPorts(list) => {
+                tcp = true;
+                ports = match &list.ports[..] {
+                    [one] => vec![format!("-m tcp --dport {} ", colon(one))],
+                    many => multiport_lists(many)
+                        .into_iter()
+                        .map(|l| format!("-m multiport --dports {l} "))
+                        .collect(),
+                };
             }
-            rules.push(redirect);
+            Match::NotDestPort(port) => {
+                tcp = true;
+                not_ports.push(port.to_string());
+                ports = match &not_ports[..] {
+                    [one] => vec![format!("-m tcp ! --dport {one} ")],
+                    many => vec![format!("-m multiport ! --dports {} ", many.join(","))],
+                };
+            }
+            Match::Uid(id) => owner += &format!("-m owner --uid-owner {id} "),
+            Match::NotUid(id) => owner += &format!("-m owner ! --uid-owner {id} "),
+            Match::Gid(id) => owner += &format!("-m owner --gid-owner {id} "),
+            Match::NotGid(id) => owner += &format!("-m owner ! --gid-owner {id} "),
         }
-        OutboundCidrs::Only { include, exclude } => {
-            for net in exclude.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}-j RETURN", address_match("-d", net)));
-            }
-            for net in include.iter().filter(|n| family.holds(n)) {
-                rules.push(format!("{}{redirect}", address_match("-d", net)));
+    }
+    let target = match rule.action {
+        Action::Return => "-j RETURN".to_string(),
+        Action::ToInbound => format!("-j REDIRECT --to-ports {}", plan.inbound_port),
+        Action::ToOutbound => format!("-j REDIRECT --to-ports {}", plan.outbound_port),
+    };
+    let proto = if tcp { "-p tcp " } else { "" };
+    let mut out = Vec::new();
+    for s in &sources {
+        for d in &dests {
+            for p in &ports {
+                out.push(format!("{s}{d}{ifaces}{proto}{p}{owner}{target}"));
             }
         }
     }
-    rules
+    out
+}
+
+/// `8000:8100`, as iptables writes a range.
+fn colon(range: &PortRange) -> String {
+    if range.is_single() {
+        range.start().to_string()
+    } else {
+        format!("{}:{}", range.start(), range.end())
+    }
 }
 
 /// `-d 10.0.0.0/8 ` as `-save` prints it: network address, prefix always shown, and nothing at
 /// all for a /0 (which matches everything).
-fn address_match(flag: &str, net: &IpNetwork) -> String {
+pub fn address_match(flag: &str, net: &IpNetwork) -> String {
     if net.prefix() == 0 {
         return String::new();
     }
@@ -174,7 +134,7 @@ fn address_match(flag: &str, net: &IpNetwork) -> String {
 }
 
 /// Port lists for `--dports`, split so none exceeds the multiport limit.
-fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
+pub fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
     let mut lists = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut used = 0;
@@ -202,45 +162,75 @@ fn multiport_lists(ports: &[PortRange]) -> Vec<String> {
 /// `--noflush`: declaring a chain flushes it, so a repeated apply replaces its contents; the
 /// jumps are added only when missing and stray ones removed, so there is always exactly one.
 pub fn apply_input(plan: &InterceptPlan, family: Family, existing: &NatTable) -> String {
-    let chains = chains(plan, family);
-    let mut out = String::from("*nat\n");
-    for chain in &chains {
-        let _ = writeln!(out, ":{} - [0:0]", chain.name);
+    section("nat", &chains(plan, family), &nat_hooks(plan), existing)
+}
+
+/// One table's part of a restore input: `chains` declared (so flushed) and filled, each hook
+/// present once and first to take effect in its base chain, and whatever of ours is there but
+/// not wanted (jumps, chains) removed.
+pub fn section(table: &str, chains: &[Chain], hooks: &[Hook], existing: &NatTable) -> String {
+    let mut out = format!("*{table}\n");
+    let stale: Vec<&str> = existing
+        .own_chains()
+        .into_iter()
+        .filter(|name| !chains.iter().any(|c| c.name == *name))
+        .collect();
+    for name in chains.iter().map(|c| c.name).chain(stale.iter().copied()) {
+        let _ = writeln!(out, ":{name} - [0:0]");
     }
-    for chain in &chains {
+    for chain in chains {
         for rule in &chain.rules {
             let _ = writeln!(out, "-A {} {rule}", chain.name);
         }
     }
     // Our jump must be the first rule of its hook that takes effect. The first canonical jump
     // stays where it is when nothing before it does; every other jump to ours goes.
-    let mut hooked: Vec<&str> = Vec::new();
+    let mut kept: Vec<(&Hook, Jump)> = Vec::new();
     let mut strays = Vec::new();
     for jump in existing.jumps_to_own() {
-        let canonical = HOOKS.iter().find(|(base, chain)| {
-            jump.from == *base
-                && jump.spec == jump_spec(chain)
-                && !hooked.contains(chain)
+        let canonical = hooks.iter().find(|hook| {
+            jump.from == hook.base
+                && jump.spec == hook.spec
+                && !kept.iter().any(|(h, _)| h.chain == hook.chain)
                 && existing
-                    .first_effective(base)
+                    .first_effective(hook.base)
                     .is_none_or(|(n, _)| n > jump.number)
         });
         match canonical {
-            Some((_, chain)) => hooked.push(chain),
+            Some(hook) => kept.push((hook, jump)),
             None => strays.push(jump),
         }
     }
-    delete_jumps(&mut out, strays);
-    for (base, chain) in HOOKS {
-        if hooked.contains(&chain) {
-            continue;
-        }
-        // In front of whatever else decides there (a fresh table gets the same `-A`).
-        match existing.first_effective(base) {
-            Some(_) => writeln!(out, "-I {base} 1 {}", jump_spec(chain)),
-            None => writeln!(out, "-A {base} {}", jump_spec(chain)),
-        }
-        .unwrap_or_default();
+    // A base chain missing one of our jumps gets all of ours again, in the hooks' order (DNS
+    // capture's before the outbound redirect).
+    let incomplete: Vec<&str> = hooks
+        .iter()
+        .filter(|h| !kept.iter().any(|(k, _)| k.chain == h.chain))
+        .map(|h| h.base)
+        .collect();
+    let (redo, keep): (Vec<_>, Vec<_>) = kept
+        .into_iter()
+        .partition(|(h, _)| incomplete.contains(&h.base));
+    strays.extend(redo.into_iter().map(|(_, jump)| jump));
+    let stuck = delete_jumps(&mut out, strays);
+    let missing: Vec<&Hook> = hooks
+        .iter()
+        .filter(|h| !keep.iter().any(|(k, _)| k.chain == h.chain))
+        .collect();
+    // In front of whatever else decides there (a fresh table gets `-A`); inserted last first,
+    // so they end up in order.
+    let inserted = |h: &Hook| h.first || existing.first_effective(h.base).is_some();
+    for hook in missing.iter().rev().filter(|h| inserted(h)) {
+        let _ = writeln!(out, "-I {} 1 {}", hook.base, hook.spec);
+    }
+    for hook in missing.iter().filter(|h| !inserted(h)) {
+        let _ = writeln!(out, "-A {} {}", hook.base, hook.spec);
+    }
+    for name in stale
+        .iter()
+        .filter(|c| !stuck.iter().any(|j| j.target == **c))
+    {
+        let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
     out
@@ -268,15 +258,16 @@ fn delete_jumps(out: &mut String, mut jumps: Vec<Jump>) -> Vec<Jump> {
     stuck
 }
 
-/// Restore input that removes every chain of ours and every jump to them from `existing`, or
-/// `None` when there is nothing to remove (so an untouched table is never written to).
-pub fn remove_input(existing: &NatTable) -> Option<String> {
+/// Restore input that removes every chain of ours and every jump to them from `existing` (the
+/// `table` as `-save` printed it), or `None` when there is nothing to remove (so an untouched
+/// table is never written to).
+pub fn remove_section(table: &str, existing: &NatTable) -> Option<String> {
     let own = existing.own_chains();
     let jumps = existing.jumps_to_own();
     if own.is_empty() && jumps.is_empty() {
         return None;
     }
-    let mut out = String::from("*nat\n");
+    let mut out = format!("*{table}\n");
     // Declaring flushes (under --noflush), so the chains are empty before they are deleted.
     for chain in &own {
         let _ = writeln!(out, ":{chain} - [0:0]");
@@ -295,7 +286,7 @@ pub fn remove_input(existing: &NatTable) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts, OutboundCidrs};
 
     fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
         list.iter()
@@ -357,7 +348,7 @@ mod tests {
 #[cfg(test)]
 mod golden {
     use super::*;
-    use crate::plan::Families;
+    use crate::plan::{Families, InboundPorts, OutboundCidrs, Semantics};
     use std::path::PathBuf;
 
     fn net(s: &str) -> IpNetwork {
@@ -373,8 +364,8 @@ mod golden {
         InterceptPlan {
             inbound_port: 15106,
             outbound_port: 15101,
-            proxy_uid: 2102,
-            proxy_gid: Some(2103),
+            proxy_uids: vec![2102],
+            proxy_gids: vec![2103],
             inbound_ports: InboundPorts::Only(vec![range("80"), range("8000-8100")]),
             exclude_inbound_sources: vec![net("10.9.0.0/16"), net("fd00:9::/32")],
             exclude_outbound_ports: vec![range("22"), range("3306"), range("9000-9100")],
@@ -382,7 +373,7 @@ mod golden {
                 include: vec![net("10.0.0.0/8"), net("fd00::/8")],
                 exclude: vec![net("10.96.0.1/32"), net("fd00::1/128")],
             },
-            families: Families::BOTH,
+            ..InterceptPlan::with_defaults(Families::BOTH)
         }
     }
 
@@ -433,6 +424,62 @@ mod golden {
     fn golden_excludes() {
         compare("excludes-v4.rules", &excludes(), Family::V4);
         compare("excludes-v6.rules", &excludes(), Family::V6);
+    }
+
+    /// A default Istio pod: istio/istio `cni/pkg/plugin/testdata/basic.txt.golden`, rule for
+    /// rule (its ISTIO_REDIRECT / ISTIO_IN_REDIRECT jumps written as the REDIRECTs they hold).
+    fn istio() -> InterceptPlan {
+        InterceptPlan {
+            semantics: Semantics::Istio,
+            proxy_gids: vec![1337],
+            inbound_ports: InboundPorts::AllExcept(vec![
+                range("15020"),
+                range("15021"),
+                range("15090"),
+            ]),
+            exclude_outbound_ports: vec![range("15020")],
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        }
+    }
+
+    /// Istio with includes, interfaces and two proxy UIDs (capture testdata
+    /// `ipnets-with-kube-virt-interfaces.golden`, `outbound-ports-include.golden`).
+    fn istio_tuned() -> InterceptPlan {
+        InterceptPlan {
+            proxy_uids: vec![3, 4],
+            proxy_gids: vec![1, 2],
+            inbound_ports: InboundPorts::Only(vec![range("4000"), range("5000")]),
+            include_outbound_ports: vec![range("32000")],
+            outbound_cidrs: OutboundCidrs::Only {
+                include: vec![net("10.0.0.0/8"), net("2001:db8::/32")],
+                exclude: vec![],
+            },
+            exclude_interfaces: vec!["not-istio-nic".parse().unwrap()],
+            reroute_interfaces: vec!["eth1".parse().unwrap(), "eth2".parse().unwrap()],
+            ..istio()
+        }
+    }
+
+    /// A default Linkerd pod (linkerd2-proxy-init `pkg/iptables/iptables.go`).
+    fn linkerd() -> InterceptPlan {
+        InterceptPlan {
+            semantics: Semantics::Linkerd,
+            inbound_port: 4143,
+            outbound_port: 4140,
+            proxy_uids: vec![2102],
+            inbound_ports: InboundPorts::AllExcept(vec![range("4190"), range("4191")]),
+            exclude_inbound_sources: vec![net("10.244.0.0/16")],
+            exclude_outbound_ports: vec![range("3306")],
+            ..InterceptPlan::with_defaults(Families::BOTH)
+        }
+    }
+
+    #[test]
+    fn golden_meshes() {
+        compare("istio-v4.rules", &istio(), Family::V4);
+        compare("istio-tuned-v4.rules", &istio_tuned(), Family::V4);
+        compare("istio-tuned-v6.rules", &istio_tuned(), Family::V6);
+        compare("linkerd-v4.rules", &linkerd(), Family::V4);
     }
 
     #[test]
@@ -492,7 +539,7 @@ mod golden {
 
     #[test]
     fn removal_flushes_unhooks_and_deletes_only_what_is_there() {
-        assert_eq!(remove_input(&NatTable::default()), None);
+        assert_eq!(remove_section("nat", &NatTable::default()), None);
         let table = NatTable::parse(
             "*nat\n:PREROUTING ACCEPT [0:0]\n:ICNI_OUTBOUND - [0:0]\n:KUBE-X - [0:0]\n\
              -A OUTPUT -j KUBE-X\n-A OUTPUT -p tcp -j ICNI_OUTBOUND\n\
@@ -500,7 +547,7 @@ mod golden {
              -A ICNI_OUTBOUND -j RETURN\nCOMMIT\n",
         );
         assert_eq!(
-            remove_input(&table).unwrap(),
+            remove_section("nat", &table).unwrap(),
             "*nat\n:ICNI_OUTBOUND - [0:0]\n-D OUTPUT 3\n-D OUTPUT 2\n-X ICNI_OUTBOUND\nCOMMIT\n"
         );
     }
@@ -525,8 +572,8 @@ mod golden {
         let mut extreme = custom();
         extreme.inbound_port = u16::MAX;
         extreme.outbound_port = 1;
-        extreme.proxy_uid = u32::MAX;
-        extreme.proxy_gid = Some(0);
+        extreme.proxy_uids = vec![u32::MAX];
+        extreme.proxy_gids = vec![0];
         extreme.exclude_outbound_ports = vec![PortRange::new(1, u16::MAX).unwrap()];
         extreme.exclude_inbound_sources = vec![net("::ffff:1.2.3.4/128"), net("0.0.0.0/0")];
         for plan in [custom(), excludes(), extreme] {

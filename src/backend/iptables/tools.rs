@@ -1,7 +1,7 @@
 //! Running the iptables binaries: found by absolute path, spawned without a shell from the
 //! calling thread (so inside its netns), with a per-netns xtables lock.
 
-use super::render::Family;
+use super::chains::Family;
 use super::save::NatTable;
 use crate::backend::IptablesMode;
 use crate::cni::error::{Code, Error, Result};
@@ -108,12 +108,7 @@ impl Tools<'_> {
             .all(|&t| matches!(self.locate(&binary_name(mode, family, t)), Ok(Some(_))))
     }
 
-    /// The current netns's nat table for this mode and family.
-    pub fn read_nat(&self, mode: IptablesMode, family: Family) -> Result<NatTable> {
-        self.read_nat_if(mode, family, nat_present(mode)[family.index()])
-    }
-
-    /// The nat table, given whether it exists (from `nat_present`). Without a nat table there
+    /// The nat table, given whether it exists (from `tables_present`). Without a nat table there
     /// is nothing of ours, and spawning -save (a few ms) would tell no more. Listing a legacy
     /// table would also instantiate it in the netns.
     pub fn read_nat_if(
@@ -122,20 +117,34 @@ impl Tools<'_> {
         family: Family,
         exists: bool,
     ) -> Result<NatTable> {
+        self.read_table_if(mode, family, "nat", exists)
+    }
+
+    /// `read_nat_if` for any table.
+    pub fn read_table_if(
+        &self,
+        mode: IptablesMode,
+        family: Family,
+        table: &str,
+        exists: bool,
+    ) -> Result<NatTable> {
         let save = self.require(mode, family, Tool::Save)?;
         if !exists {
             return Ok(NatTable::default());
         }
-        let out = run(&save, &["-t", "nat"], family)?;
+        let out = run(&save, &["-t", table], family)?;
         if !out.status.success() {
             return Err(Error::backend(format!(
-                "{} -t nat failed ({})",
+                "{} -t {table} failed ({})",
                 binary_name(mode, family, Tool::Save),
                 out.status
             ))
             .with_details(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
-        Ok(NatTable::parse(&String::from_utf8_lossy(&out.stdout)))
+        Ok(NatTable::parse_table(
+            &String::from_utf8_lossy(&out.stdout),
+            table,
+        ))
     }
 
     /// `*-save` of every table, for the mode detection in the host netns.
@@ -239,51 +248,65 @@ impl Restore<'_> {
     }
 }
 
-fn legacy_nat_exists(family: Family) -> bool {
+fn legacy_tables(family: Family) -> String {
     // thread-self, not self: /proc/self/net is the netns of the process's main thread.
     let names = match family {
         Family::V4 => "/proc/thread-self/net/ip_tables_names",
         Family::V6 => "/proc/thread-self/net/ip6_tables_names",
     };
-    std::fs::read_to_string(names).is_ok_and(|s| s.lines().any(|l| l.trim() == "nat"))
+    std::fs::read_to_string(names).unwrap_or_default()
 }
 
-/// Whether the current netns has a nat table of this mode, for IPv4 and IPv6 (`Family::index`).
-pub fn nat_present(mode: IptablesMode) -> [bool; 2] {
+/// Whether the current netns has each of `tables` in this mode, for IPv4 and IPv6
+/// (`Family::index`), from one look (a file read per family for legacy, one
+/// netlink dump for nft).
+pub fn tables_present(mode: IptablesMode, tables: &[&str]) -> Vec<[bool; 2]> {
     match mode {
-        IptablesMode::Legacy => Family::ALL.map(legacy_nat_exists),
-        IptablesMode::Nft => nft_nat_exists(),
+        IptablesMode::Legacy => {
+            let names = Family::ALL.map(legacy_tables);
+            tables
+                .iter()
+                .map(|table| names.clone().map(|n| n.lines().any(|l| l.trim() == *table)))
+                .collect()
+        }
+        IptablesMode::Nft => nft_tables_exist(tables),
     }
 }
 
-/// Whether the current netns has the `ip nat` and `ip6 nat` nftables tables that iptables-nft
-/// writes to. One netlink dump, far cheaper than spawning -save; when the listing fails, -save
-/// decides (true).
-fn nft_nat_exists() -> [bool; 2] {
+/// Whether the current netns has the `ip <table>` and `ip6 <table>` nftables tables that
+/// iptables-nft writes to. One netlink dump, far cheaper than spawning -save; when the listing
+/// fails, -save decides (true).
+fn nft_tables_exist(names: &[&str]) -> Vec<[bool; 2]> {
     let tables = match rustables::list_tables() {
         Ok(tables) => tables,
         Err(e) => {
             log::debug!("cannot list nftables tables, asking -save instead: {e}");
-            return [true; 2];
+            return vec![[true; 2]; names.len()];
         }
     };
-    Family::ALL.map(|family| {
-        let nfproto = match family {
-            Family::V4 => rustables::ProtocolFamily::Ipv4,
-            Family::V6 => rustables::ProtocolFamily::Ipv6,
-        };
-        // rustables keeps a table's family private: compare with a probe built in that family.
-        tables.iter().any(|listed| {
-            let mut probe = rustables::Table::new(nfproto).with_name("nat");
-            if let Some(flags) = listed.get_flags() {
-                probe.set_flags(*flags);
-            }
-            if let Some(userdata) = listed.get_userdata() {
-                probe.set_userdata(userdata.clone());
-            }
-            *listed == probe
+    names
+        .iter()
+        .map(|name| {
+            Family::ALL.map(|family| {
+                let nfproto = match family {
+                    Family::V4 => rustables::ProtocolFamily::Ipv4,
+                    Family::V6 => rustables::ProtocolFamily::Ipv6,
+                };
+                // rustables keeps a table's family private: compare with a probe built in
+                // that family.
+                tables.iter().any(|listed| {
+                    let mut probe = rustables::Table::new(nfproto).with_name(*name);
+                    if let Some(flags) = listed.get_flags() {
+                        probe.set_flags(*flags);
+                    }
+                    if let Some(userdata) = listed.get_userdata() {
+                        probe.set_userdata(userdata.clone());
+                    }
+                    *listed == probe
+                })
+            })
         })
-    })
+        .collect()
 }
 
 /// Holds the current netns for this plugin's iptables operations: an exclusive flock on the
@@ -425,7 +448,7 @@ fn rejection(mode: IptablesMode, family: Family, input: &str, stderr: &str) -> E
     let modules = likely_modules(mode, family, line);
     let at = line.map(|l| format!(" at `{l}`")).unwrap_or_default();
     Error::backend(format!(
-        "{tool} rejected the {} nat rules{at}, so nothing was changed; if a kernel module is missing, it is likely among: {}",
+        "{tool} rejected the {} rules{at}, so nothing was changed; if a kernel module is missing, it is likely among: {}",
         family.label(),
         modules.join(", ")
     ))
@@ -448,7 +471,15 @@ fn likely_modules(mode: IptablesMode, family: Family, line: Option<&str>) -> Vec
         ("-m owner", "xt_owner"),
         ("-m multiport", "xt_multiport"),
         ("-m tcp", "xt_tcpudp"),
+        ("-m udp", "xt_tcpudp"),
         ("REDIRECT", "xt_REDIRECT"),
+        ("-j CT", "xt_CT"),
+        ("-m conntrack", "xt_conntrack"),
+        ("TPROXY", "xt_TPROXY"),
+        ("MARK", "xt_mark"),
+        ("-m mark", "xt_mark"),
+        ("CONNMARK", "xt_connmark"),
+        ("-m connmark", "xt_connmark"),
     ];
     let mut modules: Vec<&'static str> = match line {
         Some(l) if l.starts_with("-A ") || l.starts_with("-D ") => features

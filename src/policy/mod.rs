@@ -22,64 +22,21 @@
 //! Annotation values come from workloads: every value used is parsed into typed ports, ranges,
 //! CIDRs and IDs, and any invalid one fails with code 7 naming it before anything is applied.
 
-use crate::cni::config::{NetConf, PlanSettings, PodSelection, SettingsOverlay};
+mod annotations;
+mod istio;
+mod linkerd;
+mod own;
+mod proxy_config;
+
+use crate::cni::config::{ModeKey, NetConf, PlanSettings, PodSelection, SettingsOverlay};
 use crate::cni::error::{Error, Result};
 use crate::install::conflist::POD_ANNOTATIONS_CAPABILITY;
 use crate::plan::PortRange;
-use ipnetwork::IpNetwork;
-use serde_json::Value;
-use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
-
-/// Prefix of our own annotations.
-const PREFIX: &str = "intercept-cni.io/";
-
-const ENABLED: &str = "intercept-cni.io/enabled";
-const INBOUND_PORT: &str = "intercept-cni.io/inbound-port";
-const OUTBOUND_PORT: &str = "intercept-cni.io/outbound-port";
-const PROXY_UID: &str = "intercept-cni.io/proxy-uid";
-const PROXY_GID: &str = "intercept-cni.io/proxy-gid";
-const INCLUDE_INBOUND_PORTS: &str = "intercept-cni.io/include-inbound-ports";
-const EXCLUDE_INBOUND_PORTS: &str = "intercept-cni.io/exclude-inbound-ports";
-const EXCLUDE_OUTBOUND_PORTS: &str = "intercept-cni.io/exclude-outbound-ports";
-const INCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/include-outbound-cidrs";
-const EXCLUDE_OUTBOUND_CIDRS: &str = "intercept-cni.io/exclude-outbound-cidrs";
-const OURS: [&str; 10] = [
-    ENABLED,
-    INBOUND_PORT,
-    OUTBOUND_PORT,
-    PROXY_UID,
-    PROXY_GID,
-    INCLUDE_INBOUND_PORTS,
-    EXCLUDE_INBOUND_PORTS,
-    EXCLUDE_OUTBOUND_PORTS,
-    INCLUDE_OUTBOUND_CIDRS,
-    EXCLUDE_OUTBOUND_CIDRS,
-];
-
-const ISTIO_STATUS: &str = "sidecar.istio.io/status";
-const ISTIO_INJECT: &str = "sidecar.istio.io/inject";
-const ISTIO_INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-const ISTIO_INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-const ISTIO_EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-const ISTIO_EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-const ISTIO_INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-const ISTIO_EXCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-
-const LINKERD_PROXY_VERSION: &str = "linkerd.io/proxy-version";
-const LINKERD_INJECT: &str = "linkerd.io/inject";
-const LINKERD_SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
-const LINKERD_SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
-const LINKERD_SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
-const LINKERD_PROXY_UID: &str = "config.linkerd.io/proxy-uid";
-
-/// A list annotation longer than this is refused: no workload needs more, and each entry can
-/// cost a rule.
-pub const MAX_LIST_ITEMS: usize = 256;
-
-/// How much of an invalid value an error message quotes.
-const QUOTE_LIMIT: usize = 64;
+pub use annotations::MAX_LIST_ITEMS;
+use annotations::{invalid, quote, Annotations};
+use istio::*;
+use linkerd::*;
+use own::*;
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +45,7 @@ pub enum Decision {
     Skip { reason: String },
     /// Intercepted with these settings (not yet combined with the pod's families).
     Intercept {
-        settings: PlanSettings,
+        settings: Box<PlanSettings>,
         reason: String,
     },
 }
@@ -103,16 +60,9 @@ enum Mesh {
 impl Mesh {
     /// The ports and IDs its proxy uses out of the box (linkerd-cni's and istio-cni's defaults).
     fn defaults(self) -> SettingsOverlay {
-        let (inbound, outbound, uid, gid) = match self {
-            Mesh::Istio => (15006, 15001, 1337, Some(1337)),
-            Mesh::Linkerd => (4143, 4140, 2102, None),
-        };
-        SettingsOverlay {
-            inbound_port: Some(inbound),
-            outbound_port: Some(outbound),
-            proxy_uid: Some(uid),
-            proxy_gid: gid,
-            ..SettingsOverlay::default()
+        match self {
+            Mesh::Istio => istio::defaults(),
+            Mesh::Linkerd => linkerd::defaults(),
         }
     }
 
@@ -126,48 +76,6 @@ impl Mesh {
     }
 }
 
-/// The pod's annotations, every value known to be a string.
-struct Annotations<'a>(BTreeMap<&'a str, &'a str>);
-
-impl<'a> Annotations<'a> {
-    /// `None` when the runtime passed none at all (the capability is not enabled). A null map
-    /// is a pod without annotations: Go runtimes marshal an empty map as null.
-    fn from_runtime_config(runtime_config: Option<&'a Value>) -> Result<Option<Self>> {
-        let raw = match runtime_config {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Object(rc)) => match rc.get(POD_ANNOTATIONS_CAPABILITY) {
-                None => return Ok(None),
-                Some(raw) => raw,
-            },
-            Some(_) => return Err(Error::config("runtimeConfig must be a JSON object")),
-        };
-        let map = match raw {
-            Value::Null => return Ok(Some(Annotations(BTreeMap::new()))),
-            Value::Object(map) => map,
-            _ => {
-                return Err(Error::config(format!(
-                    "runtimeConfig[\"{POD_ANNOTATIONS_CAPABILITY}\"] must be an object of \
-                     annotation names to strings"
-                )))
-            }
-        };
-        map.iter()
-            .map(|(key, value)| match value {
-                Value::String(v) => Ok((key.as_str(), v.as_str())),
-                _ => Err(Error::config(format!(
-                    "pod annotation {}: the value must be a string",
-                    quote(key)
-                ))),
-            })
-            .collect::<Result<_>>()
-            .map(|map| Some(Annotations(map)))
-    }
-
-    fn get(&self, key: &str) -> Option<&'a str> {
-        self.0.get(key).copied()
-    }
-}
-
 /// Decides for the pod in `namespace` (from `K8S_POD_NAMESPACE`) under `conf`.
 pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     if let Some(ns) = namespace.filter(|ns| conf.exclude_namespaces.iter().any(|e| e == ns)) {
@@ -178,7 +86,7 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     let Some(annotations) = Annotations::from_runtime_config(conf.runtime_config.as_ref())? else {
         return match conf.pod_selection {
             PodSelection::All => Ok(Decision::Intercept {
-                settings: conf.settings.clone(),
+                settings: Box::new(conf.settings.clone()),
                 reason: "podSelection all (the runtime passed no pod annotations)".into(),
             }),
             PodSelection::Annotated => Err(Error::config(format!(
@@ -193,9 +101,17 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
         Selection::Skip(reason) => return Ok(Decision::Skip { reason }),
         Selection::Intercept { mesh, reason } => (mesh, reason),
     };
+    // The proxy's interception mode is how it listens, not a tuning: read even without
+    // podOverrides (REDIRECT towards a TPROXY listener would break the pod).
+    let mut istio_mode = None;
     if mesh == Some(Mesh::Istio) {
-        if let Some(reason) = istio_interception_mode(&annotations)? {
+        if let Some(reason) = istio::programs_itself(&annotations)? {
             return Ok(Decision::Skip { reason });
+        }
+        match istio_interception_mode(&annotations)? {
+            IstioMode::Skip(reason) => return Ok(Decision::Skip { reason }),
+            IstioMode::Set(mode) => istio_mode = Some(mode),
+            IstioMode::Unset => {}
         }
     }
 
@@ -208,16 +124,36 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     if conf.pod_overrides {
         let layers = [
             match mesh {
-                Some(Mesh::Istio) => istio_overlay(&annotations, &mut tuned_by)?,
-                Some(Mesh::Linkerd) => linkerd_overlay(&annotations, &mut tuned_by)?,
+                Some(Mesh::Istio) => istio::overlay(&annotations, &mut tuned_by)?,
+                Some(Mesh::Linkerd) => linkerd::overlay(&annotations, &mut tuned_by)?,
                 None => SettingsOverlay::default(),
             },
-            our_overlay(&annotations, &mut tuned_by)?,
+            own::overlay(&annotations, &mut tuned_by)?,
         ];
         for layer in &layers {
             layer.apply_to(&mut settings);
         }
+        if mesh == Some(Mesh::Istio) {
+            istio_proxy_config(&annotations, &mut tuned_by)?.apply_to(&mut settings);
+        }
         warn_unknown_keys(&annotations);
+        match mesh {
+            Some(Mesh::Istio) => istio::warn_unsupported(&annotations),
+            Some(Mesh::Linkerd) => linkerd::warn_unsupported(&annotations),
+            None => {}
+        }
+    }
+    if let Some(mode) = istio_mode {
+        settings.interception_mode = mode;
+    }
+    // Linkerd's proxy has no DNS agent and no transparent listener: the netconf's DNS capture
+    // and TPROXY (Istio's modes) would cut its pods off, so they keep REDIRECT without them.
+    if mesh == Some(Mesh::Linkerd)
+        && (settings.dns_capture || settings.interception_mode != ModeKey::Redirect)
+    {
+        log::info!("Linkerd pod: DNS capture and TPROXY are Istio's modes; not applied");
+        settings.dns_capture = false;
+        settings.interception_mode = ModeKey::Redirect;
     }
     if let Some(mesh) = mesh {
         for &port in mesh.own_inbound_ports() {
@@ -243,7 +179,10 @@ pub fn decide(conf: &NetConf, namespace: Option<&str>) -> Result<Decision> {
     } else {
         format!("{reason}; tuned by {}", tuned_by.join(", "))
     };
-    Ok(Decision::Intercept { settings, reason })
+    Ok(Decision::Intercept {
+        settings: Box::new(settings),
+        reason,
+    })
 }
 
 enum Selection {
@@ -298,279 +237,15 @@ fn select(pod_selection: PodSelection, a: &Annotations) -> Result<Selection> {
     Ok(Selection::Intercept { mesh, reason })
 }
 
-/// Istio's injector injects only for y, yes, true or on (any case); any other non-empty value
-/// leaves the pod without a sidecar.
-fn istio_reads_as_false(value: &str) -> bool {
-    !value.is_empty()
-        && !["y", "yes", "true", "on"]
-            .iter()
-            .any(|t| value.eq_ignore_ascii_case(t))
-}
-
-/// `Some(reason)` when the pod's proxy wants no redirection at all (Istio's NONE mode).
-fn istio_interception_mode(a: &Annotations) -> Result<Option<String>> {
-    match a.get(ISTIO_INTERCEPTION_MODE) {
-        None | Some("REDIRECT") => Ok(None),
-        Some("NONE") => Ok(Some(format!(
-            "annotation {ISTIO_INTERCEPTION_MODE}=\"NONE\" (the proxy wants no redirection)"
-        ))),
-        Some("TPROXY") => Err(invalid(
-            ISTIO_INTERCEPTION_MODE,
-            "TPROXY",
-            "TPROXY interception is not supported yet; use REDIRECT",
-        )),
-        Some(other) => Err(invalid(
-            ISTIO_INTERCEPTION_MODE,
-            other,
-            "must be REDIRECT, TPROXY or NONE",
-        )),
-    }
-}
-
-/// How a list annotation reads `*` and the empty value.
-#[derive(Clone, Copy)]
-enum ListForm {
-    /// `*` is every port or address (no restriction), "" is none: Istio's include lists.
-    Include,
-    /// "" is the empty list; `*` is refused.
-    Exclude,
-}
-
-/// CIDRs from a mesh's annotations may have host bits set, as Istio and Linkerd accept them
-/// (iptables masks them); ours are refused like the netconf's.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum HostBits {
-    Mask,
-    Refuse,
-}
-
-/// Reads annotations for one overlay, recording which ones it used.
-struct Reader<'a, 'b> {
-    annotations: &'b Annotations<'a>,
-    /// Linkerd reads an empty value as no override at all.
-    empty_is_unset: bool,
-    used: &'b mut Vec<String>,
-}
-
-impl<'a> Reader<'a, '_> {
-    fn value(&mut self, key: &str) -> Option<&'a str> {
-        let v = self.annotations.get(key)?;
-        if self.empty_is_unset && v.trim().is_empty() {
-            return None;
-        }
-        self.used.push(key.to_string());
-        Some(v)
-    }
-
-    fn number<T: FromStr>(&mut self, key: &str, what: &str) -> Result<Option<T>> {
-        let Some(v) = self.value(key) else {
-            return Ok(None);
-        };
-        parse_number(v)
-            .ok_or_else(|| invalid(key, v, what))
-            .map(Some)
-    }
-
-    fn port(&mut self, key: &str) -> Result<Option<u16>> {
-        match self.number::<u16>(key, "must be a port in 1-65535")? {
-            Some(0) => Err(invalid(key, "0", "must be a port in 1-65535")),
-            other => Ok(other),
-        }
-    }
-
-    fn id(&mut self, key: &str) -> Result<Option<u32>> {
-        self.number(key, "must be a numeric ID in 0-4294967295")
-    }
-
-    /// `Some(None)` is `*` for an include list.
-    fn ports(&mut self, key: &str, form: ListForm) -> Result<Option<Option<Vec<PortRange>>>> {
-        self.list(key, form, |item| {
-            item.parse::<PortRange>().map_err(|why| {
-                // `PortRange` quotes what it got; a long entry is quoted here, cut.
-                if item.len() <= QUOTE_LIMIT {
-                    why
-                } else {
-                    format!("{} is not a port or a port range", quote(item))
-                }
-            })
-        })
-    }
-
-    fn excluded_ports(&mut self, key: &str) -> Result<Option<Vec<PortRange>>> {
-        Ok(self.ports(key, ListForm::Exclude)?.flatten())
-    }
-
-    fn excluded_cidrs(&mut self, key: &str, host_bits: HostBits) -> Result<Option<Vec<IpNetwork>>> {
-        Ok(self.cidrs(key, ListForm::Exclude, host_bits)?.flatten())
-    }
-
-    fn cidrs(
-        &mut self,
-        key: &str,
-        form: ListForm,
-        host_bits: HostBits,
-    ) -> Result<Option<Option<Vec<IpNetwork>>>> {
-        self.list(key, form, |item| {
-            // ipnetwork's errors repeat the input unescaped: say it here instead.
-            let net = item.trim().parse::<IpNetwork>().map_err(|_| {
-                format!(
-                    "{} is not an address or a network in CIDR notation",
-                    quote(item)
-                )
-            })?;
-            let masked = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
-            if masked != net && host_bits == HostBits::Refuse {
-                return Err(format!(
-                    "{} has host bits set (did you mean {masked} or a single address?)",
-                    quote(item)
-                ));
-            }
-            Ok(masked)
-        })
-    }
-
-    fn list<T>(
-        &mut self,
-        key: &str,
-        form: ListForm,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<Option<Vec<T>>>> {
-        let Some(v) = self.value(key) else {
-            return Ok(None);
-        };
-        let trimmed = v.trim();
-        match (form, trimmed) {
-            (ListForm::Include, "*") => return Ok(Some(None)),
-            (_, "") => return Ok(Some(Some(Vec::new()))),
-            (ListForm::Exclude, "*") => {
-                return Err(invalid(key, v, "\"*\" is not allowed in an exclusion list"))
-            }
-            _ => {}
-        }
-        if trimmed.split(',').nth(MAX_LIST_ITEMS).is_some() {
-            return Err(invalid(
-                key,
-                v,
-                format!("more than {MAX_LIST_ITEMS} entries"),
-            ));
-        }
-        trimmed
-            .split(',')
-            .map(|item| {
-                if item.trim().is_empty() {
-                    return Err(invalid(key, v, "has an empty entry"));
-                }
-                parse(item).map_err(|why| invalid(key, v, why))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(|list| Some(Some(list)))
-    }
-}
-
-/// Unsigned decimal digits only (no sign, no blanks inside), as a `T`.
-fn parse_number<T: FromStr>(v: &str) -> Option<T> {
-    let v = v.trim();
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    v.parse().ok()
-}
-
-/// Istio's `traffic.sidecar.istio.io/` annotations, with Istio's meaning of `*` and "".
-fn istio_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: false,
-        used,
-    };
-    Ok(SettingsOverlay {
-        include_inbound_ports: r.ports(ISTIO_INCLUDE_INBOUND_PORTS, ListForm::Include)?,
-        exclude_inbound_ports: r.excluded_ports(ISTIO_EXCLUDE_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(ISTIO_EXCLUDE_OUTBOUND_PORTS)?,
-        include_outbound_cidrs: r.cidrs(
-            ISTIO_INCLUDE_OUTBOUND_RANGES,
-            ListForm::Include,
-            HostBits::Mask,
-        )?,
-        exclude_outbound_cidrs: r.excluded_cidrs(ISTIO_EXCLUDE_OUTBOUND_RANGES, HostBits::Mask)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// Linkerd's `config.linkerd.io/` annotations, read as linkerd-cni reads them: an empty value
-/// is no override, and `skip-subnets` exempts inbound connections by their source.
-fn linkerd_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: true,
-        used,
-    };
-    Ok(SettingsOverlay {
-        exclude_inbound_ports: r.excluded_ports(LINKERD_SKIP_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(LINKERD_SKIP_OUTBOUND_PORTS)?,
-        exclude_inbound_sources: r.excluded_cidrs(LINKERD_SKIP_SUBNETS, HostBits::Mask)?,
-        proxy_uid: r.id(LINKERD_PROXY_UID)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// Our `intercept-cni.io/` annotations: `*` and "" read as in Istio's include lists.
-fn our_overlay(a: &Annotations, used: &mut Vec<String>) -> Result<SettingsOverlay> {
-    let mut r = Reader {
-        annotations: a,
-        empty_is_unset: false,
-        used,
-    };
-    Ok(SettingsOverlay {
-        inbound_port: r.port(INBOUND_PORT)?,
-        outbound_port: r.port(OUTBOUND_PORT)?,
-        proxy_uid: r.id(PROXY_UID)?,
-        proxy_gid: r.id(PROXY_GID)?,
-        include_inbound_ports: r.ports(INCLUDE_INBOUND_PORTS, ListForm::Include)?,
-        exclude_inbound_ports: r.excluded_ports(EXCLUDE_INBOUND_PORTS)?,
-        exclude_outbound_ports: r.excluded_ports(EXCLUDE_OUTBOUND_PORTS)?,
-        include_outbound_cidrs: r.cidrs(
-            INCLUDE_OUTBOUND_CIDRS,
-            ListForm::Include,
-            HostBits::Refuse,
-        )?,
-        exclude_outbound_cidrs: r.excluded_cidrs(EXCLUDE_OUTBOUND_CIDRS, HostBits::Refuse)?,
-        ..SettingsOverlay::default()
-    })
-}
-
-/// A misspelt annotation of ours is a warning, not an error: a newer plugin's annotation on a
-/// node that still runs this one must not stop the pod.
-fn warn_unknown_keys(a: &Annotations) {
-    for key in a.0.keys().filter(|k| k.starts_with(PREFIX)) {
-        if !OURS.contains(key) {
-            log::warn!("ignoring unknown pod annotation {}", quote(key));
-        }
-    }
-}
-
-fn invalid(key: &str, value: &str, why: impl fmt::Display) -> Error {
-    Error::config(format!(
-        "pod annotation {key}: invalid value {}: {why}",
-        quote(value)
-    ))
-}
-
-/// A workload's string, safe for a log line or an error: escaped, and cut if long.
-fn quote(s: &str) -> String {
-    match s.char_indices().nth(QUOTE_LIMIT) {
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
-        None => format!("{s:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::annotations::quote;
     use super::*;
-    use crate::cni::config::build_plan;
+    use crate::cni::config::{build_plan, ModeKey};
     use crate::cni::error::Code;
     use crate::plan::{Families, InboundPorts, OutboundCidrs};
     use serde_json::json;
+    use serde_json::Value;
     use std::path::Path;
 
     fn fixture(name: &str) -> Value {
@@ -599,7 +274,7 @@ mod tests {
 
     fn settings_for(keys: Value, annotations: Value) -> PlanSettings {
         match decide_with(keys, annotations.clone()).unwrap() {
-            Decision::Intercept { settings, .. } => settings,
+            Decision::Intercept { settings, .. } => *settings,
             Decision::Skip { reason } => panic!("{annotations}: skipped: {reason}"),
         }
     }
@@ -675,7 +350,7 @@ mod tests {
         let Decision::Intercept { settings, reason } = decide(&c, None).unwrap() else {
             panic!("skipped");
         };
-        assert_eq!(settings, c.settings);
+        assert_eq!(*settings, c.settings);
         assert!(reason.contains("podSelection all"), "{reason}");
     }
 
@@ -745,7 +420,7 @@ mod tests {
         let reason = intercept_reason(json!({}), json!({ENABLED: "true"}));
         assert_eq!(reason, "annotation intercept-cni.io/enabled=\"true\"");
         let s = settings_for(json!({"proxyUID": 5}), json!({ENABLED: "true"}));
-        assert_eq!(s.proxy_uid, 5);
+        assert_eq!(s.proxy_uids, vec![5]);
         assert!(s.exclude_inbound_ports.is_empty());
         let reason = skip_reason(json!({"podSelection": "all"}), json!({ENABLED: "false"}));
         assert_eq!(reason, "annotation intercept-cni.io/enabled=\"false\"");
@@ -767,7 +442,10 @@ mod tests {
     fn an_istio_injected_pod_gets_istios_defaults_and_annotations() {
         let s = settings_for(json!({}), fixture("istio-injected.json"));
         assert_eq!((s.inbound_port, s.outbound_port), (15006, 15001));
-        assert_eq!((s.proxy_uid, s.proxy_gid), (1337, Some(1337)));
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![1337], vec![1337])
+        );
         assert_eq!(s.exclude_inbound_ports, ports(&ISTIO_OWN));
         assert_eq!(
             s.exclude_outbound_ports,
@@ -806,7 +484,13 @@ mod tests {
 
     #[test]
     fn istio_include_lists_read_star_and_empty_as_istio_does() {
-        let plan = |a: Value| build_plan(&settings_for(json!({}), istio_pod(a)), Families::BOTH);
+        let plan = |a: Value| {
+            build_plan(
+                &settings_for(json!({}), istio_pod(a)),
+                Families::BOTH,
+                false,
+            )
+        };
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: "*"})).unwrap();
         assert_eq!(
             p.inbound_ports,
@@ -814,10 +498,11 @@ mod tests {
         );
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: ""})).unwrap();
         assert_eq!(p.inbound_ports, InboundPorts::None);
+        // istio-iptables redirects an include list as given: its exclusions do not apply.
         let p = plan(json!({ISTIO_INCLUDE_INBOUND_PORTS: "8080, 9000-9100,15021"})).unwrap();
         assert_eq!(
             p.inbound_ports,
-            InboundPorts::Only(ports(&[(8080, 8080), (9000, 9100)]))
+            InboundPorts::Only(ports(&[(8080, 8080), (9000, 9100), (15021, 15021)]))
         );
         let p = plan(json!({ISTIO_INCLUDE_OUTBOUND_RANGES: "*"})).unwrap();
         assert_eq!(p.outbound_cidrs, OutboundCidrs::AllExcept(vec![]));
@@ -863,25 +548,34 @@ mod tests {
     }
 
     #[test]
+    fn linkerd_pods_keep_redirect_without_dns_capture() {
+        let s = settings_for(
+            json!({"dnsCapture": true, "interceptionMode": "TPROXY", "dropInvalid": true}),
+            json!({"linkerd.io/proxy-version": "stable-2.14.10"}),
+        );
+        assert!(!s.dns_capture && s.drop_invalid);
+        assert_eq!(s.interception_mode, ModeKey::Redirect);
+    }
+
+    #[test]
     fn istio_interception_modes() {
         intercept_reason(
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        let e = error(
-            json!({}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
+        let tproxy = |keys: Value| {
+            settings_for(keys, istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})))
+                .interception_mode
+        };
+        assert_eq!(tproxy(json!({})), ModeKey::Tproxy);
+        // Honoured even where pods may not tune their interception: REDIRECT would break a
+        // proxy that listens transparently.
+        assert_eq!(tproxy(json!({"podOverrides": false})), ModeKey::Tproxy);
+        let s = settings_for(
+            json!({"interceptionMode": "TPROXY"}),
+            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "REDIRECT"})),
         );
-        assert!(
-            e.msg.contains("TPROXY interception is not supported yet"),
-            "{}",
-            e.msg
-        );
-        // Refused even where pods may not tune their interception: REDIRECT would break the proxy.
-        error(
-            json!({"podOverrides": false}),
-            istio_pod(json!({ISTIO_INTERCEPTION_MODE: "TPROXY"})),
-        );
+        assert_eq!(s.interception_mode, ModeKey::Redirect);
         let reason = skip_reason(
             json!({}),
             istio_pod(json!({ISTIO_INTERCEPTION_MODE: "NONE"})),
@@ -898,10 +592,53 @@ mod tests {
     }
 
     #[test]
+    fn istio_proxy_metadata_turns_modes_on_and_off() {
+        let config = |yaml: &str| istio_pod(json!({ISTIO_PROXY_CONFIG: yaml}));
+        let s = settings_for(
+            json!({}),
+            config(
+                "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  INVALID_DROP: \"true\"\n",
+            ),
+        );
+        assert!(s.dns_capture && s.drop_invalid);
+        // The pod's word over the netconf's.
+        let s = settings_for(
+            json!({"dnsCapture": true}),
+            config("{\"proxyMetadata\": {\"ISTIO_META_DNS_CAPTURE\": \"false\"}}"),
+        );
+        assert!(!s.dns_capture);
+        // Without podOverrides the netconf decides.
+        let s = settings_for(
+            json!({"podOverrides": false}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(!s.dns_capture);
+        let reason = intercept_reason(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        );
+        assert!(reason.contains(ISTIO_PROXY_CONFIG), "{reason}");
+        // Other mesh's pods and our own: not read.
+        let s = settings_for(
+            json!({}),
+            json!({ENABLED: "true", ISTIO_PROXY_CONFIG: "proxyMetadata: {ISTIO_META_DNS_CAPTURE: on}"}),
+        );
+        assert!(!s.dns_capture);
+        let e = error(
+            json!({}),
+            config("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"yes please\"\n"),
+        );
+        assert!(e.msg.contains(ISTIO_PROXY_CONFIG), "{}", e.msg);
+    }
+
+    #[test]
     fn a_linkerd_injected_pod_gets_linkerds_defaults_and_annotations() {
         let s = settings_for(json!({}), fixture("linkerd-injected.json"));
         assert_eq!((s.inbound_port, s.outbound_port), (4143, 4140));
-        assert_eq!((s.proxy_uid, s.proxy_gid), (2102, None));
+        assert_eq!(
+            (s.proxy_uids.clone(), s.proxy_gids.clone()),
+            (vec![2102], vec![])
+        );
         assert_eq!(
             s.exclude_inbound_ports,
             ports(&[(25, 25), (8000, 8010), (4190, 4190), (4191, 4191)])
@@ -918,7 +655,7 @@ mod tests {
             "{reason}"
         );
         let s = settings_for(json!({}), linkerd_pod(json!({LINKERD_PROXY_UID: "3000"})));
-        assert_eq!(s.proxy_uid, 3000);
+        assert_eq!(s.proxy_uids, vec![3000]);
         assert_eq!(s.exclude_inbound_ports, ports(&LINKERD_OWN));
     }
 
@@ -939,7 +676,7 @@ mod tests {
         );
         assert_eq!(s.exclude_outbound_ports, ports(&[(53, 53)]));
         assert_eq!(s.exclude_inbound_sources, nets(&["192.168.0.0/16"]));
-        assert_eq!(s.proxy_uid, 2103);
+        assert_eq!(s.proxy_uids, vec![2103]);
     }
 
     #[test]
@@ -977,14 +714,15 @@ mod tests {
         let expected = PlanSettings {
             inbound_port: 16006,
             outbound_port: 16001,
-            proxy_uid: 4000,
-            proxy_gid: Some(4001),
+            proxy_uids: vec![4000],
+            proxy_gids: vec![4001],
             exclude_inbound_ports: ports(&[(8001, 8001)]),
             exclude_inbound_sources: vec![],
             exclude_outbound_ports: ports(&[(53, 53), (853, 853)]),
             include_inbound_ports: Some(ports(&[(80, 80), (8000, 8080)])),
             exclude_outbound_cidrs: nets(&["10.1.0.0/16", "10.2.3.4/32"]),
             include_outbound_cidrs: Some(nets(&["10.0.0.0/8", "2001:db8::/32"])),
+            ..PlanSettings::default()
         };
         assert_eq!(s, expected);
         // `*` and "" in our include lists, as in Istio's.
@@ -1010,8 +748,8 @@ mod tests {
             linkerd_pod(json!({})),
         );
         assert_eq!(
-            (s.inbound_port, s.outbound_port, s.proxy_uid),
-            (14143, 4140, 2222)
+            (s.inbound_port, s.outbound_port, s.proxy_uids.clone()),
+            (14143, 4140, vec![2222])
         );
         // ...the mesh's annotations beat the netconf...
         let keys = json!({"excludeOutboundPorts": [53], "proxyUID": 2222});
@@ -1019,7 +757,7 @@ mod tests {
             keys.clone(),
             linkerd_pod(json!({LINKERD_PROXY_UID: "3000"})),
         );
-        assert_eq!(s.proxy_uid, 3000);
+        assert_eq!(s.proxy_uids, vec![3000]);
         let s = settings_for(
             keys.clone(),
             istio_pod(json!({ISTIO_EXCLUDE_OUTBOUND_PORTS: "3306"})),
@@ -1030,7 +768,7 @@ mod tests {
             keys.clone(),
             linkerd_pod(json!({LINKERD_PROXY_UID: "3000", PROXY_UID: "4000"})),
         );
-        assert_eq!(s.proxy_uid, 4000);
+        assert_eq!(s.proxy_uids, vec![4000]);
         let s = settings_for(
             keys,
             istio_pod(json!({
@@ -1052,8 +790,8 @@ mod tests {
             json!({}),
             istio_pod(json!({LINKERD_SKIP_OUTBOUND_PORTS: "25", LINKERD_PROXY_UID: "1"})),
         );
-        assert!(s.exclude_outbound_ports.is_empty());
-        assert_eq!(s.proxy_uid, 1337);
+        assert_eq!(s.exclude_outbound_ports, ports(&[(15020, 15020)]));
+        assert_eq!(s.proxy_uids, vec![1337]);
         let s = settings_for(
             json!({}),
             json!({ENABLED: "true", ISTIO_EXCLUDE_OUTBOUND_PORTS: "25"}),
@@ -1082,7 +820,7 @@ mod tests {
             keys,
             linkerd_pod(json!({LINKERD_SKIP_SUBNETS: "0.0.0.0/0", LINKERD_PROXY_UID: "0"})),
         );
-        assert_eq!((s.inbound_port, s.proxy_uid), (4143, 2102));
+        assert_eq!((s.inbound_port, s.proxy_uids.clone()), (4143, vec![2102]));
         assert!(s.exclude_inbound_sources.is_empty());
         assert_eq!(s.exclude_inbound_ports, ports(&LINKERD_OWN));
     }
@@ -1096,9 +834,153 @@ mod tests {
             e.msg
         );
         assert!(e.msg.contains("must differ"), "{}", e.msg);
-        // A netconf port equal to a mesh default port.
-        let e = error(json!({"inboundPort": 4140}), linkerd_pod(json!({})));
-        assert!(e.msg.contains("mesh's defaults"), "{}", e.msg);
+        // The meshes accept equal ports (Linkerd's own test setup uses them).
+        let s = settings_for(json!({"inboundPort": 4140}), linkerd_pod(json!({})));
+        assert_eq!((s.inbound_port, s.outbound_port), (4140, 4140));
+        let s = settings_for(json!({}), istio_pod(json!({})));
+        build_plan(&s, Families::BOTH, false).unwrap();
+    }
+
+    #[test]
+    fn istio_skips_gateways_and_pods_that_program_themselves() {
+        let reason = skip_reason(json!({}), istio_pod(json!({ISTIO_TEMPLATES: "gateway"})));
+        assert!(reason.contains("gateway"), "{reason}");
+        skip_reason(
+            json!({}),
+            istio_pod(json!({ISTIO_TEMPLATES: "sidecar, gateway"})),
+        );
+        let with_init = json!({ISTIO_STATUS: r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#});
+        assert!(skip_reason(json!({}), with_init).contains("istio-init"));
+        let proxyless = json!({ISTIO_STATUS: r#"{"initContainers":["grpc-bootstrap-init"],"containers":["traffic"]}"#});
+        assert!(skip_reason(json!({}), proxyless).contains("no istio-proxy"));
+        // Native sidecars list the proxy among the init containers; CNI mode has istio-validation.
+        let native = json!({ISTIO_STATUS: r#"{"initContainers":["istio-validation","istio-proxy"],"containers":null}"#});
+        intercept_reason(json!({}), native);
+        intercept_reason(json!({}), istio_pod(json!({ISTIO_TEMPLATES: "sidecar"})));
+        // Even our opt-in does not install a second rule set next to istio-init's.
+        let mut opted = json!({ISTIO_STATUS: r#"{"initContainers":["istio-init"]}"#});
+        opted[ENABLED] = json!("true");
+        skip_reason(json!({}), opted);
+        let e = error(json!({}), json!({ISTIO_STATUS: "not json"}));
+        assert!(
+            e.msg.starts_with("pod annotation sidecar.istio.io/status"),
+            "{}",
+            e.msg
+        );
+    }
+
+    #[test]
+    fn istio_knobs_reach_the_plan() {
+        let s = settings_for(
+            json!({}),
+            istio_pod(json!({
+                ISTIO_INCLUDE_OUTBOUND_PORTS: "9999,10000-10010",
+                ISTIO_EXCLUDE_INTERFACES: "net1, net2",
+                ISTIO_KUBEVIRT_INTERFACES: "old0",
+                ISTIO_STATUS_PORT: "16020",
+            })),
+        );
+        assert_eq!(s.semantics, crate::plan::Semantics::Istio);
+        assert_eq!(
+            s.include_outbound_ports,
+            ports(&[(9999, 9999), (10000, 10010)])
+        );
+        let names = |l: &[crate::plan::IfName]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&s.exclude_interfaces), ["net1", "net2"]);
+        assert_eq!(names(&s.reroute_interfaces), ["old0"]);
+        assert!(s
+            .exclude_inbound_ports
+            .contains(&ports(&[(16020, 16020)])[0]));
+        // The new name wins over the deprecated one.
+        let s = settings_for(
+            json!({}),
+            istio_pod(json!({ISTIO_KUBEVIRT_INTERFACES: "old0", ISTIO_REROUTE_INTERFACES: "new0"})),
+        );
+        assert_eq!(names(&s.reroute_interfaces), ["new0"]);
+        // IPv6 only with dual-stack or an IPv6-first pod; IPv4 always.
+        let v4_only = Families {
+            ipv4: true,
+            ipv6: false,
+        };
+        let s = settings_for(json!({}), istio_pod(json!({})));
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            v4_only
+        );
+        assert_eq!(
+            build_plan(&s, Families::BOTH, true).unwrap().families,
+            Families::BOTH
+        );
+        let s = settings_for(json!({"dualStack": true}), istio_pod(json!({})));
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            Families::BOTH
+        );
+        // Or the proxy's own ISTIO_DUAL_STACK, as istio-cni reads it from the proxy's environment.
+        let s = settings_for(
+            json!({}),
+            istio_pod(
+                json!({ISTIO_PROXY_CONFIG: "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"}),
+            ),
+        );
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            Families::BOTH
+        );
+    }
+
+    #[test]
+    fn linkerd_appends_skip_inbound_ports_and_reads_its_port_and_gid_annotations() {
+        let s = settings_for(
+            json!({"excludeInboundPorts": [25]}),
+            linkerd_pod(json!({
+                LINKERD_SKIP_INBOUND_PORTS: "9080",
+                LINKERD_SKIP_OUTBOUND_PORTS: "3306",
+                LINKERD_INBOUND_PORT: "5143",
+                LINKERD_OUTBOUND_PORT: "5140",
+                LINKERD_PROXY_GID: "2103",
+                LINKERD_ADMIN_PORT: "5191",
+            })),
+        );
+        assert_eq!((s.inbound_port, s.outbound_port), (5143, 5140));
+        assert_eq!(s.proxy_gids, vec![2103]);
+        // The netconf's list, then the admin port and the annotation's, then the proxy's own.
+        assert_eq!(
+            s.exclude_inbound_ports,
+            ports(&[
+                (25, 25),
+                (5191, 5191),
+                (9080, 9080),
+                (4190, 4190),
+                (4191, 4191)
+            ])
+        );
+        // skip-outbound-ports replaces, as linkerd-cni does.
+        let s = settings_for(
+            json!({"excludeOutboundPorts": [53]}),
+            linkerd_pod(json!({LINKERD_SKIP_OUTBOUND_PORTS: "3306"})),
+        );
+        assert_eq!(s.exclude_outbound_ports, ports(&[(3306, 3306)]));
+        // proxy-init writes owner rules only for IDs above 0; IPv6 only with dualStack.
+        let s = settings_for(json!({}), linkerd_pod(json!({LINKERD_PROXY_GID: "0"})));
+        let plan = build_plan(&s, Families::BOTH, true).unwrap();
+        assert!(plan.proxy_gids.is_empty());
+        assert_eq!(
+            plan.families,
+            Families {
+                ipv4: true,
+                ipv6: false
+            }
+        );
+    }
+
+    #[test]
+    fn our_id_lists() {
+        let s = settings_for(
+            json!({}),
+            json!({ENABLED: "true", PROXY_UID: "1337, 1338", PROXY_GID: "7"}),
+        );
+        assert_eq!((s.proxy_uids, s.proxy_gids), (vec![1337, 1338], vec![7]));
     }
 
     #[test]
@@ -1118,7 +1000,9 @@ mod tests {
             INCLUDE_INBOUND_PORTS,
             ISTIO_EXCLUDE_OUTBOUND_PORTS,
             ISTIO_INCLUDE_INBOUND_PORTS,
+            ISTIO_INCLUDE_OUTBOUND_PORTS,
             LINKERD_SKIP_INBOUND_PORTS,
+            INCLUDE_OUTBOUND_PORTS,
         ];
         let port_values = [
             "80;drop",
@@ -1161,6 +1045,11 @@ mod tests {
             PROXY_UID,
             PROXY_GID,
             LINKERD_PROXY_UID,
+            LINKERD_PROXY_GID,
+            LINKERD_INBOUND_PORT,
+            LINKERD_OUTBOUND_PORT,
+            LINKERD_ADMIN_PORT,
+            ISTIO_STATUS_PORT,
         ];
         let number_values = [
             "-1",
@@ -1185,15 +1074,45 @@ mod tests {
                     .iter()
                     .flat_map(|k| number_values.iter().map(move |v| (*k, *v))),
             )
-            .chain([(INBOUND_PORT, "0"), (OUTBOUND_PORT, "65536")]);
+            .chain(
+                [
+                    ISTIO_EXCLUDE_INTERFACES,
+                    ISTIO_KUBEVIRT_INTERFACES,
+                    ISTIO_REROUTE_INTERFACES,
+                    EXCLUDE_INTERFACES,
+                ]
+                .iter()
+                .flat_map(|k| {
+                    [
+                        "eth0;x",
+                        "eth0 -j ACCEPT",
+                        "a/b",
+                        "abcdefghijklmnopq",
+                        "eth0,,eth1",
+                        "..",
+                        "eth0\n*nat",
+                        "*",
+                    ]
+                    .map(move |v| (*k, v))
+                }),
+            )
+            .chain([
+                (INBOUND_PORT, "0"),
+                (OUTBOUND_PORT, "65536"),
+                (PROXY_UID, "1337,,1338"),
+                (PROXY_GID, "1337;1338"),
+            ]);
         for (key, value) in cases {
             // Linkerd reads "" as unset, and only its own pods read its annotations.
-            if key == LINKERD_PROXY_UID && value.is_empty() {
+            if key.starts_with("config.linkerd.io/") && value.is_empty() {
                 continue;
             }
             let mut annotations = if key.starts_with("config.linkerd.io/") {
                 linkerd_pod(json!({}))
-            } else if key.starts_with("traffic.sidecar.istio.io/") {
+            } else if key.starts_with("traffic.sidecar.istio.io/")
+                || key.starts_with("istio.io/")
+                || key.starts_with("status.sidecar.istio.io/")
+            {
                 istio_pod(json!({}))
             } else {
                 json!({ENABLED: "true"})
