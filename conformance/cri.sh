@@ -24,14 +24,22 @@ LINKERD_OUT=4140
 LINKERD_UID=2102
 PARALLEL_PODS=20
 
-# What Istio's injector writes on a pod (istio 1.2x sidecar injection), and Linkerd's.
-ISTIO_ANNOTATIONS='{"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\"],\"containers\":[\"istio-proxy\"],\"volumes\":[\"istio-envoy\",\"istio-data\",\"istio-podinfo\",\"istio-token\",\"istiod-ca-cert\"],\"imagePullSecrets\":null,\"revision\":\"default\"}",
+# What Istio's injector writes on a pod when istio-cni does the redirection (istio 1.2x: the
+# istio-validation init container instead of istio-init, which would program the pod itself),
+# and Linkerd's.
+ISTIO_ANNOTATIONS='{"sidecar.istio.io/status": "{\"initContainers\":[\"istio-validation\"],\"containers\":[\"istio-proxy\"],\"volumes\":[\"istio-envoy\",\"istio-data\",\"istio-podinfo\",\"istio-token\",\"istiod-ca-cert\"],\"imagePullSecrets\":null,\"revision\":\"default\"}",
  "kubectl.kubernetes.io/default-container": "app", "kubectl.kubernetes.io/default-logs-container": "app",
  "prometheus.io/path": "/stats/prometheus", "prometheus.io/port": "15020", "prometheus.io/scrape": "true",
  "sidecar.istio.io/interceptionMode": "REDIRECT", "traffic.sidecar.istio.io/includeInboundPorts": "*",
  "traffic.sidecar.istio.io/excludeInboundPorts": "15020", "traffic.sidecar.istio.io/includeOutboundIPRanges": "*",
  "traffic.sidecar.istio.io/excludeOutboundIPRanges": "", "istio.io/rev": "default",
  "kubernetes.io/config.seen": "2024-01-01T00:00:00Z", "kubernetes.io/config.source": "api"}'
+# The same pod with a dual-stack proxy (ISTIO_DUAL_STACK in its proxy config): as with istio-cni,
+# only then are its IPv6 connections redirected too.
+ISTIO_DS_ANNOTATIONS=$(python3 -c 'import json, sys
+a = json.loads(sys.argv[1])
+a["proxy.istio.io/config"] = "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"
+print(json.dumps(a))' "$ISTIO_ANNOTATIONS")
 LINKERD_ANNOTATIONS='{"linkerd.io/created-by": "linkerd/proxy-injector stable-2.14.10",
  "linkerd.io/inject": "enabled", "linkerd.io/proxy-version": "stable-2.14.10",
  "linkerd.io/trust-root-sha256": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
@@ -285,9 +293,9 @@ cri_release() {
 }
 
 cri_istio_case() {
-	cri_pod default istio-v "$ISTIO_ANNOTATIONS" >"$WORK/case.out" 2>&1 &&
-		pass cri "istio-injected pod: RunPodSandbox + CreateContainer + StartContainer (dual stack)" ||
-		{ fail cri "istio-injected pod: RunPodSandbox + CreateContainer + StartContainer (dual stack)" "$WORK/case.out"; return 0; }
+	cri_pod default istio-v "$ISTIO_DS_ANNOTATIONS" >"$WORK/case.out" 2>&1 &&
+		pass cri "istio-injected dual-stack pod: RunPodSandbox + CreateContainer + StartContainer" ||
+		{ fail cri "istio-injected dual-stack pod: RunPodSandbox + CreateContainer + StartContainer" "$WORK/case.out"; return 0; }
 	local ip4 ip6
 	ip4=$(pod_field istio-v ip4)
 	ip6=$(pod_field istio-v ip6)
@@ -306,6 +314,18 @@ cri_istio_case() {
 	check cri "istio pod: a second StopPodSandbox is harmless" cri_stop istio-v
 	check cri "istio pod: RemovePodSandbox" cri_remove istio-v
 	cri_release istio-v
+}
+
+# Without a dual-stack proxy, istio-cni programs IPv4 only: the pod's IPv6 is left alone.
+cri_ipv4_only_case() {
+	check cri "istio pod without dual stack starts" cri_pod default istio-v4 "$ISTIO_ANNOTATIONS"
+	[[ -n $CASE_OK ]] || return 0
+	check cri "istio pod without dual stack: outbound IPv4 reaches the proxy on $ISTIO_OUT" \
+		proxied istio-v4 "$ISTIO_UID" 127.0.0.1 "$ISTIO_OUT" pod "$CRI_GW4"
+	check cri "istio pod without dual stack: outbound IPv6 is not redirected" \
+		expect_failure proxied istio-v4 "$ISTIO_UID" ::1 "$ISTIO_OUT" pod "$CRI_GW6"
+	cri_stop istio-v4 >/dev/null 2>&1 && cri_remove istio-v4 >/dev/null 2>&1
+	cri_release istio-v4
 }
 
 cri_linkerd_case() {
@@ -467,19 +487,19 @@ cri_audit_case() {
 		audit_reports 0 early-istio repaired --repair
 	check audit "repaired pod: outbound reaches the proxy on $ISTIO_OUT, SO_ORIGINAL_DST intact (no restart)" \
 		proxied early-istio "$ISTIO_UID" 127.0.0.1 "$ISTIO_OUT" pod "$CRI_GW4"
-	check audit "repaired pod: inbound IPv6 reaches the proxy on $ISTIO_IN" \
-		proxied early-istio "$ISTIO_UID" :: "$ISTIO_IN" host "$(pod_field early-istio ip6)"
+	check audit "repaired pod: inbound IPv4 reaches the proxy on $ISTIO_IN" \
+		proxied early-istio "$ISTIO_UID" 0.0.0.0 "$ISTIO_IN" host "$(pod_field early-istio ip4)"
 	check audit "plain pod left untouched by --repair" not_intercepted early-plain
 	check audit "audit again: the pod is intercepted, nothing to report (exit 0)" \
 		audit_reports 0 early-istio intercepted
-	in_pod early-istio nft flush chain inet intercept-cni output
+	in_pod early-istio nft flush chain inet intercept-cni output || true
 	check audit "drift (the outbound chain emptied) is reported drifted" audit_reports 1 early-istio drifted
-	in_pod early-istio nft flush ruleset
+	in_pod early-istio nft flush ruleset || true
 	check audit "rules flushed: reported missing again" audit_reports 1 early-istio missing
-	in_pod early-plain nft add table inet intercept-cni
+	in_pod early-plain nft add table inet intercept-cni || true
 	check audit "rules on a pod the policy leaves alone are reported, not removed" \
 		eval 'audit_reports 1 early-plain unexpected && cri_rules early-plain'
-	in_pod early-plain nft delete table inet intercept-cni
+	in_pod early-plain nft delete table inet intercept-cni || true
 	check audit "repaired pod: StopPodSandbox's DEL removes the rules" \
 		eval 'cri_stop early-istio && stopped_clean early-istio'
 	for pod in early-istio early-plain; do
@@ -495,7 +515,7 @@ audit_refuses_unproven() {
 	local rc=0 name
 	name=unproven-$((++POD_SEQ))
 	cri_pod default "$name" "$ISTIO_ANNOTATIONS" >/dev/null || return 1
-	in_pod "$name" nft flush ruleset
+	in_pod "$name" nft flush ruleset || true
 	audit --json --repair --netns-dir "$WORK/cri" >"$WORK/cri/audit.json" || rc=$?
 	[[ $rc == 1 ]] || { echo "audit exit status $rc, want 1 (an unproven pod needs attention)"; return 1; }
 	local out
@@ -532,6 +552,9 @@ run_cri() {
 	cri_selection_case "no annotations, default podSelection annotated" default '{}' untouched
 	cri_selection_case "istio opt-out (sidecar.istio.io/inject: false)" default \
 		"$(python3 -c 'import json,sys; a=json.loads(sys.argv[1]); a["sidecar.istio.io/inject"]="false"; print(json.dumps(a))' "$ISTIO_ANNOTATIONS")" untouched
+	cri_ipv4_only_case
+	cri_selection_case "istio pod injected with istio-init (it programs itself): left to it" default \
+		"$(python3 -c 'import json,sys; a=json.loads(sys.argv[1]); a["sidecar.istio.io/status"]=a["sidecar.istio.io/status"].replace("istio-validation","istio-init"); print(json.dumps(a))' "$ISTIO_ANNOTATIONS")" untouched
 	cri_selection_case "opt-in (intercept-cni.io/enabled: true)" default '{"intercept-cni.io/enabled": "true"}' intercepted
 	cri_selection_case "istio pod in excluded namespace $CRI_EXCLUDED_NS" "$CRI_EXCLUDED_NS" "$ISTIO_ANNOTATIONS" untouched
 	cri_restart_case
