@@ -264,6 +264,28 @@ pub fn plan_for<'a>(
     Ok((plan, prev))
 }
 
+/// What ADD would decide for this invocation, without touching the kernel: the parsed config
+/// and the plan (`None`: the policy leaves the pod alone). `intercept-cni audit` calls this with
+/// the invocation the runtime would make for a running pod, so it decides exactly as ADD does.
+pub fn decide(
+    env: &CniEnv,
+    stdin: &[u8],
+    trace: &mut Trace,
+) -> Result<(NetConf, Option<InterceptPlan>)> {
+    let (obj, cni_version) = negotiate(Command::Add, stdin, trace)?;
+    let conf = NetConf::from_object(&obj, &cni_version)?;
+    let (plan, _) = plan_for(env, &conf, trace)?;
+    Ok((conf, plan))
+}
+
+/// Whether the pod netns of `env` holds anything of ours, for the backend `conf` resolves to.
+pub fn installed(env: &CniEnv, conf: &NetConf) -> Result<bool> {
+    let ns = open_pod_netns(env)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let backend = backend::build(kind, &conf.backend_options);
+    ns.run(|| backend.installed())
+}
+
 /// The backend for `choice`, with the host check (cached in `state_dir`) deciding `auto`.
 fn resolve(
     choice: BackendChoice,
