@@ -16,9 +16,10 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Where the agent listens and the plugin sends unless the netconf says otherwise (`eventsSocket`):
-/// under the default state dir, so neither needs configuring.
-pub const DEFAULT_SOCKET: &str = "/var/run/intercept-cni/events.sock";
+/// Where the agent listens and the plugin sends unless the netconf says otherwise (`eventsSocket`),
+/// so neither needs configuring. Not in the plugin's state dir: that one must be private (0700,
+/// never chmodded), and a DaemonSet's hostPath volume would create it 0755.
+pub const DEFAULT_SOCKET: &str = "/var/run/intercept-cni-agent/events.sock";
 
 /// A datagram larger than this is not ours; records are a few hundred bytes.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
@@ -155,12 +156,12 @@ fn send_datagram(path: &Path, bytes: &[u8]) -> nix::Result<()> {
     .map(drop)
 }
 
-/// The agent's side: binds `path` (creating its directory, replacing a stale socket but
-/// nothing else), readable and writable by root only.
+/// The agent's side: binds `path` (creating its directory 0700 when missing, never changing an
+/// existing one; replacing a stale socket but nothing else), readable and writable by us only.
 pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let what = || format!("cannot listen for plugin events at {}", path.display());
     if let Some(dir) = path.parent() {
-        // 0700: the default directory is also the plugin's default stateDir, which must be
+        // 0700: only root sends; and a --events-socket in the plugin's stateDir must leave it
         // private (the plugin never changes an existing directory's mode).
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -170,6 +171,9 @@ pub fn bind(path: &Path) -> Result<UnixDatagram> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            if let Err(why) = replaceable_socket(path, &meta) {
+                return Err(Error::io(what(), why));
+            }
             std::fs::remove_file(path).map_err(|e| Error::io(what(), e))?
         }
         Ok(_) => return Err(Error::io(what(), "a file that is not a socket is there")),
@@ -183,6 +187,39 @@ pub fn bind(path: &Path) -> Result<UnixDatagram> {
         let _ = BOUND.set((path.to_path_buf(), meta.dev(), meta.ino()));
     }
     Ok(socket)
+}
+
+/// Whether the socket at `path` may be removed to bind ours: a stale one (nobody listens), or a
+/// live datagram socket that looks like an earlier agent's (root's or ours, mode 0600). Any
+/// other (containerd's or docker's stream socket, journald's 0666 datagram one) is another
+/// program's, never removed.
+fn replaceable_socket(path: &Path, meta: &std::fs::Metadata) -> std::result::Result<(), String> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let probe = || -> nix::Result<()> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)
+    };
+    let owner_ok = meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw();
+    match probe() {
+        Err(nix::errno::Errno::ECONNREFUSED) => Ok(()),
+        Ok(()) if owner_ok && meta.permissions().mode() & 0o7777 == 0o600 => Ok(()),
+        Ok(()) => Err(format!(
+            "another program's datagram socket is there (owner uid {}, mode {:o}); not removed",
+            meta.uid(),
+            meta.permissions().mode() & 0o7777
+        )),
+        Err(nix::errno::Errno::EPROTOTYPE) => {
+            Err("another program's stream socket is there; not removed".into())
+        }
+        Err(e) => Err(format!(
+            "a socket is there that cannot be probed ({e}); not removed"
+        )),
+    }
 }
 
 /// The socket file this process bound: its path, device and inode.
@@ -317,6 +354,23 @@ mod tests {
             send(&Target::Socket(path.clone()), event);
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_agent_binds_in_a_private_dir_and_replaces_only_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/events.sock");
+        let socket = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        drop(socket);
+        let again = bind(&path).expect("a stale socket is replaced");
+        drop(again);
+        let file = dir.path().join("file.sock");
+        std::fs::write(&file, "precious").unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }
 
     #[test]
