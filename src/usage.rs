@@ -54,14 +54,14 @@ Flags:
                          (default: off)
   --events-socket PATH   with --watch: the unix socket plugin invocations report to; each
                          record is printed as one JSON line on stdout and counted in /metrics
-                         (default: /var/run/intercept-cni/events.sock; \"\" for none)
+                         (default: /var/run/intercept-cni-agent/events.sock; \"\" for none)
   --host-root DIR        with --watch: the host's / as mounted in this container, read by the
                          host check of /readyz (default: this system's /, with the kernel probe)
   -h, --help             print this text
 
-Ready (/readyz 200) only when the active network chains the plugin last, the plugin in the bin
-dir is byte for byte this executable, and the host check passes for the backend the plugin
-config selects.
+Ready (/readyz 200) only when the active network chains the plugin last with the current plugin
+config (not a refused one), the plugin in the bin dir is byte for byte this executable, and the
+host check passes for the backend that config selects.
 ";
 
 pub const UNINSTALL: &str = "\

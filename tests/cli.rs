@@ -461,7 +461,7 @@ fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
                 "--listen",
                 "--events-socket",
                 "--host-root",
-                "/var/run/intercept-cni/events.sock",
+                "/var/run/intercept-cni-agent/events.sock",
             ],
         ),
         ("uninstall", &["--cni-conf-dir", "--cni-bin-dir"]),

@@ -511,6 +511,57 @@ fn istio_tuned(backend: Value) {
     run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
 }
 
+/// An IPv6-first pod: istio-cni programs both families without dual-stack (getLocalIP).
+fn istio_ipv6_first(backend: Value) {
+    let lab = Lab::new();
+    let table = [
+        row(
+            From::Peer,
+            ROOT,
+            "eth0",
+            v6(POD_V6, 8080),
+            Inbound,
+            "ip6tables ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Peer,
+            ROOT,
+            "eth0",
+            v4(POD_V4, 8080),
+            Inbound,
+            "iptables ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            APP_USER,
+            "eth0",
+            v6(PEER_V6, 8080),
+            Outbound,
+            "ip6tables ISTIO_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            ISTIO_PROXY,
+            "lo",
+            v6(POD_V6, 8080),
+            Inbound,
+            "-o lo ! -d ::1 --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+        ),
+        row(
+            From::Pod,
+            APP_USER,
+            "lo",
+            v6(POD_V6, 8080),
+            App,
+            "-o lo ! --uid-owner 1337 RETURN",
+        ),
+    ];
+    let mut conf = conf(&lab, backend, json!({}), istio_pod(json!({})));
+    let ips = conf["prevResult"]["ips"].as_array_mut().unwrap();
+    ips.reverse();
+    run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
+}
+
 /// excludeInterfaces: nothing through the pod's eth0 is redirected, either way.
 fn istio_excluded_interface(backend: Value) {
     let lab = Lab::new();
@@ -543,6 +594,63 @@ fn istio_excluded_interface(backend: Value) {
     let annotations = istio_pod(json!({"traffic.sidecar.istio.io/excludeInterfaces": "eth0"}));
     let conf = conf(&lab, backend, json!({}), annotations);
     run_table(&lab, &conf, (INBOUND_PORT, OUTBOUND_PORT), &table);
+}
+
+/// A KubeVirt pod: a VM behind `net1` in the pod. What it sends arrives on net1 and goes to the
+/// outbound port (istio-iptables' `-I PREROUTING 1 -i net1 -j ISTIO_REDIRECT`), whatever its
+/// destination, while the pod's own traffic keeps the usual rules.
+fn istio_reroute_interface(backend: Value) {
+    let lab = Lab::new();
+    let vm = Netns::new("vm");
+    lab.pod.ip(&[
+        "link", "add", "net1", "type", "veth", "peer", "name", "vmside",
+    ]);
+    lab.pod.ip(&["link", "set", "vmside", "netns", &vm.name]);
+    lab.pod.ip(&["addr", "add", "10.249.0.1/24", "dev", "net1"]);
+    lab.pod.ip(&["link", "set", "net1", "up"]);
+    vm.ip(&["addr", "add", "10.249.0.2/24", "dev", "vmside"]);
+    vm.ip(&["link", "set", "vmside", "up"]);
+    vm.ip(&["route", "add", "default", "via", "10.249.0.1"]);
+    let annotations = istio_pod(json!({"istio.io/reroute-virtual-interfaces": "net1"}));
+    let conf = conf(&lab, backend, json!({}), annotations);
+    lab.cni("ADD", &conf).ok();
+    lab.cni("CHECK", &conf).ok();
+    for (to, want) in [
+        (v4(PEER_V4, 8080), Outbound),
+        (v4(Ipv4Addr::new(192, 0, 2, 10), 443), Outbound),
+    ] {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let addrs = vec![
+            (
+                SocketAddr::new("::".parse().unwrap(), INBOUND_PORT),
+                Inbound,
+            ),
+            (
+                SocketAddr::new("::".parse().unwrap(), OUTBOUND_PORT),
+                Outbound,
+            ),
+        ];
+        let listener = listen(&lab.pod, addrs, tx, stop.clone());
+        let connected = vm.run(move || dial(None, None, to)).join().unwrap();
+        let got = match connected {
+            Some(_) => rx.recv_timeout(Duration::from_secs(3)).unwrap_or(Refused),
+            None => Refused,
+        };
+        stop.store(true, Ordering::SeqCst);
+        listener.join().unwrap();
+        assert_eq!(got, want, "VM behind net1 to {to}");
+    }
+    let p = row(
+        From::Peer,
+        ROOT,
+        "eth0",
+        v4(POD_V4, 8080),
+        Inbound,
+        "eth0 is not rerouted",
+    );
+    assert_eq!(probe(&lab, (INBOUND_PORT, OUTBOUND_PORT), &p), Inbound);
+    lab.cni("DEL", &conf).ok();
 }
 
 /// Pods istio-cni leaves alone: a gateway, and a pod that runs istio-init itself.
@@ -755,6 +863,8 @@ macro_rules! per_backend {
             fn b() -> Value { $conf }
             #[test] fn istio_default() { super::istio_default(b()) }
             #[test] fn istio_tuned() { super::istio_tuned(b()) }
+            #[test] fn istio_ipv6_first() { super::istio_ipv6_first(b()) }
+            #[test] fn istio_reroute_interface() { super::istio_reroute_interface(b()) }
             #[test] fn istio_excluded_interface() { super::istio_excluded_interface(b()) }
             #[test] fn istio_skipped_pods() { super::istio_skipped_pods(b()) }
             #[test] fn linkerd_default() { super::linkerd_default(b()) }

@@ -16,9 +16,10 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Where the agent listens and the plugin sends unless the netconf says otherwise (`eventsSocket`):
-/// under the default state dir, so neither needs configuring.
-pub const DEFAULT_SOCKET: &str = "/var/run/intercept-cni/events.sock";
+/// Where the agent listens and the plugin sends unless the netconf says otherwise (`eventsSocket`),
+/// so neither needs configuring. Not in the plugin's state dir: that one must be private (0700,
+/// never chmodded), and a DaemonSet's hostPath volume would create it 0755.
+pub const DEFAULT_SOCKET: &str = "/var/run/intercept-cni-agent/events.sock";
 
 /// A datagram larger than this is not ours; records are a few hundred bytes.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
@@ -155,12 +156,12 @@ fn send_datagram(path: &Path, bytes: &[u8]) -> nix::Result<()> {
     .map(drop)
 }
 
-/// The agent's side: binds `path` (creating its directory, replacing a stale socket but
-/// nothing else), readable and writable by root only.
+/// The agent's side: binds `path` (creating its directory 0700 when missing, never changing an
+/// existing one; replacing a stale socket but nothing else), readable and writable by us only.
 pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let what = || format!("cannot listen for plugin events at {}", path.display());
     if let Some(dir) = path.parent() {
-        // 0700: the default directory is also the plugin's default stateDir, which must be
+        // 0700: only root sends; and a --events-socket in the plugin's stateDir must leave it
         // private (the plugin never changes an existing directory's mode).
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -317,6 +318,23 @@ mod tests {
             send(&Target::Socket(path.clone()), event);
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_agent_binds_in_a_private_dir_and_replaces_only_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/events.sock");
+        let socket = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        drop(socket);
+        let again = bind(&path).expect("a stale socket is replaced");
+        drop(again);
+        let file = dir.path().join("file.sock");
+        std::fs::write(&file, "precious").unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }
 
     #[test]

@@ -7,9 +7,7 @@ pub mod http;
 pub mod metrics;
 pub mod ready;
 
-use crate::cni::config::NetConf;
 use crate::cni::error::{Error, Result};
-use crate::cni::version;
 use crate::install::{self, watch};
 use http::Response;
 use std::net::{SocketAddr, TcpListener};
@@ -131,11 +129,7 @@ pub fn start(options: &Options, watch: &watch::Options) -> Result<()> {
         conf_dir: watch.conf_dir.clone(),
         bin_dir: watch.bin_dir.clone(),
         own_binary: install::SELF_EXE.into(),
-        // The config as it is now (refused: not ready until a fixed one is loaded).
-        backend: install::load_plugin_config(watch.plugin_config.as_deref())
-            .and_then(|entry| NetConf::from_object(&entry, version::LATEST))
-            .map(|conf| (conf.backend, conf.backend_options))
-            .map_err(|e| e.to_string()),
+        plugin_config: watch.plugin_config.clone(),
         host_root: options.host_root.clone(),
     };
     spawn("http", move || {

@@ -3,9 +3,11 @@
 //! agent ships (its own executable), and (3) the host check passes for the backend the plugin
 //! will use. Computed from the files at each request, so it can never lag behind the node.
 
-use crate::backend::{BackendChoice, BackendOptions};
+use crate::cni::config::NetConf;
+use crate::cni::version;
 use crate::host::{self, HostRoot};
-use crate::install::{conflist, fsops, watch};
+use crate::install::{self, conflist, fsops, watch};
+use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -17,8 +19,9 @@ pub struct Target {
     pub bin_dir: PathBuf,
     /// The binary we ship: our own executable.
     pub own_binary: PathBuf,
-    /// The backend the plugin config asks for, or why it cannot be read.
-    pub backend: Result<(BackendChoice, BackendOptions), String>,
+    /// The operator's plugin config (`--plugin-config`), read again at each request: a
+    /// ConfigMap edit may pick another backend.
+    pub plugin_config: Option<PathBuf>,
     /// Where the host's `/` is mounted; `None`: this system, with the functional probe.
     pub host_root: Option<PathBuf>,
 }
@@ -62,17 +65,21 @@ impl Readiness {
 }
 
 pub fn assess(target: &Target) -> Readiness {
+    let config = install::load_plugin_config(target.plugin_config.as_deref())
+        .map_err(|e| format!("the plugin config is refused: {e}"));
     Readiness {
-        chained: chained(&target.conf_dir),
+        chained: chained(&target.conf_dir, config.as_ref().ok()),
         binary: same_binary(
             &target.own_binary,
             &target.bin_dir.join(conflist::PLUGIN_TYPE),
         ),
-        host: host_check(target),
+        host: config.and_then(|c| host_check(&c, target.host_root.as_deref())),
     }
 }
 
-fn chained(conf_dir: &Path) -> Result<String, String> {
+/// Our entry last in the active network, carrying `config` (the plugin config as it is now,
+/// when it loads) apart from the installer's stamp: an edited config is not ready until chained.
+fn chained(conf_dir: &Path, config: Option<&Map<String, Value>>) -> Result<String, String> {
     if watch::state() == watch::State::ConfigRefused {
         return Err(
             "the plugin config is refused (see the log): the last good entry stays, the new \
@@ -88,14 +95,21 @@ fn chained(conf_dir: &Path) -> Result<String, String> {
             conf_dir.display()
         )
     })?;
-    let last_type = network
+    let mut chained = network
         .doc
         .get("plugins")
-        .and_then(|p| p.as_array())
+        .and_then(Value::as_array)
         .and_then(|p| p.last())
-        .and_then(|p| p.get("type"))
-        .and_then(|t| t.as_str());
-    if last_type == Some(conflist::PLUGIN_TYPE) {
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    chained.remove(conflist::STAMP_KEY);
+    if conflist::chains_us_last(&network) && config.is_some_and(|c| *c != chained) {
+        Err(format!(
+            "{} chains an entry that is not the current plugin config yet",
+            network.file_name
+        ))
+    } else if conflist::chains_us_last(&network) {
         Ok(format!(
             "{} chains {} last",
             network.file_name,
@@ -149,16 +163,16 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-fn host_check(target: &Target) -> Result<String, String> {
-    let (choice, options) = target
-        .backend
-        .as_ref()
-        .map_err(|e| format!("the plugin config cannot be read: {e}"))?;
-    let (root, probe) = match &target.host_root {
+/// The host check for the backend `config` selects.
+fn host_check(config: &Map<String, Value>, host_root: Option<&Path>) -> Result<String, String> {
+    let conf = NetConf::from_object(config, version::LATEST)
+        .map_err(|e| format!("the plugin config is refused: {e}"))?;
+    let (choice, options) = (conf.backend, conf.backend_options);
+    let (root, probe) = match host_root {
         Some(dir) => (HostRoot::new(dir), false),
         None => (HostRoot::real(), true),
     };
-    let chosen = host::choose(*choice, options, &root, false, probe);
+    let chosen = host::choose(choice, &options, &root, false, probe);
     if chosen.report.ok {
         Ok(format!("{} backend ({})", chosen.backend(), chosen.why))
     } else {

@@ -55,7 +55,8 @@ const MAX_VERDICT_BYTES: u64 = 1 << 20;
 
 const LOCK_FILE: &str = "host-check.lock";
 
-/// The agent's events socket, in the default state dir (`agent::events::DEFAULT_SOCKET`).
+/// The agent's events socket where an earlier agent kept it, in the default state dir (it now
+/// lives apart, see `agent::events::DEFAULT_SOCKET`).
 const EVENTS_SOCKET: &str = "events.sock";
 
 /// The cached outcome of one check.
@@ -448,18 +449,15 @@ mod tests {
         assert!(apply(Policy::Enforce, &passed).is_ok());
     }
 
-    /// The default state dir holds the agent's events socket and the iptables lock files, and a
-    /// directory with only those (and ours) is the plugin's, whatever its mode.
+    /// The default state dir holds the iptables lock files (and, from an earlier agent, its
+    /// events socket), and a directory with only those (and ours) is the plugin's, whatever its
+    /// mode.
     #[test]
     fn the_agents_and_backends_files_count_as_ours() {
         let socket = Path::new(crate::agent::events::DEFAULT_SOCKET);
-        assert_eq!(
-            socket.parent(),
-            Some(Path::new(crate::cni::config::DEFAULT_STATE_DIR))
-        );
-        let socket_name = socket.file_name().and_then(|n| n.to_str()).unwrap();
+        assert_eq!(socket.file_name(), Some(EVENTS_SOCKET.as_ref()));
         for name in [
-            socket_name,
+            EVENTS_SOCKET,
             LOCK_FILE,
             "host-nftables-dual.json",
             "host-iptables-nft-ipv4.json.tmp",

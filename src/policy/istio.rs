@@ -71,12 +71,14 @@ pub(super) fn istio_proxy_config(
     };
     let metadata = super::proxy_config::ProxyMetadata::parse(text)
         .map_err(|why| invalid(ISTIO_PROXY_CONFIG, text, why))?;
-    if metadata.dns_capture.is_some() || metadata.drop_invalid.is_some() {
+    if metadata != super::proxy_config::ProxyMetadata::default() {
         used.push(ISTIO_PROXY_CONFIG.to_string());
     }
     Ok(SettingsOverlay {
         dns_capture: metadata.dns_capture,
         drop_invalid: metadata.drop_invalid,
+        // ISTIO_DUAL_STACK: the proxy serves IPv6, so istio-cni programs ip6tables too.
+        dual_stack: metadata.dual_stack,
         ..SettingsOverlay::default()
     })
 }
@@ -187,17 +189,8 @@ pub(super) fn programs_itself(a: &Annotations) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Annotations under Istio's traffic prefix that this plugin does not read, and the proxy
-/// settings of `proxy.istio.io/config` that change capture but are not read here: never silent.
+/// Annotations under Istio's traffic prefix that this plugin does not read: never silent.
 pub(super) fn warn_unsupported(a: &Annotations) {
-    if a.get(ISTIO_PROXY_CONFIG)
-        .is_some_and(|c| c.contains("ISTIO_DUAL_STACK"))
-    {
-        log::warn!(
-            "pod annotation {ISTIO_PROXY_CONFIG}: ISTIO_DUAL_STACK is not read per pod; \
-             set \"dualStack\" in the netconf"
-        );
-    }
     for key in a.0.keys() {
         if key.starts_with("traffic.sidecar.istio.io/") && !TRAFFIC_KNOWN.contains(key) {
             log::warn!(

@@ -916,6 +916,17 @@ mod tests {
             build_plan(&s, Families::BOTH, false).unwrap().families,
             Families::BOTH
         );
+        // Or the proxy's own ISTIO_DUAL_STACK, as istio-cni reads it from the proxy's environment.
+        let s = settings_for(
+            json!({}),
+            istio_pod(
+                json!({ISTIO_PROXY_CONFIG: "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n"}),
+            ),
+        );
+        assert_eq!(
+            build_plan(&s, Families::BOTH, false).unwrap().families,
+            Families::BOTH
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The two entries of Istio's `proxy.istio.io/config` annotation that change interception:
-//! `proxyMetadata.ISTIO_META_DNS_CAPTURE` and `proxyMetadata.INVALID_DROP`. Istio's injector
+//! The entries of Istio's `proxy.istio.io/config` annotation that change interception:
+//! `proxyMetadata.ISTIO_META_DNS_CAPTURE`, `proxyMetadata.INVALID_DROP` and
+//! `proxyMetadata.ISTIO_DUAL_STACK` (IPv6 rules). Istio's injector
 //! copies `proxyMetadata` into the proxy container's environment, where istio-cni reads them
 //! (with Go's `strconv.ParseBool`).
 //!
@@ -17,6 +18,9 @@ pub const MAX_BYTES: usize = 16 * 1024;
 
 const DNS_CAPTURE: &str = "ISTIO_META_DNS_CAPTURE";
 const INVALID_DROP: &str = "INVALID_DROP";
+const DUAL_STACK: &str = "ISTIO_DUAL_STACK";
+/// Every key read here.
+const KEYS: [&str; 3] = [DNS_CAPTURE, INVALID_DROP, DUAL_STACK];
 const METADATA: &str = "proxyMetadata";
 
 /// What the pod's proxy asks for; `None` where it says nothing.
@@ -24,6 +28,7 @@ const METADATA: &str = "proxyMetadata";
 pub struct ProxyMetadata {
     pub dns_capture: Option<bool>,
     pub drop_invalid: Option<bool>,
+    pub dual_stack: Option<bool>,
 }
 
 impl ProxyMetadata {
@@ -32,7 +37,7 @@ impl ProxyMetadata {
             return Err(format!("longer than {MAX_BYTES} bytes"));
         }
         // Neither key anywhere: nothing to read, whatever the rest says.
-        if !text.contains(DNS_CAPTURE) && !text.contains(INVALID_DROP) {
+        if !KEYS.iter().any(|k| text.contains(k)) {
             return Ok(ProxyMetadata::default());
         }
         let entries = if text.trim_start().starts_with('{') {
@@ -55,10 +60,11 @@ impl ProxyMetadata {
         let metadata = ProxyMetadata {
             dns_capture: flag(DNS_CAPTURE)?,
             drop_invalid: flag(INVALID_DROP)?,
+            dual_stack: flag(DUAL_STACK)?,
         };
         if metadata == ProxyMetadata::default() {
             return Err(format!(
-                "{DNS_CAPTURE} or {INVALID_DROP} appears outside a {METADATA} this reader \
+                "{DNS_CAPTURE}, {INVALID_DROP} or {DUAL_STACK} appears outside a {METADATA} this reader \
                  follows (a top-level block or one-line flow mapping of plain or quoted strings)"
             ));
         }
@@ -87,7 +93,7 @@ fn json_metadata(text: &str) -> Result<Vec<(String, String)>, String> {
         Some(_) => return Err(format!("{METADATA} must be an object")),
     };
     let mut entries = Vec::new();
-    for key in [DNS_CAPTURE, INVALID_DROP] {
+    for key in KEYS {
         match metadata.get(key) {
             None => {}
             Some(Value::String(s)) => entries.push((key.to_string(), s.clone())),
@@ -162,13 +168,13 @@ fn yaml_metadata(text: &str) -> Result<Vec<(String, String)>, String> {
     }
     Ok(entries
         .into_iter()
-        .filter(|(k, _)| k == DNS_CAPTURE || k == INVALID_DROP)
+        .filter(|(k, _)| KEYS.contains(&k.as_str()))
         .collect())
 }
 
 /// An entry of `proxyMetadata`: only our keys' values are read (others may take any form).
 fn entry(key: String, value: &str) -> Result<(String, String), String> {
-    if key == DNS_CAPTURE || key == INVALID_DROP {
+    if KEYS.contains(&key.as_str()) {
         let value = scalar(value)?;
         Ok((key, value))
     } else {
@@ -177,13 +183,13 @@ fn entry(key: String, value: &str) -> Result<(String, String), String> {
 }
 
 fn entries_mention_ours(line: &str) -> bool {
-    line.contains(DNS_CAPTURE) || line.contains(INVALID_DROP)
+    KEYS.iter().any(|k| line.contains(k))
 }
 
 fn last_is_ours(entries: &[(String, String)]) -> bool {
     entries
         .last()
-        .is_some_and(|(k, _)| k == DNS_CAPTURE || k == INVALID_DROP)
+        .is_some_and(|(k, _)| KEYS.contains(&k.as_str()))
 }
 
 /// `key: rest` (rest trimmed, empty for a nested block); `None` for a line that is no entry
@@ -305,6 +311,7 @@ mod tests {
     const ON: ProxyMetadata = ProxyMetadata {
         dns_capture: Some(true),
         drop_invalid: None,
+        dual_stack: None,
     };
 
     #[test]
@@ -324,8 +331,13 @@ mod tests {
             parsed("proxyMetadata:\n  INVALID_DROP: \"false\"\n  ISTIO_META_DNS_CAPTURE: \"0\"\n"),
             ProxyMetadata {
                 dns_capture: Some(false),
-                drop_invalid: Some(false)
+                drop_invalid: Some(false),
+                dual_stack: None,
             }
+        );
+        assert_eq!(
+            parsed("{\"proxyMetadata\": {\"ISTIO_DUAL_STACK\": \"true\"}}").dual_stack,
+            Some(true)
         );
         // Nothing of ours: whatever else it says is not judged.
         for text in ["concurrency: 2", "{not json", ": : :", "[1, 2]", ""] {
