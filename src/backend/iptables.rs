@@ -18,7 +18,7 @@ use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
 use chains::Family;
-use tools::{binary_name, PendingRestore, Tool, Tools};
+use tools::{binary_name, Tool, Tools};
 
 /// For GC: removes the lock files of namespaces that are gone (DEL found them gone and could not
 /// tell which files were theirs); returns how many.
@@ -214,28 +214,6 @@ impl Iptables {
         found
     }
 
-    /// Starts one restore per family. Two are started from two threads at once (a thread
-    /// starts in its creator's netns): a spawn returns only once its child has begun to exec,
-    /// which on a busy node can wait for a CPU, and the second restore need not wait for that.
-    fn spawn_restores(&self, families: &[Family]) -> Result<Vec<(Family, PendingRestore)>> {
-        let spawn = |family: Family| Ok((family, self.tools().spawn_restore(self.mode, family)?));
-        let [first, second] = families else {
-            return families.iter().map(|&family| spawn(family)).collect();
-        };
-        std::thread::scope(|s| {
-            let other = s.spawn(|| spawn(*second));
-            let first = spawn(*first);
-            let second = other.join().unwrap_or_else(|_| {
-                Err(Error::new(
-                    Code::Internal,
-                    "internal error while starting the iptables restores",
-                ))
-            });
-            // Either failing drops the other unfed.
-            Ok(vec![first?, second?])
-        })
-    }
-
     fn other_mode(&self) -> IptablesMode {
         match self.mode {
             IptablesMode::Legacy => IptablesMode::Nft,
@@ -264,7 +242,10 @@ impl Backend for Iptables {
         // tables are separate, so the restores run side by side: a dual-stack ADD waits for
         // one restore, not two.
         // A restore dropped before it is fed is stopped unfed (`PendingRestore`).
-        let pending = self.spawn_restores(&enabled)?;
+        let pending = enabled
+            .iter()
+            .map(|&family| Ok((family, self.tools().spawn_restore(self.mode, family)?)))
+            .collect::<Result<Vec<_>>>()?;
         let present = tools::tables_present(self.mode, &TABLES);
         // A family the pod no longer has keeps nothing from an earlier ADD.
         disabled
