@@ -142,8 +142,6 @@ fn run(env: &CniEnv, stdin: &[u8], trace: &mut Trace) -> Result<Option<Value>> {
         return version_answer(stdin).map(Some);
     }
     let (obj, cni_version) = negotiate(env.command, stdin, trace)?;
-    // Before validation: a config refused for another key still reports where it says.
-    trace.events = config::events_target(&obj).unwrap_or_default();
     let conf = match NetConf::from_object(&obj, &cni_version) {
         Ok(conf) => conf,
         Err(e) if env.command == Command::Del && e.code == Code::InvalidConfig => {
@@ -221,6 +219,8 @@ pub fn negotiate(
     trace: &mut Trace,
 ) -> Result<(Map<String, Value>, String)> {
     let obj = config::decode(stdin)?;
+    // First: a config refused for its version still reports where it says.
+    trace.events = config::events_target(&obj).unwrap_or_default();
     let declared = config::cni_version(&obj)?;
     if let Some(v) = declared.filter(|v| version::is_supported(v)) {
         trace.cni_version = Some(v.to_string());
@@ -262,6 +262,28 @@ pub fn plan_for<'a>(
         }
     };
     Ok((plan, prev))
+}
+
+/// What ADD would decide for this invocation, without touching the kernel: the parsed config
+/// and the plan (`None`: the policy leaves the pod alone). `intercept-cni audit` calls this with
+/// the invocation the runtime would make for a running pod, so it decides exactly as ADD does.
+pub fn decide(
+    env: &CniEnv,
+    stdin: &[u8],
+    trace: &mut Trace,
+) -> Result<(NetConf, Option<InterceptPlan>)> {
+    let (obj, cni_version) = negotiate(Command::Add, stdin, trace)?;
+    let conf = NetConf::from_object(&obj, &cni_version)?;
+    let (plan, _) = plan_for(env, &conf, trace)?;
+    Ok((conf, plan))
+}
+
+/// Whether the pod netns of `env` holds anything of ours, for the backend `conf` resolves to.
+pub fn installed(env: &CniEnv, conf: &NetConf) -> Result<bool> {
+    let ns = open_pod_netns(env)?;
+    let kind = resolve(conf.backend, &conf.backend_options, &conf.state_dir)?;
+    let backend = backend::build(kind, &conf.backend_options);
+    ns.run(|| backend.installed())
 }
 
 /// The backend for `choice`, with the host check (cached in `state_dir`) deciding `auto`.
@@ -397,8 +419,14 @@ fn del(
     if let Some(kind) = primary {
         let backend = backend::build(kind, options);
         trace.backend = Some(backend.name());
-        if let Err(e) = remove_in(&ns, backend.as_ref()) {
-            fatal.push(e);
+        match remove_in(&ns, backend.as_ref()) {
+            // Binaries that are missing or untrusted make the config one ADD refuses: like any
+            // invalid key, that must not wedge teardown (the runtime deletes the netns next).
+            Err(e) if e.code == Code::InvalidConfig => {
+                log::warn!("DEL: cannot remove with this config, leaving the rules to the netns's deletion: {e}");
+            }
+            Err(e) => fatal.push(e),
+            Ok(()) => {}
         }
     }
     for kind in others.iter().filter(|k| Some(**k) != primary) {

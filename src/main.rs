@@ -72,9 +72,19 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
     };
     let wants_help = words.iter().any(|w| w == "--help" || w == "-h");
     match subcommand {
-        "-h" | "--help" => help(words.first().map(String::as_str)),
-        "help" if words.len() <= 1 => help(words.first().map(String::as_str)),
-        "help" => usage_error("help takes at most one subcommand"),
+        // `help --help` and `--help install -h` ask for help too: the flag names no subcommand.
+        "-h" | "--help" | "help" => {
+            let named: Vec<&str> = words
+                .iter()
+                .map(String::as_str)
+                .filter(|w| *w != "--help" && *w != "-h")
+                .collect();
+            match named[..] {
+                [] => help(None),
+                [one] => help(Some(one)),
+                _ => usage_error("help takes at most one subcommand"),
+            }
+        }
         s if wants_help && usage::of(s).is_some() => help(Some(s)),
         "version" | "--version" if words.is_empty() => {
             println!("intercept-cni {}", env!("CARGO_PKG_VERSION"));
@@ -84,6 +94,7 @@ fn node_tool(subcommand: &OsStr, rest: Vec<OsString>) -> c_int {
         "install" => intercept_cni::install::install_main(&words),
         "uninstall" => intercept_cni::install::uninstall_main(&words),
         "doctor" => intercept_cni::host::doctor_main(&words),
+        "audit" => exec_node_tool("audit", &words),
         other => usage_error(&format!("unknown subcommand {other:?}")),
     }
 }
@@ -105,6 +116,32 @@ fn help(subcommand: Option<&str>) -> c_int {
 fn usage_error(why: &str) -> c_int {
     eprintln!("intercept-cni: {why} (see `intercept-cni --help`)");
     2
+}
+
+/// Name of the binary holding the node tools that speak the CRI: installed next to this one,
+/// it keeps gRPC and an async runtime out of the per-pod plugin (README, "Node audit").
+const NODE_TOOL: &str = "intercept-cni-node";
+
+/// Replaces this process with `intercept-cni-node SUBCOMMAND ARGS...` from our own directory;
+/// returns only when that fails.
+fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
+    use std::os::unix::process::CommandExt;
+    let tool = match std::fs::read_link("/proc/self/exe") {
+        Ok(exe) => exe.with_file_name(NODE_TOOL),
+        Err(e) => {
+            eprintln!("intercept-cni {subcommand}: cannot find our own executable: {e}");
+            return 1;
+        }
+    };
+    let err = std::process::Command::new(&tool)
+        .arg(subcommand)
+        .args(words)
+        .exec();
+    eprintln!(
+        "intercept-cni {subcommand}: cannot run {} (installed next to intercept-cni): {err}",
+        tool.display()
+    );
+    1
 }
 
 fn cni_mode() -> c_int {

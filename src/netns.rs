@@ -70,6 +70,10 @@ impl PodNetns {
         let kind = match std::fs::metadata(path) {
             Ok(meta) => meta.file_type(),
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Lookup::Missing),
+            // `/var/run/netns/x/`: a path through a file names no namespace.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
+                return Ok(Lookup::NotNetns("a path through a file".into()))
+            }
             Err(e) => return Err(Error::io(what(), e)),
         };
         if let Some(why) = not_a_file(kind) {
@@ -168,6 +172,8 @@ fn not_a_file(kind: std::fs::FileType) -> Option<&'static str> {
         Some("a device")
     } else if kind.is_dir() {
         Some("a directory")
+    } else if kind.is_socket() {
+        Some("a socket")
     } else {
         Some("not a regular file")
     }

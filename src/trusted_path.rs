@@ -50,6 +50,35 @@ pub fn private_dir(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
     }
     // Whatever appeared in the meantime (a planted symlink, say) is judged again here.
     trusted_dir(dir)?;
+    usable_existing(dir, ours)
+}
+
+/// What `private_dir` would refuse, judged without creating or changing anything (the
+/// installer checks a config before chaining it). A missing `dir` would be created 0700: fine
+/// when its nearest existing ancestor is trusted.
+pub fn check_private_dir(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
+    check_literal(dir, true)?;
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(untrusted(dir, dir, "is a symlink; give the real directory"))
+        }
+        Ok(_) => {
+            trusted_dir(dir)?;
+            usable_existing(dir, ours)
+        }
+        Err(_) => {
+            let existing = prefixes(dir)
+                .into_iter()
+                .rev()
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from("/"));
+            trusted_dir(&existing)
+        }
+    }
+}
+
+/// An existing state dir is usable as it is: ours, and private or holding only our entries.
+fn usable_existing(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
     let what = || format!("state dir {}", dir.display());
     let opened = fs::OpenOptions::new()
         .read(true)

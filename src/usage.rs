@@ -16,6 +16,8 @@ Subcommands:
               config; with --watch, keep it there and serve probes, metrics and plugin events
   uninstall   remove the plugin's entries from the network configs, then its binary
   doctor      check whether this host's kernel serves the backend the plugin will use
+  audit       find the running pods that should be intercepted but are not (through the
+              container runtime's CRI); with --repair, intercept them in place
   version     print the version
   help        print this text, or a subcommand's (`help SUBCOMMAND`)
 
@@ -108,6 +110,38 @@ Flags:
 Exit status: 0 when every required module is usable, 1 when not, 2 on a usage error.
 ";
 
+pub const AUDIT: &str = "\
+usage: intercept-cni audit [--cri-socket PATH] [--cni-conf-dir DIR] [--netns-dir DIR]...
+         [--json] [--repair]
+
+Lists the node's ready pod sandboxes through the runtime's CRI (ListPodSandbox, then each one's
+verbose PodSandboxStatus for its annotations, namespace, addresses, netns and sandbox process),
+decides each one with the plugin's own ADD policy and the plugin entry of the active network
+config, and compares its netns with the plan as the plugin's CHECK does. A pod's netns is entered
+only once proven to be the pod's: a file directly in a netns dir, not a symlink, a network
+namespace other than the node's own, and the one the sandbox's process lives in; others are
+reported as unproven. Runs intercept-cni-node, installed next to this executable.
+
+Each pod is reported as: intercepted, not-selected, missing (should be intercepted, no rules),
+drifted (rules differ from the plan), repaired, repair-failed, unexpected (rules although the
+policy leaves the pod alone: reported, never removed), refused (ADD would refuse it), skipped
+(host network), unproven (its netns not proven the pod's: never entered) or check-failed.
+
+Flags:
+  --cri-socket PATH      the runtime's CRI socket (default: /run/containerd/containerd.sock)
+  --cni-conf-dir DIR     the runtime's network config dir (default: /etc/cni/net.d)
+  --netns-dir DIR        a directory where the runtime pins pod netns; repeatable (default:
+                         /run/netns and /var/run/netns)
+  --json                 print the report as JSON (default: one line per pod)
+  --repair               install the plan in the netns of every missing or drifted pod, with
+                         the plugin's own ADD, then CHECK it (default: report only)
+  -h, --help             print this text
+
+Exit status: 0 when every pod is as the policy wants (after --repair), 1 when some pod needs
+attention or the plugin is not chained, 2 on a usage error or when the runtime or the network
+config cannot be read.
+";
+
 pub const VERSION: &str = "\
 usage: intercept-cni version
 
@@ -120,6 +154,7 @@ pub fn of(subcommand: &str) -> Option<&'static str> {
         "install" => INSTALL,
         "uninstall" => UNINSTALL,
         "doctor" => DOCTOR,
+        "audit" => AUDIT,
         "version" => VERSION,
         "help" => TOP,
         _ => return None,

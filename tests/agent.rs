@@ -36,8 +36,13 @@ impl Agent {
     /// Starts `install --watch` with `plugin_config`; the host root is a symlink (`host`) that
     /// tests can point at another fixture.
     fn start(plugin_config: Value, host: &str) -> Agent {
+        Agent::start_with(plugin_config, host, &["conf", "bin"])
+    }
+
+    /// `dirs`: which of the runtime's dirs exist when it starts.
+    fn start_with(plugin_config: Value, host: &str, dirs: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["conf", "bin"] {
+        for sub in dirs {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         std::os::unix::fs::symlink(host_fixture(host), dir.path().join("host")).unwrap();
@@ -118,6 +123,24 @@ impl Agent {
             );
             // Often: the watcher puts a deleted or replaced binary back within ~100 ms.
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The value of an unlabelled sample in /metrics.
+    fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    }
+
+    /// Waits until the unlabelled sample `name` is at least `at_least`.
+    fn metric_reaches(&self, name: &str, at_least: u64) {
+        let started = Instant::now();
+        while self.metric(name) < at_least {
+            assert!(started.elapsed() < WAIT, "{name} stayed below {at_least}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -232,8 +255,25 @@ fn readiness_follows_the_entry_the_binary_and_the_host_check() {
                 "{damage}: never ready again:\n{body}"
             );
         }
-        agent.metric_becomes(&format!("intercept_cni_reinstalls_total {}", round + 1));
+        agent.metric_reaches("intercept_cni_reinstalls_total", round as u64 + 1);
     }
+    // A directory swapped in at the binary's name cannot be renamed over: not ready until it
+    // goes, a state that lasts however slow the machine is.
+    let blocker = agent.path("bin/blocker");
+    std::fs::create_dir(&blocker).unwrap();
+    nix::fcntl::renameat2(
+        None,
+        &blocker,
+        None,
+        &plugin,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    agent.ready_becomes(503, "binary: NOT READY");
+    agent.metric_becomes("intercept_cni_ready 0");
+    std::fs::remove_file(&blocker).unwrap();
+    std::fs::remove_dir(&plugin).unwrap();
+    agent.ready_becomes(200, "binary: ok");
 
     let host = agent.path("host");
     std::fs::remove_file(&host).unwrap();
@@ -290,6 +330,10 @@ fn metrics_and_stdout_show_real_plugin_invocations() {
     let mut typo = lab.config("1.0.0", settings);
     typo["inboundPort"] = json!(0);
     lab.cni("ADD", &typo).error(7);
+    // Refused for its version (code 1): still reported where the config says.
+    let mut future = typo.clone();
+    future["cniVersion"] = json!("9.9.9");
+    lab.cni("ADD", &future).error(1);
 
     agent.metric_becomes(
         r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="ok",code="0"} 1"#,
@@ -300,7 +344,10 @@ fn metrics_and_stdout_show_real_plugin_invocations() {
     agent.metric_becomes(
         r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="error",code="7"} 1"#,
     );
-    agent.metric_becomes(r#"intercept_cni_plugin_duration_seconds_count{verb="ADD"} 3"#);
+    agent.metric_becomes(
+        r#"intercept_cni_plugin_invocations_total{verb="ADD",outcome="error",code="1"} 1"#,
+    );
+    agent.metric_becomes(r#"intercept_cni_plugin_duration_seconds_count{verb="ADD"} 4"#);
 
     let ok = agent.printed(&json!({"verb": "ADD", "outcome": "ok"}));
     assert_eq!(ok["namespace"], "default");
@@ -359,4 +406,142 @@ fn without_an_agent_the_plugin_succeeds_and_touches_no_file() {
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     let settings = json!({"backend": "nftables", "eventsSocket": "relative.sock"});
     lab.cni("ADD", &lab.config("1.0.0", settings)).error(7);
+}
+
+/// `--events-socket` naming another program's socket (containerd's stream socket, journald's
+/// 0666 datagram one) never removes it: the agent relays nothing and says so. A stale socket
+/// (nobody listening) and an earlier agent's live one are replaced as before.
+#[test]
+fn another_programs_socket_is_never_removed_for_the_events_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["conf", "bin"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    // Runs the agent on `socket` until it says whether it relays; returns that line.
+    let agent_on = |socket: &Path| -> String {
+        let path = |p: &str| dir.path().join(p).display().to_string();
+        let mut child = Command::new(BIN)
+            .args(["install", "--watch", "--events-socket"])
+            .arg(socket)
+            .args([
+                "--cni-conf-dir",
+                &path("conf"),
+                "--cni-bin-dir",
+                &path("bin"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let line = BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("relay"))
+            .unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        line
+    };
+
+    let stream = dir.path().join("containerd.sock");
+    let _containerd = UnixListener::bind(&stream).unwrap();
+    let journald = dir.path().join("dev-log");
+    let _journal = UnixDatagram::bind(&journald).unwrap();
+    std::fs::set_permissions(&journald, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for foreign in [&stream, &journald] {
+        let before = std::fs::symlink_metadata(foreign).unwrap().ino();
+        let line = agent_on(foreign);
+        assert!(
+            line.contains("not be relayed"),
+            "{}: {line}",
+            foreign.display()
+        );
+        assert!(line.contains("another program's"), "{line}");
+        let after = std::fs::symlink_metadata(foreign).unwrap().ino();
+        assert_eq!(before, after, "{} was replaced", foreign.display());
+    }
+
+    // Stale (its listener gone) or an earlier agent's (0600, live): replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(UnixDatagram::bind(&stale).unwrap());
+    assert!(agent_on(&stale).contains("relaying plugin events"));
+    let earlier = dir.path().join("earlier.sock");
+    let _earlier = UnixDatagram::bind(&earlier).unwrap();
+    std::fs::set_permissions(&earlier, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(agent_on(&earlier).contains("relaying plugin events"));
+}
+
+/// Clients trickling their request a byte at a time (slow enough for every single read, never
+/// finishing) hold the agent's connection slots at most a few seconds: the probes answer again.
+#[test]
+fn slow_clients_cannot_starve_the_probes() {
+    let agent = Agent::start(json!({"backend": "nftables"}), "builtin-only");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tricklers: Vec<_> = (0..32)
+        .map(|_| {
+            let addr = agent.addr.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect(&addr) else {
+                    return;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if s.write_all(b"G").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Within the 5 s head deadline plus margin, /healthz answers despite the tricklers.
+    let started = Instant::now();
+    let answered = loop {
+        let mut s = TcpStream::connect(&agent.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        if text.starts_with("HTTP/1.1 200") {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tricklers {
+        t.join().unwrap();
+    }
+    assert!(
+        answered,
+        "/healthz never answered while slow clients held the slots"
+    );
+}
+
+/// The agent started before the runtime's conf and bin dirs exist (a node still coming up)
+/// serves its probes, not ready and saying why, then installs once they appear.
+#[test]
+fn missing_cni_dirs_are_not_ready_until_they_appear() {
+    let agent = Agent::start_with(json!({"backend": "nftables"}), "builtin-only", &[]);
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    agent.ready_becomes(503, "chained: NOT READY: cannot list");
+    std::fs::create_dir(agent.path("conf")).unwrap();
+    std::fs::create_dir(agent.path("bin")).unwrap();
+    let conflist = agent.path("conf/10-k8s.conflist");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.ready_becomes(
+        200,
+        "chained: ok: 10-k8s.conflist chains intercept-cni last",
+    );
+    // Watched from then on: another agent's rewrite is re-chained.
+    let rechains = agent.metric("intercept_cni_rechains_total");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.metric_reaches("intercept_cni_rechains_total", rechains + 1);
+    agent.ready_becomes(200, "binary: ok");
 }

@@ -439,10 +439,17 @@ fn node_tool(args: &[&str]) -> Outcome {
 
 #[test]
 fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
-    for args in [&["--help"][..], &["-h"], &["help"]] {
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["help"],
+        &["help", "--help"],
+        &["help", "-h"],
+        &["--help", "--help"],
+    ] {
         let out = node_tool(args);
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
-        for sub in ["install", "uninstall", "doctor", "version", "help"] {
+        for sub in ["install", "uninstall", "doctor", "audit", "version", "help"] {
             assert!(
                 out.stdout.contains(&format!("\n  {sub} ")),
                 "{args:?}: {sub} undescribed:\n{}",
@@ -450,7 +457,7 @@ fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
             );
         }
     }
-    let flags: [(&str, &[&str]); 4] = [
+    let flags: [(&str, &[&str]); 5] = [
         (
             "install",
             &[
@@ -477,12 +484,25 @@ fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
             ],
         ),
         ("version", &["usage: intercept-cni version"]),
+        (
+            "audit",
+            &[
+                "--cri-socket",
+                "--cni-conf-dir",
+                "--netns-dir",
+                "--json",
+                "--repair",
+                "/run/containerd/containerd.sock",
+            ],
+        ),
     ];
     for (sub, needles) in flags {
         let texts = [
             node_tool(&["help", sub]),
             node_tool(&[sub, "--help"]),
             node_tool(&[sub, "-h"]),
+            node_tool(&["help", sub, "--help"]),
+            node_tool(&["--help", sub]),
         ];
         for out in &texts {
             assert_eq!(out.code, 0, "{sub}: {}", out.stderr);
@@ -493,7 +513,7 @@ fn help_exits_0_and_describes_every_subcommand_and_flag_with_defaults() {
         }
     }
     // Each flag line of a subcommand says what its default is, or that it is required.
-    for sub in ["install", "doctor"] {
+    for sub in ["install", "doctor", "audit"] {
         let text = node_tool(&["help", sub]).stdout;
         let flags = text.split("Flags:\n").nth(1).unwrap();
         for entry in flags.split("\n  --").skip(1) {
@@ -554,5 +574,35 @@ fn usage_errors_exit_2_with_one_clear_line() {
     assert_eq!(
         version.stdout,
         format!("intercept-cni {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `audit` is served by intercept-cni-node from the plugin's own directory, with the arguments
+/// passed on unchanged; without it, one clear error.
+#[test]
+fn audit_runs_the_node_tool_next_to_the_plugin() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("intercept-cni");
+    std::fs::copy(BIN, &plugin).unwrap();
+    let run = || {
+        Command::new(&plugin)
+            .args(["audit", "--json", "--cri-socket", "/x y"])
+            .output()
+            .unwrap()
+    };
+    let missing = run();
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("intercept-cni-node"), "{stderr}");
+    // A stand-in node tool that prints what it was given, one argument per line.
+    let tool = dir.path().join("intercept-cni-node");
+    std::fs::write(&tool, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ran = run();
+    assert_eq!(ran.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "audit\n--json\n--cri-socket\n/x y\n"
     );
 }

@@ -163,7 +163,11 @@ fn missing_backend_binaries_are_named_and_the_netns_is_untouched() {
         let mut settings = iptables(mode);
         settings["iptablesPath"] = json!(dir);
         let conf = lab.config("1.0.0", settings);
-        for command in ["ADD", "CHECK", "DEL"] {
+        // DEL with such a config succeeds (teardown must not wedge) and changes nothing.
+        let r = run_plugin("DEL", Some(&lab.pod.path()), conf.to_string().as_bytes());
+        r.ok("DEL");
+        assert_eq!(lab.pod.firewall_state(), before, "DEL {mode}");
+        for command in ["ADD", "CHECK"] {
             let r = run_plugin(command, Some(&lab.pod.path()), conf.to_string().as_bytes());
             let e = r.error(command, 7);
             let msg = e["msg"].as_str().unwrap_or_default();
@@ -429,10 +433,17 @@ fn a_fifo_or_device_as_netns_is_refused_without_hanging() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let fifo = fifo.to_str().unwrap().to_string();
     let dir_path = dir.path().to_str().unwrap().to_string();
+    let socket = dir.path().join("netns-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let socket = socket.to_str().unwrap().to_string();
+    // The pod's real netns file with a trailing slash: a path through a file.
+    let through_file = format!("{}/", lab.pod.path());
     for (path, what) in [
         (fifo.as_str(), "FIFO"),
         ("/dev/zero", "device"),
         (dir_path.as_str(), "directory"),
+        (socket.as_str(), "socket"),
+        (through_file.as_str(), "a path through a file"),
     ] {
         for (_, settings) in backends() {
             let conf = lab.config("1.0.0", settings);

@@ -466,6 +466,78 @@ fn bad_command_lines_and_plugin_configs_are_refused() {
     assert!(!node.binary().exists());
 }
 
+/// A `stateDir` the plugin refuses (every ADD would fail with code 7) is never chained: an
+/// existing directory that is not private (`/proc`, `/`, another program's), a symlink, a file.
+/// Judged by looking only: nothing is created or chmodded. A missing or private one is fine.
+#[test]
+fn a_plugin_config_with_a_state_dir_the_plugin_refuses_is_never_chained() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::with(&["10-calico.conflist"]);
+    let theirs = node.root.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(theirs.join("data"), "").unwrap();
+    let link = node.root.path().join("link");
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    let config = node.root.path().join("plugin.json");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode();
+    for state_dir in [
+        Path::new("/proc"),
+        Path::new("/"),
+        &theirs,
+        &link,
+        &theirs.join("data"),
+    ] {
+        let before = mode(state_dir);
+        fs::write(&config, json!({"stateDir": state_dir}).to_string()).unwrap();
+        let out = node.run("install", &["--plugin-config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", state_dir.display());
+        assert!(
+            stderr(&out).contains("stateDir"),
+            "{}: {}",
+            state_dir.display(),
+            stderr(&out)
+        );
+        assert_eq!(mode(state_dir), before, "{}", state_dir.display());
+        assert!(our_entry(&node, "10-calico.conflist").is_none());
+    }
+    let missing = node.root.path().join("state/intercept");
+    fs::write(&config, json!({"stateDir": missing}).to_string()).unwrap();
+    node.install(&["--plugin-config", config.to_str().unwrap()]);
+    assert!(!missing.exists(), "the installer created the state dir");
+    assert!(chained_last(&node, "10-calico.conflist"));
+}
+
+/// A network nested deeper than serde_json's 128 levels is loaded by runtimes (Go's limit is
+/// 10000): it is the active one, chained and restored byte for byte, not skipped in favour of
+/// the next file, which the runtime never reads. Deeper than 10000, both skip it.
+#[test]
+fn a_deeply_nested_network_is_chained_where_the_runtime_reads_it() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let nested = |levels: usize| {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"deep","plugins":[{{"type":"bridge","x":{}{}}}]}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    };
+    fs::write(node.conf.join("05-deep.conflist"), nested(300)).unwrap();
+    node.install(&[]);
+    // Too deep for serde_json here too: our entry is the last plugin, after the deep one.
+    let text = String::from_utf8(node.read("05-deep.conflist")).unwrap();
+    let ours = text.find(r#""type":"intercept-cni""#).expect("our entry");
+    assert!(ours > text.rfind(&"]".repeat(300)).unwrap(), "{text}");
+    assert!(text.ends_with("}]}"), "{text}");
+    assert!(our_entry(&node, "10-calico.conflist").is_none());
+    node.uninstall();
+    assert_eq!(node.read("05-deep.conflist"), nested(300).as_bytes());
+
+    fs::write(node.conf.join("05-deep.conflist"), nested(10_001)).unwrap();
+    node.install(&[]);
+    assert!(chained_last(&node, "10-calico.conflist"));
+    assert_eq!(node.read("05-deep.conflist"), nested(10_001).as_bytes());
+}
+
 #[test]
 fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
     let node = Node::with(&["10-calico.conflist", "99-loopback.conf"]);
@@ -498,6 +570,50 @@ fn watch_puts_the_entry_back_after_another_agent_rewrites_the_file() {
     );
 
     assert!(watcher.signal(Signal::SIGTERM).success());
+}
+
+/// A conf dir or bin dir removed and made again while watched (a node agent resetting its
+/// dirs) is watched again: the primary's later rewrite is re-chained and a deleted binary comes
+/// back, instead of the watcher exiting (bin) or silently no longer seeing the dir (conf).
+#[test]
+fn watch_follows_a_conf_or_bin_dir_removed_and_made_again() {
+    let node = Node::with(&["10-calico.conflist"]);
+    let mut watcher = node.spawn_watch();
+    node.eventually("first install", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    let primary = fs::read(testdata("10-calico.conflist")).unwrap();
+
+    fs::remove_dir_all(&node.conf).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::create_dir(&node.conf).unwrap();
+    fs::write(node.conf.join("10-calico.conflist"), &primary).unwrap();
+    node.eventually("chained into the new conf dir", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+    // Its own lock is back in the new dir: other installers see a live one.
+    node.eventually("lock in the new conf dir", || {
+        fs::read_dir(&node.conf)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".lock"))
+    });
+    agent_writes(&node, "10-calico.conflist", &primary);
+    node.eventually("re-chained after the primary's rewrite", || {
+        chained_last(&node, "10-calico.conflist")
+    });
+
+    fs::remove_dir_all(&node.bin).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::create_dir(&node.bin).unwrap();
+    node.eventually("binary in the new bin dir", || node.binary().exists());
+    fs::remove_file(node.binary()).unwrap();
+    node.eventually("binary back after a delete", || node.binary().exists());
+
+    assert!(
+        watcher.signal(Signal::SIGTERM).success(),
+        "{}",
+        watch_log(&node)
+    );
 }
 
 #[test]
@@ -826,6 +942,32 @@ fn a_symlinked_network_is_refused_and_the_link_kept() {
         .unwrap()
         .file_type()
         .is_symlink());
+}
+
+/// A network that is one of several hard links (the owner writes through another name) is
+/// refused like a symlink: renaming our version over it would cut the owner's later edits off.
+/// Both names keep the same inode and bytes; a `.conf` is not converted either.
+#[test]
+fn a_hard_linked_network_is_refused_and_the_link_kept() {
+    use std::os::unix::fs::MetadataExt;
+    for name in ["10-calico.conflist", "10-bridge.conf"] {
+        let node = Node::with(&[name]);
+        let owners = node.conf.parent().unwrap().join(format!("owners-{name}"));
+        fs::hard_link(node.conf.join(name), &owners).unwrap();
+        let before = fs::read(&owners).unwrap();
+        let out = node.run("install", &[]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("hard links"), "{}", stderr(&out));
+        assert_eq!(names(&node.conf), [name], "{name}");
+        let (ours, theirs) = (
+            fs::metadata(node.conf.join(name)).unwrap(),
+            fs::metadata(&owners).unwrap(),
+        );
+        assert_eq!(ours.ino(), theirs.ino(), "{name}: the link was cut");
+        assert_eq!(fs::read(&owners).unwrap(), before, "{name}");
+        node.uninstall();
+        assert_eq!(fs::metadata(&owners).unwrap().nlink(), 2, "{name}");
+    }
 }
 
 /// Issue 15, point 6: uninstall never leaves a network naming a missing binary: a file it

@@ -196,10 +196,14 @@ fn tampering_is_reported_then_repaired(mode: IptablesMode) {
 fn remove_cleans_both_families_and_repeats(mode: IptablesMode) {
     let ns = TestNetns::new();
     let b = backend(mode);
+    assert!(!ns.pod.run(|| b.installed()).unwrap());
     ns.pod.run(|| b.apply(&defaults())).unwrap();
+    // What `intercept-cni audit` reads to report rules the policy did not ask for.
+    assert!(ns.pod.run(|| b.installed()).unwrap());
     ns.pod.run(|| b.remove()).unwrap();
     let after = ns.save_both(mode);
     assert!(!after.contains("ICNI_"), "{after}");
+    assert!(!ns.pod.run(|| b.installed()).unwrap());
     ns.pod.run(|| b.remove()).unwrap();
     let err = ns.pod.run(|| b.check(&defaults())).unwrap_err();
     assert_eq!(err.code, Code::Drift);

@@ -324,10 +324,14 @@ fn other_tables_are_never_touched() {
     assert_eq!(before, others);
 
     let plan = InterceptPlan::with_defaults(Families::BOTH);
+    // `installed` (read by `intercept-cni audit`) sees only our inet table.
+    assert!(!in_ns(&ns, || Nftables.installed()).unwrap());
     in_ns(&ns, || Nftables.apply(&plan)).expect("apply");
+    assert!(in_ns(&ns, || Nftables.installed()).unwrap());
     assert_eq!(ns.nft_ruleset(), format!("{others}{}", render_text(&plan)));
     in_ns(&ns, || Nftables.check(&plan)).expect("check ignores the ip table of the same name");
     in_ns(&ns, || Nftables.remove()).expect("remove");
+    assert!(!in_ns(&ns, || Nftables.installed()).unwrap());
     assert_eq!(ns.nft_ruleset(), before);
     in_ns(&ns, || Nftables.remove()).expect("remove when already gone");
     assert_eq!(ns.nft_ruleset(), before);

@@ -171,6 +171,9 @@ pub fn bind(path: &Path) -> Result<UnixDatagram> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            if let Err(why) = replaceable_socket(path, &meta) {
+                return Err(Error::io(what(), why));
+            }
             std::fs::remove_file(path).map_err(|e| Error::io(what(), e))?
         }
         Ok(_) => return Err(Error::io(what(), "a file that is not a socket is there")),
@@ -184,6 +187,39 @@ pub fn bind(path: &Path) -> Result<UnixDatagram> {
         let _ = BOUND.set((path.to_path_buf(), meta.dev(), meta.ino()));
     }
     Ok(socket)
+}
+
+/// Whether the socket at `path` may be removed to bind ours: a stale one (nobody listens), or a
+/// live datagram socket that looks like an earlier agent's (root's or ours, mode 0600). Any
+/// other (containerd's or docker's stream socket, journald's 0666 datagram one) is another
+/// program's, never removed.
+fn replaceable_socket(path: &Path, meta: &std::fs::Metadata) -> std::result::Result<(), String> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let probe = || -> nix::Result<()> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)
+    };
+    let owner_ok = meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw();
+    match probe() {
+        Err(nix::errno::Errno::ECONNREFUSED) => Ok(()),
+        Ok(()) if owner_ok && meta.permissions().mode() & 0o7777 == 0o600 => Ok(()),
+        Ok(()) => Err(format!(
+            "another program's datagram socket is there (owner uid {}, mode {:o}); not removed",
+            meta.uid(),
+            meta.permissions().mode() & 0o7777
+        )),
+        Err(nix::errno::Errno::EPROTOTYPE) => {
+            Err("another program's stream socket is there; not removed".into())
+        }
+        Err(e) => Err(format!(
+            "a socket is there that cannot be probed ({e}); not removed"
+        )),
+    }
 }
 
 /// The socket file this process bound: its path, device and inode.

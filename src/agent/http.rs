@@ -100,13 +100,20 @@ fn answer(mut stream: TcpStream, handler: &dyn Fn(&str) -> Response) {
     let _ = stream.flush();
 }
 
-/// The request head up to the blank line, as text.
+/// The request head up to the blank line, as text. The whole head must come within
+/// `IO_TIMEOUT`: a client trickling a byte now and then cannot hold a slot for hours (sixteen
+/// of them would starve the kubelet's probes).
 fn read_head(stream: &mut TcpStream) -> Result<String, Response> {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
         if head.len() > MAX_HEAD {
             return Err(Response::text(431, "request head too large\n"));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(Response::text(400, "request head too slow\n"));
         }
         match stream.read(&mut buf) {
             Ok(0) => break,

@@ -346,4 +346,23 @@ impl Backend for Iptables {
         }
         Error::collect(errors).map_or(Ok(()), Err)
     }
+
+    fn installed(&self) -> Result<bool> {
+        // What DEL would have to remove is what counts as installed.
+        let present = tools::tables_present(self.mode, &TABLES);
+        for family in Family::ALL {
+            if !self.tools().present(self.mode, family) {
+                continue;
+            }
+            for (table, exists) in TABLES.iter().zip(&present) {
+                if exists[family.index()] {
+                    let existing = self.tools().read_table_if(self.mode, family, table, true)?;
+                    if render::remove_section(table, &existing).is_some() {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
 }

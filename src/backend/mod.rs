@@ -18,6 +18,9 @@ pub trait Backend {
     fn check(&self, plan: &InterceptPlan) -> Result<()>;
     /// Remove everything this plugin installed; absent rules are success.
     fn remove(&self) -> Result<()>;
+    /// Whether anything this plugin installs is present (`intercept-cni audit` reports pods
+    /// intercepted against the policy).
+    fn installed(&self) -> Result<bool>;
 }
 
 /// Which iptables binaries to drive.

@@ -151,6 +151,10 @@ impl Backend for Nftables {
             )),
         }
     }
+
+    fn installed(&self) -> Result<bool> {
+        our_table_exists()
+    }
 }
 
 /// Whether the plugin's table is in the current netns: a table dump costs tens of

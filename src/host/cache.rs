@@ -195,7 +195,7 @@ pub(crate) fn verdict_at(
 
 /// Names the plugin, and its agent, create in a state dir (the default one also holds the
 /// agent's events socket and the iptables backend's lock files).
-fn is_our_entry(name: &str) -> bool {
+pub fn is_our_entry(name: &str) -> bool {
     let stem = name.strip_suffix(".tmp").unwrap_or(name);
     name == LOCK_FILE
         || name == EVENTS_SOCKET

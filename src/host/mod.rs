@@ -29,7 +29,7 @@ mod detect;
 mod doctor;
 mod modules;
 
-pub use cache::{first_run, usable, Policy};
+pub use cache::{first_run, is_our_entry, usable, Policy};
 pub use choice::{choose, Chosen};
 pub use detect::HostRoot;
 pub use doctor::doctor_main;

@@ -11,6 +11,7 @@
 use super::splice;
 use crate::cni::error::{Code, Error, Result};
 use crate::cni::{config, version};
+use crate::trusted_path;
 use serde_json::{Map, Value};
 
 /// The `type` of our plugin entry, and the name of the binary in the CNI bin dir.
@@ -46,7 +47,8 @@ impl FileKind {
 pub struct ConfFile {
     pub name: String,
     pub bytes: Vec<u8>,
-    /// The name is a symbolic link (read through, as runtimes do; never written).
+    /// The name is a symbolic link, or one of several hard links (read through, as runtimes
+    /// do; never written).
     pub symlink: bool,
     /// Device and inode of what was read, to tell a replaced file from an unchanged one.
     pub identity: (u64, u64),
@@ -77,7 +79,7 @@ pub struct Network {
 pub fn load_network(file: &ConfFile) -> std::result::Result<Network, String> {
     let kind = FileKind::of(&file.name).ok_or("not a CNI config file name")?;
     let text = std::str::from_utf8(&file.bytes).map_err(|_| "not UTF-8 text")?;
-    let doc = match serde_json::from_str::<Value>(text) {
+    let doc = match super::deep_json::parse(text) {
         Ok(Value::Object(doc)) => doc,
         Ok(_) => return Err("not a JSON object".into()),
         Err(e) => return Err(format!("invalid JSON: {e}")),
@@ -266,9 +268,20 @@ fn validate_entry(entry: &Map<String, Value>) -> Result<()> {
             unknown.join(", unknown key ")
         )));
     }
-    config::NetConf::from_object(entry, version::LATEST)
-        .map(drop)
-        .map_err(|e| Error::config(format!("plugin config: {}", e.msg)))
+    let conf = config::NetConf::from_object(entry, version::LATEST)
+        .map_err(|e| Error::config(format!("plugin config: {}", e.msg)))?;
+    // A stateDir the plugin refuses (`/`, `/proc`, another program's directory) fails every
+    // ADD with code 7. Judged here only when set (the default is made by the plugin itself),
+    // and only what would be refused: an I/O problem costs ADD just its cache.
+    if entry.contains_key("stateDir") {
+        match trusted_path::check_private_dir(&conf.state_dir, crate::host::is_our_entry) {
+            Err(e) if e.code == Code::InvalidConfig => {
+                return Err(Error::config(format!("plugin config: stateDir: {}", e.msg)))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn has_our_type(plugin: &Map<String, Value>) -> bool {
@@ -291,7 +304,7 @@ impl Plugins {
             let values = array
                 .elements
                 .iter()
-                .map(|&(s, e)| serde_json::from_str(&text[s..e]).ok())
+                .map(|&(s, e)| super::deep_json::parse(&text[s..e]).ok())
                 .collect::<Option<Vec<Value>>>()?;
             Some(Plugins { array, values })
         });
@@ -487,8 +500,9 @@ fn conversion_of(plugin: &Value) -> Option<&Value> {
 
 fn symlink_refused(file_name: &str) -> Error {
     Error::config(format!(
-        "the active network {file_name} is a symbolic link: not modified (replacing the link \
-         would hide the owner's later edits, and its target is not ours to write); chain \
+        "the active network {file_name} is a symbolic link or has other hard links: not \
+         modified (replacing the link would hide the owner's later edits, and its target is \
+         not ours to write); chain \
          {PLUGIN_TYPE} in the file's source instead, or let the primary agent write a regular file"
     ))
 }

@@ -115,7 +115,9 @@ pub fn read_conf_dir(dir: &Path) -> Result<Vec<ConfFile>> {
             Ok((bytes, meta)) => files.push(ConfFile {
                 name,
                 bytes,
-                symlink,
+                // A hard link is another name for the owner's file: replacing ours by rename
+                // would cut it off from the owner's later edits, as with a symlink.
+                symlink: symlink || meta.nlink() > 1,
                 identity: (meta.dev(), meta.ino()),
             }),
             Err(e) if e.kind() == ErrorKind::NotFound => {}

@@ -11,6 +11,7 @@
 //! conflist that install made from a `.conf` becomes that `.conf` again, byte for byte.
 
 pub mod conflist;
+mod deep_json;
 pub mod fsops;
 pub mod splice;
 pub mod watch;
@@ -365,7 +366,15 @@ pub fn install_main(words: &[String]) -> i32 {
             "--listen, --events-socket and --host-root need --watch",
         );
     }
-    let result = check_dirs(&args).and_then(|()| {
+    // The agent may start before the runtime's dirs exist: it waits, not ready, for them.
+    let dirs = match check_dirs(&args) {
+        Err(e) if args.watch => {
+            log::warn!("{e}: waiting for it");
+            Ok(())
+        }
+        checked => checked,
+    };
+    let result = dirs.and_then(|()| {
         sweep(&args);
         let stamp = Stamp {
             generation: args.generation,

@@ -5,6 +5,8 @@
 //! - Every relevant change triggers a full pass that reads the conf dir again and writes only
 //!   what differs, so its own writes end in a pass that changes nothing (no "last hash" to trust).
 //! - A failed pass is retried with backoff (0.5 s doubling to 30 s) even without a new event.
+//! - A watched dir removed (or replaced) is looked for with the same backoff and watched again
+//!   once it is back, our lock re-made in a new conf dir.
 //! - A plugin config the plugin would refuse is not chained: the last good entry stays (the one
 //!   this process loaded, or the one already on the node), and the state says not ready.
 //! - On SIGTERM or SIGINT the entry and binary stay (a rolling update must not open a window in
@@ -124,6 +126,68 @@ enum Role {
     Config,
 }
 
+/// One inotify watch, and the dir it was put on: a dir removed (or replaced) while watched is
+/// watched again once it is back, instead of being silently no longer watched.
+struct Watch {
+    /// `None` while the dir is missing (the agent may start before it exists).
+    wd: Option<WatchDescriptor>,
+    role: Role,
+    dir: PathBuf,
+    events: AddWatchFlags,
+    identity: Option<(u64, u64)>,
+}
+
+impl Watch {
+    fn new(inotify: &Inotify, dir: &Path, events: AddWatchFlags, role: Role) -> Watch {
+        let identity = identity(dir);
+        let wd = match identity {
+            Some(_) => add_watch(inotify, dir, events)
+                .map_err(|e| log::warn!("{e}: waiting for a directory there"))
+                .ok(),
+            None => {
+                log::warn!("{} does not exist yet: waiting for it", dir.display());
+                None
+            }
+        };
+        Watch {
+            wd,
+            role,
+            dir: dir.to_path_buf(),
+            events,
+            identity,
+        }
+    }
+
+    /// Not watching the dir at its path: missing, or replaced since the watch was put on it.
+    fn stale(&self) -> bool {
+        self.wd.is_none() || identity(&self.dir) != self.identity
+    }
+
+    /// Watches the dir again if the one at its path is not the one watched; whether it did.
+    fn renew(&mut self, inotify: &Inotify) -> bool {
+        let now = identity(&self.dir);
+        if now.is_none() || now == self.identity {
+            return false;
+        }
+        match add_watch(inotify, &self.dir, self.events) {
+            Ok(wd) => {
+                log::info!("{} is back: watching it again", self.dir.display());
+                (self.wd, self.identity) = (Some(wd), now);
+                true
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                false
+            }
+        }
+    }
+}
+
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
 enum Wake {
     Stop(Signal),
     /// Something we own changed; `config`: the plugin config may have.
@@ -141,14 +205,8 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .map_err(|e| Error::io("cannot start inotify", e))?;
     let mut watches = vec![
-        (
-            add_watch(&inotify, &options.conf_dir, conf_events())?,
-            Role::Conf,
-        ),
-        (
-            add_watch(&inotify, &options.bin_dir, bin_events())?,
-            Role::Bin,
-        ),
+        Watch::new(&inotify, &options.conf_dir, conf_events(), Role::Conf),
+        Watch::new(&inotify, &options.bin_dir, bin_events(), Role::Bin),
     ];
     if let Some(dir) = options.plugin_config.as_deref().and_then(Path::parent) {
         let dir = if dir.as_os_str().is_empty() {
@@ -156,7 +214,7 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
         } else {
             dir
         };
-        watches.push((add_watch(&inotify, dir, config_events())?, Role::Config));
+        watches.push(Watch::new(&inotify, dir, config_events(), Role::Config));
     }
 
     // Held while we run: others tell our entry from one of an installer that is gone.
@@ -165,8 +223,10 @@ pub fn run(options: &Options, signals: SignalFd) -> Result<()> {
         options.stamp.generation,
         options.stamp.started,
     );
-    let _held = fsops::hold_lock(&lock)?;
-    let outcome = watch(options, &signals, &inotify, &watches);
+    let mut held = fsops::hold_lock(&lock)
+        .map_err(|e| log::warn!("{e}: taken once the conf dir exists"))
+        .ok();
+    let outcome = watch(options, &signals, &inotify, &mut watches, &lock, &mut held);
     let _ = std::fs::remove_file(&lock);
     outcome
 }
@@ -175,18 +235,36 @@ fn watch(
     options: &Options,
     signals: &SignalFd,
     inotify: &Inotify,
-    watches: &[(WatchDescriptor, Role)],
+    watches: &mut [Watch],
+    lock: &Path,
+    held: &mut Option<std::fs::File>,
 ) -> Result<()> {
     let mut installer = None;
     let mut config_refused = reload(options, &mut installer);
     let mut backoff = None;
     loop {
+        // Before the pass, so that no change after it is missed.
+        for watch in watches.iter_mut() {
+            if watch.renew(inotify) {
+                match watch.role {
+                    // A new conf dir lacks our lock: without it our entry looks abandoned.
+                    Role::Conf => match fsops::hold_lock(lock) {
+                        Ok(file) => *held = Some(file),
+                        Err(e) => log::warn!("{e}"),
+                    },
+                    Role::Config => config_refused = reload(options, &mut installer),
+                    Role::Bin => {}
+                }
+            }
+        }
         let outcome = match &installer {
             Some(installer) => installer.install(),
             None => keep_binary_of_entry(options),
         };
         let state = report(&outcome, config_refused);
-        backoff = (state == State::Failing)
+        // A watched dir still gone is looked for again, like a failed pass.
+        let unwatched = watches.iter().any(Watch::stale);
+        backoff = (state == State::Failing || unwatched)
             .then(|| backoff.map_or(FIRST_BACKOFF, |b: Duration| (b * 2).min(MAX_BACKOFF)));
         match wait(signals, inotify, watches, backoff)? {
             Wake::Stop(signal) => return stop(options, signal),
@@ -305,7 +383,7 @@ pub fn block_stop_signals() -> Result<SignalFd> {
 fn wait(
     signals: &SignalFd,
     inotify: &Inotify,
-    watches: &[(WatchDescriptor, Role)],
+    watches: &[Watch],
     backoff: Option<Duration>,
 ) -> Result<Wake> {
     let retry_at = backoff.map(|b| Instant::now() + b);
@@ -368,7 +446,7 @@ fn read_stop_signal(signals: &SignalFd) -> Result<Option<Signal>> {
 }
 
 /// Reads every queued event; `Some(config)` if one may matter (`config`: the plugin config's).
-fn drain_events(inotify: &Inotify, watches: &[(WatchDescriptor, Role)]) -> Result<Option<bool>> {
+fn drain_events(inotify: &Inotify, watches: &[Watch]) -> Result<Option<bool>> {
     let mut relevant: Option<bool> = None;
     loop {
         let events = match inotify.read_events() {
@@ -383,16 +461,18 @@ fn drain_events(inotify: &Inotify, watches: &[(WatchDescriptor, Role)]) -> Resul
                 continue;
             }
             let name = event.name.as_ref().and_then(|n| n.to_str());
-            for (_, role) in watches.iter().filter(|(wd, _)| *wd == event.wd) {
+            for watch in watches.iter().filter(|w| w.wd == Some(event.wd)) {
+                let role = watch.role;
                 if event.mask.intersects(
                     AddWatchFlags::IN_DELETE_SELF
                         | AddWatchFlags::IN_MOVE_SELF
                         | AddWatchFlags::IN_IGNORED,
                 ) {
-                    return Err(Error::io(
-                        format!("a watched dir ({role:?})"),
-                        "removed or moved while watched",
-                    ));
+                    // The pass fails until the dir is back (retried with backoff); then it is
+                    // watched again.
+                    log::warn!("{} was removed or moved while watched", watch.dir.display());
+                    relevant = Some(relevant.unwrap_or(false) | (role == Role::Config));
+                    continue;
                 }
                 let (matters, config) = match role {
                     Role::Conf => (
