@@ -129,13 +129,14 @@ fn audit(settings: &Settings) -> Result<Summary> {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Ok(None) | Err(_) => {
+            outcome => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::io(
-                    NODE_TOOL,
-                    format!("killed after {} s without an answer", TIMEOUT.as_secs()),
-                ));
+                let why = match outcome {
+                    Err(e) => format!("cannot wait for it ({e}): killed"),
+                    _ => format!("killed after {} s without an answer", TIMEOUT.as_secs()),
+                };
+                return Err(Error::io(NODE_TOOL, why));
             }
         }
     };
