@@ -131,6 +131,11 @@ fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
             return 1;
         }
     };
+    // Run as root on the node: only a binary nobody but root could have changed.
+    if let Err(e) = intercept_cni::trusted_path::trusted_executable(&tool) {
+        eprintln!("intercept-cni {subcommand}: {e}");
+        return 1;
+    }
     let err = std::process::Command::new(&tool)
         .arg(subcommand)
         .args(words)
