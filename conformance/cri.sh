@@ -531,6 +531,72 @@ audit_refuses_unproven() {
 	cri_release "$name"
 }
 
+# The node agent repairs a pod that started while the plugin was not chained: the plugin is
+# uninstalled, an Istio pod starts, then `install --watch --repair-interval 2` chains the plugin
+# and runs `audit --repair` (intercept-cni-node next to the agent's executable) at once.
+AGENT_PID=
+agent_start() {
+	local log=$WORK/cri/agent.log
+	"$PLUGIN" install --watch --cni-conf-dir "$WORK/cri/net.d" --cni-bin-dir "$WORK/cri/bin" \
+		--plugin-config "$WORK/cri/plugin.json" --listen 127.0.0.1:0 --events-socket "" \
+		--repair-interval 2 --cri-socket "$WORK/cri/containerd.sock" >/dev/null 2>"$log" &
+	AGENT_PID=$!
+	for _ in $(seq 50); do
+		AGENT_ADDR=$(sed -n 's/.*\/metrics on //p' "$log")
+		[[ -n $AGENT_ADDR ]] && return 0
+		sleep 0.1
+	done
+	cat "$log"
+	return 1
+}
+
+# agent_metric SAMPLE: the value of one sample (with its labels) on the agent's /metrics.
+agent_metric() {
+	python3 - "http://$AGENT_ADDR/metrics" "$1" <<-'EOF'
+		import sys, urllib.request
+		body = urllib.request.urlopen(sys.argv[1], timeout=3).read().decode()
+		print(next((l.split()[-1] for l in body.splitlines() if l.startswith(sys.argv[2] + " ")), 0))
+	EOF
+}
+
+# The pod is intercepted, and the agent counted it repaired by a clean audit, within 20 s.
+agent_repaired() {
+	for _ in $(seq 100); do
+		if (($(agent_metric intercept_cni_pods_repaired_total) >= 1)) &&
+			(($(agent_metric 'intercept_cni_audit_runs_total{result="clean"}') >= 1)) && cri_rules "$1"; then
+			grep -E "audit: repaired default/$1" "$WORK/cri/agent.log" >/dev/null || { cat "$WORK/cri/agent.log"; return 1; }
+			return 0
+		fi
+		sleep 0.2
+	done
+	cat "$WORK/cri/agent.log"
+	curl -s "http://$AGENT_ADDR/metrics" 2>/dev/null | grep audit
+	return 1
+}
+
+agent_stop() {
+	kill -TERM "$AGENT_PID" && wait "$AGENT_PID"
+	AGENT_PID=
+	grep -q intercept-cni "$WORK/cri/net.d/10-$CRI_NETWORK.conflist"
+}
+
+cri_agent_repair_case() {
+	check agent "plugin uninstalled: an istio-injected pod starts unintercepted" \
+		eval '"$PLUGIN" uninstall --cni-conf-dir "$WORK/cri/net.d" --cni-bin-dir "$WORK/cri/bin" &&
+			sleep 1 && cri_pod default late-istio "$ISTIO_ANNOTATIONS" && cri_no_rules late-istio'
+	[[ -n $CASE_OK ]] || return 0
+	check agent "install --watch --repair-interval 2 chains the plugin and repairs the running pod in place (metrics: repaired, clean audit)" \
+		eval 'agent_start && agent_repaired late-istio'
+	check agent "agent-repaired pod: outbound reaches the proxy on $ISTIO_OUT, SO_ORIGINAL_DST intact (no restart)" \
+		proxied late-istio "$ISTIO_UID" 127.0.0.1 "$ISTIO_OUT" pod "$CRI_GW4"
+	if [[ -n $AGENT_PID ]]; then
+		check agent "agent stopped with SIGTERM: the entry stays chained" agent_stop
+	fi
+	cri_stop late-istio >/dev/null 2>&1
+	cri_remove late-istio >/dev/null 2>&1
+	cri_release late-istio
+}
+
 run_cri() {
 	mkdir -p "$WORK/cri"
 	# The stand-in proxies run as the meshes' proxy UIDs: they may pass through WORK (not list
@@ -546,6 +612,7 @@ run_cri() {
 	check cri "pause and app images built with umoci and imported into k8s.io" cri_images
 	[[ -n $CASE_OK ]] || return 0
 	cri_audit_case
+	cri_agent_repair_case
 	grep -q intercept-cni "$WORK/cri/net.d/10-$CRI_NETWORK.conflist" 2>/dev/null || cri_chain >/dev/null 2>&1 || true
 	cri_istio_case
 	cri_linkerd_case
@@ -566,6 +633,7 @@ run_cri() {
 # its shims ended, the bridge deleted.
 cri_cleanup() {
 	local netns
+	[[ -n $AGENT_PID ]] && kill "$AGENT_PID" 2>/dev/null
 	[[ -S $WORK/cri/containerd.sock ]] && "$CRI_DRIVER" "$WORK/cri/containerd.sock" clear >"$WORK/cri/left-netns" 2>/dev/null
 	cri_stop_containerd
 	# The netns of sandboxes whose teardown failed (their paths, printed by clear).

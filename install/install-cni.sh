@@ -13,6 +13,9 @@ UNINSTALL_ON_EXIT="${UNINSTALL_ON_EXIT:-false}"
 # The agent's HTTP endpoints (/healthz, /readyz, /metrics) and the host root its host check reads.
 LISTEN_ADDR="${LISTEN_ADDR:-}"
 HOST_ROOT="${HOST_ROOT:-}"
+# The repair of running pods: the runtime's CRI socket and the interval in seconds (0: off).
+CRI_SOCKET="${CRI_SOCKET:-}"
+REPAIR_INTERVAL="${REPAIR_INTERVAL:-}"
 
 set -- install --watch --cni-conf-dir "$CNI_CONF_DIR" --cni-bin-dir "$CNI_BIN_DIR"
 if [ -n "$PLUGIN_CONFIG" ]; then
@@ -29,5 +32,11 @@ if [ -n "$LISTEN_ADDR" ]; then
 fi
 if [ -n "$HOST_ROOT" ]; then
     set -- "$@" --host-root "$HOST_ROOT"
+fi
+if [ -n "$CRI_SOCKET" ]; then
+    set -- "$@" --cri-socket "$CRI_SOCKET"
+fi
+if [ -n "$REPAIR_INTERVAL" ]; then
+    set -- "$@" --repair-interval "$REPAIR_INTERVAL"
 fi
 exec /usr/local/bin/intercept-cni "$@"

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod host;
 pub mod install;
 pub mod logging;
+pub mod netlink;
 pub mod netns;
 pub mod plan;
 pub mod policy;

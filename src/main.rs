@@ -118,21 +118,24 @@ fn usage_error(why: &str) -> c_int {
     2
 }
 
-/// Name of the binary holding the node tools that speak the CRI: installed next to this one,
-/// it keeps gRPC and an async runtime out of the per-pod plugin (README, "Node audit").
-const NODE_TOOL: &str = "intercept-cni-node";
-
 /// Replaces this process with `intercept-cni-node SUBCOMMAND ARGS...` from our own directory;
 /// returns only when that fails.
 fn exec_node_tool(subcommand: &str, words: &[String]) -> c_int {
     use std::os::unix::process::CommandExt;
-    let tool = match std::fs::read_link("/proc/self/exe") {
-        Ok(exe) => exe.with_file_name(NODE_TOOL),
+    // Next to this executable: it keeps gRPC and an async runtime out of the per-pod plugin
+    // (README, "Node audit").
+    let tool = match intercept_cni::agent::repair::node_tool() {
+        Ok(tool) => tool,
         Err(e) => {
             eprintln!("intercept-cni {subcommand}: cannot find our own executable: {e}");
             return 1;
         }
     };
+    // Run as root on the node: only a binary nobody but root could have changed.
+    if let Err(e) = intercept_cni::trusted_path::trusted_executable(&tool) {
+        eprintln!("intercept-cni {subcommand}: {e}");
+        return 1;
+    }
     let err = std::process::Command::new(&tool)
         .arg(subcommand)
         .args(words)

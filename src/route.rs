@@ -8,18 +8,19 @@
 //! second one. Only the default ADD path never comes here (REDIRECT needs no routing).
 
 use crate::cni::error::{Code, Error, Result};
+use crate::netlink::{self, HEADER_LEN};
 use crate::plan::{InterceptPlan, InterceptionMode, Tproxy};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::socket::{
-    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// The priority of our fwmark rule.
 pub const RULE_PRIORITY: u32 = 32765;
 
-const HEADER_LEN: usize = 16;
 const FRA_PRIORITY: u16 = 6;
 const FRA_FWMARK: u16 = 10;
 const FRA_TABLE: u16 = 15;
@@ -255,22 +256,19 @@ impl Socket {
     /// Sends one request and waits for its acknowledgement.
     fn request(&self, kind: u16, flags: u16, body: &[u8]) -> std::result::Result<(), Errno> {
         self.send(kind, flags, body)?;
-        let mut done = Ok(());
-        self.read(&mut |kind, payload| {
-            if kind == libc::NLMSG_ERROR as u16 {
-                let error = payload.get(..4).map_or(-libc::EBADMSG, |b| {
-                    i32::from_ne_bytes(b.try_into().unwrap())
-                });
-                done = if error == 0 {
-                    Ok(())
-                } else {
-                    Err(Errno::from_raw(-error))
-                };
-                return true;
+        netlink::receive(&self.0, 32 * 1024, |kind, _, payload| {
+            if kind != libc::NLMSG_ERROR as u16 {
+                return ControlFlow::Continue(());
             }
-            false
-        })?;
-        done
+            let error = payload.get(..4).map_or(-libc::EBADMSG, |b| {
+                i32::from_ne_bytes(b.try_into().unwrap())
+            });
+            ControlFlow::Break(if error == 0 {
+                Ok(())
+            } else {
+                Err(Errno::from_raw(-error))
+            })
+        })?
     }
 
     /// All messages of a dump of `kind` for `family`.
@@ -281,52 +279,29 @@ impl Socket {
         self.send(kind, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, &body)?;
         let mut out = Vec::new();
         let mut failed = None;
-        self.read(&mut |kind, payload| match i32::from(kind) {
-            libc::NLMSG_DONE => true,
-            libc::NLMSG_ERROR => {
-                let error = payload.get(..4).map_or(-libc::EBADMSG, |b| {
-                    i32::from_ne_bytes(b.try_into().unwrap())
-                });
-                if error != 0 {
-                    failed = Some(Errno::from_raw(-error));
+        netlink::receive(&self.0, 32 * 1024, |kind, _, payload| {
+            match i32::from(kind) {
+                libc::NLMSG_DONE => ControlFlow::Break(()),
+                libc::NLMSG_ERROR => {
+                    let error = payload.get(..4).map_or(-libc::EBADMSG, |b| {
+                        i32::from_ne_bytes(b.try_into().unwrap())
+                    });
+                    if error != 0 {
+                        failed = Some(Errno::from_raw(-error));
+                    }
+                    ControlFlow::Break(())
                 }
-                true
-            }
-            _ => {
-                if payload.len() >= 12 {
-                    out.push((kind, payload[..12].to_vec(), attributes(&payload[12..])));
+                _ => {
+                    if payload.len() >= 12 {
+                        out.push((kind, payload[..12].to_vec(), attributes(&payload[12..])));
+                    }
+                    ControlFlow::Continue(())
                 }
-                false
             }
         })?;
         match failed {
             Some(e) => Err(e),
             None => Ok(out),
-        }
-    }
-
-    /// Feeds each message to `each` until it returns true.
-    fn read(&self, each: &mut dyn FnMut(u16, &[u8]) -> bool) -> std::result::Result<(), Errno> {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let n = match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e),
-                Ok(0) => return Err(Errno::EIO),
-                Ok(n) => n,
-            };
-            let mut at = 0;
-            while at + HEADER_LEN <= n {
-                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if len < HEADER_LEN || at + len > n {
-                    return Err(Errno::EBADMSG);
-                }
-                if each(kind, &buf[at + HEADER_LEN..at + len]) {
-                    return Ok(());
-                }
-                at += len.next_multiple_of(4);
-            }
         }
     }
 }

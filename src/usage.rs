@@ -28,7 +28,8 @@ Exit status: 0 on success, 1 on failure, 2 on a usage error.
 pub const INSTALL: &str = "\
 usage: intercept-cni install --cni-conf-dir DIR --cni-bin-dir DIR [--plugin-config FILE]
          [--generation N] [--watch [--uninstall-on-exit] [--listen ADDR:PORT]
-         [--events-socket PATH] [--host-root DIR]]
+         [--events-socket PATH] [--host-root DIR] [--repair-interval SECONDS]
+         [--cri-socket PATH]]
 
 Copies this executable into the CNI bin dir as `intercept-cni`, then appends the plugin's entry
 last to the active network config (the first file of the conf dir, in name order, that a runtime
@@ -59,6 +60,16 @@ Flags:
                          (default: /var/run/intercept-cni-agent/events.sock; \"\" for none)
   --host-root DIR        with --watch: the host's / as mounted in this container, read by the
                          host check of /readyz (default: this system's /, with the kernel probe)
+  --repair-interval SECONDS
+                         with --watch: run `intercept-cni audit --repair` this often, and at
+                         once whenever the plugin gets chained, so that pods started while it
+                         was not chained are intercepted in place; one audit at a time, in a
+                         child process killed after 120 s; a failure (no intercept-cni-node
+                         next to this executable, no runtime at the socket) is logged and
+                         counted in /metrics, never stops the agent nor changes /readyz
+                         (default: 60; 0 turns the repair off)
+  --cri-socket PATH      with --watch: the runtime's CRI socket for the repair (default:
+                         /run/containerd/containerd.sock; CRI-O: /var/run/crio/crio.sock)
   -h, --help             print this text
 
 Ready (/readyz 200) only when the active network chains the plugin last with the current plugin

@@ -41,6 +41,18 @@ impl Agent {
 
     /// `dirs`: which of the runtime's dirs exist when it starts.
     fn start_with(plugin_config: Value, host: &str, dirs: &[&str]) -> Agent {
+        // No audit of the machine's runtime from tests that are not about it.
+        Agent::start_as(None, plugin_config, host, dirs, &["--repair-interval", "0"])
+    }
+
+    /// `copy`: run a copy of the binary from a dir of its own, named so (nothing next to it).
+    fn start_as(
+        copy: Option<&str>,
+        plugin_config: Value,
+        host: &str,
+        dirs: &[&str],
+        args: &[&str],
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         for sub in dirs {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
@@ -49,8 +61,18 @@ impl Agent {
         let config = dir.path().join("plugin-config.json");
         std::fs::write(&config, plugin_config.to_string()).unwrap();
         let path = |p: &str| dir.path().join(p).display().to_string();
-        let mut child = Command::new(BIN)
+        let binary = match copy {
+            None => PathBuf::from(BIN),
+            Some(sub) => {
+                std::fs::create_dir(dir.path().join(sub)).unwrap();
+                let binary = dir.path().join(sub).join("intercept-cni");
+                std::fs::copy(BIN, &binary).unwrap();
+                binary
+            }
+        };
+        let mut child = Command::new(binary)
             .args(["install", "--watch", "--listen", "127.0.0.1:0"])
+            .args(args)
             .args([
                 "--cni-conf-dir",
                 &path("conf"),
@@ -544,4 +566,66 @@ fn missing_cni_dirs_are_not_ready_until_they_appear() {
     replace(&conflist, PRIMARY.as_bytes(), 0o644);
     agent.metric_reaches("intercept_cni_rechains_total", rechains + 1);
     agent.ready_becomes(200, "binary: ok");
+}
+
+/// The repair runs the node tool beside the agent's executable; when it cannot (none there, or
+/// no runtime at the socket) the audit is counted as failed and logged, and nothing else changes:
+/// the watch loop keeps chaining, readiness stays. Audits come after every chaining and on the
+/// schedule.
+#[test]
+fn a_repair_that_cannot_run_is_counted_and_harms_nothing() {
+    const FAILED: &str = "intercept_cni_audit_runs_total{result=\"failed\"}";
+    let args = [
+        "--repair-interval",
+        "3600",
+        "--cri-socket",
+        "/nonexistent/intercept-cni-test/cri.sock",
+    ];
+    let agent = Agent::start_as(
+        Some("image"),
+        json!({"backend": "nftables"}),
+        "builtin-only",
+        &["conf", "bin"],
+        &args,
+    );
+    let conflist = agent.path("conf/10-k8s.conflist");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.ready_becomes(200, "chained: ok");
+    // The first chaining asks for an audit at once (the interval is an hour).
+    agent.metric_reaches(FAILED, 1);
+    // Another agent rewrites the file: re-chained, and audited again.
+    let rechains = agent.metric("intercept_cni_rechains_total");
+    replace(&conflist, PRIMARY.as_bytes(), 0o644);
+    agent.metric_reaches("intercept_cni_rechains_total", rechains + 1);
+    agent.metric_reaches(FAILED, 2);
+    agent.ready_becomes(200, "chained: ok");
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    for result in ["clean", "attention", "not-chained"] {
+        assert_eq!(
+            agent.metric(&format!(
+                "intercept_cni_audit_runs_total{{result=\"{result}\"}}"
+            )),
+            0
+        );
+    }
+    assert_eq!(agent.metric("intercept_cni_pods_repaired_total"), 0);
+
+    // On the schedule, without any change to the node.
+    let scheduled = Agent::start_as(
+        Some("image"),
+        json!({"backend": "nftables"}),
+        "builtin-only",
+        &["conf", "bin"],
+        &["--repair-interval", "1"],
+    );
+    replace(
+        &scheduled.path("conf/10-k8s.conflist"),
+        PRIMARY.as_bytes(),
+        0o644,
+    );
+    scheduled.ready_becomes(200, "chained: ok");
+    let rechains = scheduled.metric("intercept_cni_rechains_total");
+    scheduled.metric_reaches(FAILED, 4);
+    assert_eq!(scheduled.metric("intercept_cni_rechains_total"), rechains);
+    scheduled.ready_becomes(200, "chained: ok");
 }

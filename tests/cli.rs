@@ -605,4 +605,11 @@ fn audit_runs_the_node_tool_next_to_the_plugin() {
         String::from_utf8_lossy(&ran.stdout),
         "audit\n--json\n--cri-socket\n/x y\n"
     );
+    // One that someone but root could have changed is never run as root.
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let refused = run();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
 }

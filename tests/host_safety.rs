@@ -282,6 +282,11 @@ const REVIEWED_SPAWNS: &[(&str, &str, &str)] = &[
         "Command::new(format!(\"/usr/sbin/{tool}\")",
         "a literal absolute directory and a fixed tool name",
     ),
+    (
+        "src/main.rs",
+        "Command::new(&tool)",
+        "our own executable's directory (/proc/self/exe) and a fixed name, trusted_executable first",
+    ),
 ];
 
 #[test]

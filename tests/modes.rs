@@ -489,9 +489,11 @@ fn null_segment_gets_a_reset(lab: &Lab) -> bool {
         .run(|| {
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
             assert!(fd >= 0, "raw socket");
+            // Generous: under load the RST can take a while, and a late one must not read as
+            // dropped (the negative case just waits this long once).
             let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 300_000,
+                tv_sec: 1,
+                tv_usec: 0,
             };
             let ptr = &timeout as *const libc::timeval as *const libc::c_void;
             let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
@@ -556,7 +558,7 @@ fn invalid_packets_are_dropped_on_arrival() {
         let plain = lab.config("1.0.0", backend.clone());
         lab.cni("ADD", &plain).ok();
         assert!(
-            null_segment_gets_a_reset(&lab),
+            (0..3).any(|_| null_segment_gets_a_reset(&lab)),
             "{name}: no RST without the drop"
         );
         let conf = lab.config("1.0.0", with(&backend, json!({"dropInvalid": true})));

@@ -193,3 +193,40 @@ pub fn text(network: &str, reports: &[PodReport]) -> String {
 fn short(id: &str) -> &str {
     &id[..id.len().min(13)]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Status::*;
+
+    /// The agent counts the statuses of `--json` by name: its list of findings must be this one.
+    #[test]
+    fn the_agent_counts_exactly_the_findings() {
+        let all = [
+            Intercepted,
+            NotSelected,
+            Missing,
+            Drifted,
+            Repaired,
+            RepairFailed,
+            Unexpected,
+            Refused,
+            Skipped,
+            Unproven,
+            CheckFailed,
+        ];
+        for status in all {
+            // A new status fails to compile here until it is added to `all`.
+            match status {
+                Intercepted | NotSelected | Missing | Drifted | Repaired | RepairFailed
+                | Unexpected | Refused | Skipped | Unproven | CheckFailed => {}
+            }
+            assert_eq!(
+                intercept_cni::agent::repair::ATTENTION.contains(&status.as_str()),
+                status.is_finding(),
+                "{status:?}"
+            );
+        }
+        let findings = all.iter().filter(|s| s.is_finding()).count();
+        assert_eq!(findings, intercept_cni::agent::repair::ATTENTION.len());
+    }
+}

@@ -18,6 +18,30 @@ static PASSES: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64
 static LAST_PASS: AtomicU8 = AtomicU8::new(NO_PASS);
 const NO_PASS: u8 = u8::MAX;
 static INVALID_EVENTS: AtomicU64 = AtomicU64::new(0);
+static AUDITS: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
+static PODS_REPAIRED: AtomicU64 = AtomicU64::new(0);
+/// Pods needing attention by status, as of the last audit that read the runtime.
+static ATTENTION: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// How one audit of the agent's repair ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audit {
+    /// Every pod as the policy wants (after repairs).
+    Clean = 0,
+    /// Some pod needs attention.
+    Attention = 1,
+    /// The active network does not chain the plugin: no pod checked.
+    NotChained = 2,
+    /// No report: node tool missing, runtime unreachable, timed out.
+    Failed = 3,
+}
+
+const AUDIT_RESULTS: [&str; 4] = ["clean", "attention", "not-chained", "failed"];
 
 /// How an install pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +89,16 @@ pub fn pass(result: Pass) {
 
 pub fn invalid_event() {
     INVALID_EVENTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One audit of the repair: its result, the pods it repaired and, unless it failed, the pods
+/// needing attention by status (replacing the last audit's).
+pub fn audit(result: Audit, repaired: u64, attention: &BTreeMap<&'static str, u64>) {
+    AUDITS[result as usize].fetch_add(1, Ordering::Relaxed);
+    PODS_REPAIRED.fetch_add(repaired, Ordering::Relaxed);
+    if result != Audit::Failed {
+        *ATTENTION.lock().unwrap_or_else(PoisonError::into_inner) = attention.clone();
+    }
 }
 
 /// One plugin invocation reported through the events socket (`verb` one of `events::VERBS`).
@@ -179,5 +213,41 @@ pub fn render(readiness: &Readiness) -> String {
         "Datagrams on the events socket that were not a valid plugin record.",
         INVALID_EVENTS.load(Ordering::Relaxed),
     );
+    render_audits(&mut out);
     out
+}
+
+fn render_audits(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP intercept_cni_audit_runs_total Audits of the node's pods by the agent's repair, by result.\n\
+         # TYPE intercept_cni_audit_runs_total counter"
+    );
+    for (i, result) in AUDIT_RESULTS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "intercept_cni_audit_runs_total{{result=\"{result}\"}} {}",
+            AUDITS[i].load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP intercept_cni_pods_repaired_total Running pods the agent's repair intercepted in place.\n\
+         # TYPE intercept_cni_pods_repaired_total counter\n\
+         intercept_cni_pods_repaired_total {}",
+        PODS_REPAIRED.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP intercept_cni_audit_attention_pods Pods needing attention at the last audit that read the runtime, by status.\n\
+         # TYPE intercept_cni_audit_attention_pods gauge"
+    );
+    let attention = ATTENTION.lock().unwrap_or_else(PoisonError::into_inner);
+    for kind in super::repair::ATTENTION.iter().chain(&["unknown"]) {
+        let _ = writeln!(
+            out,
+            "intercept_cni_audit_attention_pods{{status=\"{kind}\"}} {}",
+            attention.get(kind).copied().unwrap_or(0)
+        );
+    }
 }

@@ -1,11 +1,13 @@
 //! The node agent's services beside the install/watch loop of `install --watch`: readiness and
-//! liveness endpoints, Prometheus metrics, and the relay of the plugin's events to stdout. Each
-//! runs in a thread of its own, started before the watch loop; none of them writes to the node.
+//! liveness endpoints, Prometheus metrics, the relay of the plugin's events to stdout, and the
+//! repair of running pods (`repair`). Each runs in a thread of its own, started before the watch
+//! loop; only the repair writes, and only into pod netns, through the node tool.
 
 pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod ready;
+pub mod repair;
 
 use crate::cni::error::{Error, Result};
 use crate::install::{self, watch};
@@ -22,6 +24,11 @@ pub struct Options {
     pub events_socket: Option<PathBuf>,
     /// `--host-root DIR`: the host's `/` as mounted in the agent's container.
     pub host_root: Option<PathBuf>,
+    /// `--repair-interval SECONDS`: audit and repair the node's pods this often, and whenever
+    /// the plugin gets chained; 0 for never.
+    pub repair_interval: u64,
+    /// `--cri-socket PATH`: the runtime's CRI socket, for the repair.
+    pub cri_socket: PathBuf,
     /// Whether any of these flags was given (they need `--watch`).
     pub given: bool,
 }
@@ -32,6 +39,8 @@ impl Default for Options {
             listen: None,
             events_socket: Some(PathBuf::from(events::DEFAULT_SOCKET)),
             host_root: None,
+            repair_interval: repair::DEFAULT_INTERVAL_SECS,
+            cri_socket: PathBuf::from(repair::DEFAULT_CRI_SOCKET),
             given: false,
         }
     }
@@ -50,7 +59,14 @@ impl Options {
                 Some((flag, value)) => (flag, Some(value.to_owned())),
                 None => (word.as_str(), None),
             };
-            if !matches!(flag, "--listen" | "--events-socket" | "--host-root") {
+            if !matches!(
+                flag,
+                "--listen"
+                    | "--events-socket"
+                    | "--host-root"
+                    | "--repair-interval"
+                    | "--cri-socket"
+            ) {
                 rest.push(word.clone());
                 continue;
             }
@@ -76,6 +92,23 @@ impl Options {
                         "--events-socket must be an absolute path (or \"\" for none), not {value:?}"
                     ))
                 }
+                "--repair-interval" => {
+                    options.repair_interval = value
+                        .parse()
+                        .ok()
+                        .filter(|secs| *secs <= MAX_REPAIR_INTERVAL_SECS)
+                        .ok_or_else(|| {
+                            format!("--repair-interval wants whole seconds from 0 to {MAX_REPAIR_INTERVAL_SECS}, not {value:?}")
+                        })?
+                }
+                "--cri-socket" if value.starts_with('/') => {
+                    options.cri_socket = PathBuf::from(value)
+                }
+                "--cri-socket" => {
+                    return Err(format!(
+                        "--cri-socket must be an absolute path, not {value:?}"
+                    ))
+                }
                 _ => {
                     let dir = PathBuf::from(&value);
                     if value.is_empty() || !dir.is_dir() {
@@ -88,6 +121,9 @@ impl Options {
         Ok((options, rest))
     }
 }
+
+/// A day: an interval beyond is a typo, not a schedule.
+const MAX_REPAIR_INTERVAL_SECS: u64 = 86_400;
 
 /// `ADDR:PORT`, or `:PORT` for every address (IPv6 and IPv4 where the host has IPv6).
 fn listen_addrs(value: &str) -> std::result::Result<Vec<SocketAddr>, String> {
@@ -116,6 +152,19 @@ pub fn start(options: &Options, watch: &watch::Options) -> Result<()> {
             }
             Err(e) => log::error!("{e}; plugin events will not be relayed"),
         }
+    }
+    if options.repair_interval > 0 {
+        let settings = repair::Settings {
+            interval: std::time::Duration::from_secs(options.repair_interval),
+            cri_socket: options.cri_socket.clone(),
+            conf_dir: watch.conf_dir.clone(),
+        };
+        log::info!(
+            "repairing pods through {} every {} s and whenever the plugin gets chained",
+            settings.cri_socket.display(),
+            options.repair_interval
+        );
+        spawn("repair", move || repair::run(settings))?;
     }
     let Some(listen) = &options.listen else {
         return Ok(());
@@ -186,7 +235,8 @@ mod tests {
     #[test]
     fn agent_flags_are_taken_out_and_the_rest_kept() {
         let (options, rest) = Options::extract(&words(
-            "--cni-conf-dir c --listen 127.0.0.1:0 --watch --events-socket=/run/e.sock --host-root /",
+            "--cni-conf-dir c --listen 127.0.0.1:0 --watch --events-socket=/run/e.sock --host-root / \
+             --repair-interval 0 --cri-socket=/var/run/crio/crio.sock",
         ))
         .unwrap();
         assert_eq!(rest, words("--cni-conf-dir c --watch"));
@@ -196,6 +246,8 @@ mod tests {
                 listen: Some("127.0.0.1:0".into()),
                 events_socket: Some("/run/e.sock".into()),
                 host_root: Some("/".into()),
+                repair_interval: 0,
+                cri_socket: "/var/run/crio/crio.sock".into(),
                 given: true,
             }
         );
@@ -216,6 +268,11 @@ mod tests {
             "--events-socket relative.sock",
             "--host-root /nonexistent-intercept-cni",
             "--listen :1 --listen :2",
+            "--repair-interval -1",
+            "--repair-interval 1m",
+            "--repair-interval 86401",
+            "--cri-socket run/containerd/containerd.sock",
+            "--cri-socket=",
         ] {
             assert!(Options::extract(&words(line)).is_err(), "{line}");
         }

@@ -363,7 +363,7 @@ pub fn install_main(words: &[String]) -> i32 {
     if agent_options.given && !args.watch {
         return usage_error(
             "install",
-            "--listen, --events-socket and --host-root need --watch",
+            "--listen, --events-socket, --host-root, --repair-interval and --cri-socket need --watch",
         );
     }
     // The agent may start before the runtime's dirs exist: it waits, not ready, for them.

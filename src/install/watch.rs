@@ -18,7 +18,7 @@
 
 use super::conflist::{self, Entry, Stamp, PLUGIN_TYPE};
 use super::{fsops, load_plugin_config, uninstall, Installer, Pass, SELF_EXE};
-use crate::agent::metrics;
+use crate::agent::{self, metrics};
 use crate::cni::error::{Error, Result};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -103,6 +103,11 @@ fn report(outcome: &Result<Pass>, config_refused: bool) -> State {
         State::ConfigRefused | State::Failing => metrics::Pass::Failed,
     });
     let previous = State::from_u8(STATE.swap(state as u8, Ordering::Relaxed));
+    // Pods started while the plugin was not chained are repaired now, not at the next interval.
+    let chained_now = matches!(outcome, Ok(Pass::Installed { wrote: true, .. }));
+    if state == State::Installed && (previous != State::Installed || chained_now) {
+        agent::repair::request();
+    }
     if previous != state {
         match outcome {
             Ok(Pass::Waiting) => log::info!("no valid CNI network config yet: waiting for one"),

@@ -7,22 +7,23 @@
 //! that act on a connection before our rules do; and by the iptables-nft removal that works
 //! when iptables-nft-save cannot print a table (`table_contents`: chains, rule handles, jumps).
 
+use super::wire;
 use super::NAT_PRIORITY;
 use crate::cni::error::{Error, Result};
+use crate::netlink::{self, HEADER_LEN};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::socket::{
-    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-const HEADER_LEN: usize = 16; // struct nlmsghdr
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const SUBSYS: u16 = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 // Attributes, from <linux/netfilter/nf_tables.h>.
 const NFTA_CHAIN_TABLE: u16 = 1;
@@ -140,7 +141,7 @@ pub fn table_contents(family: u8, name: &str) -> Result<(Vec<String>, Vec<RuleRe
     let mut chains = Vec::new();
     dump(&sock, libc::NFT_MSG_GETCHAIN as u16, 1, |f, attrs| {
         let (mut table, mut chain) = (None, None);
-        for (k, value) in Attrs(attrs) {
+        for (k, value) in wire::attrs(attrs) {
             match k {
                 NFTA_CHAIN_TABLE => table = text(value),
                 NFTA_CHAIN_NAME => chain = text(value),
@@ -181,13 +182,13 @@ fn rules(sock: &OwnedFd) -> Result<Vec<RuleRef>> {
             jumps: Vec::new(),
             notrack: false,
         };
-        for (kind, value) in Attrs(attrs) {
+        for (kind, value) in wire::attrs(attrs) {
             match kind {
                 NFTA_RULE_TABLE => rule.table = text(value).unwrap_or_default(),
                 NFTA_RULE_CHAIN => rule.chain = text(value).unwrap_or_default(),
                 NFTA_RULE_HANDLE => rule.handle = be_u64(value).unwrap_or_default(),
                 NFTA_RULE_EXPRESSIONS => {
-                    for (_, elem) in Attrs(value).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+                    for (_, elem) in wire::attrs(value).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
                         rule.notrack |= turns_off_tracking(elem);
                         rule.jumps.extend(jump_target(elem));
                     }
@@ -205,7 +206,7 @@ fn rules(sock: &OwnedFd) -> Result<Vec<RuleRef>> {
 fn jump_target(elem: &[u8]) -> Option<String> {
     let mut name = None;
     let mut data = None;
-    for (k, v) in Attrs(elem) {
+    for (k, v) in wire::attrs(elem) {
         match k {
             NFTA_EXPR_NAME => name = text(v),
             NFTA_EXPR_DATA => data = Some(v),
@@ -215,10 +216,10 @@ fn jump_target(elem: &[u8]) -> Option<String> {
     if name.as_deref() != Some("immediate") {
         return None;
     }
-    let (_, value) = Attrs(data?).find(|(k, _)| *k == NFTA_IMMEDIATE_DATA)?;
-    let (_, verdict) = Attrs(value).find(|(k, _)| *k == NFTA_DATA_VERDICT)?;
+    let (_, value) = wire::attrs(data?).find(|(k, _)| *k == NFTA_IMMEDIATE_DATA)?;
+    let (_, verdict) = wire::attrs(value).find(|(k, _)| *k == NFTA_DATA_VERDICT)?;
     let (mut code, mut chain) = (None, None);
-    for (k, v) in Attrs(verdict) {
+    for (k, v) in wire::attrs(verdict) {
         match k {
             NFTA_VERDICT_CODE => code = be_u32(v).map(|c| c as i32),
             NFTA_VERDICT_CHAIN => chain = text(v),
@@ -255,13 +256,13 @@ pub fn bypasses(chains: &[BaseChain], ignore: impl Fn(&BaseChain) -> bool) -> Ve
 
 fn chain_of(family: u8, attrs: &[u8]) -> Option<BaseChain> {
     let (mut table, mut name, mut hook, mut policy, mut kind) = (None, None, None, None, None);
-    for (k, value) in Attrs(attrs) {
+    for (k, value) in wire::attrs(attrs) {
         match k {
             NFTA_CHAIN_TABLE => table = text(value),
             NFTA_CHAIN_NAME => name = text(value),
             NFTA_CHAIN_HOOK => {
                 let (mut num, mut prio) = (None, None);
-                for (h, v) in Attrs(value) {
+                for (h, v) in wire::attrs(value) {
                     match h {
                         NFTA_HOOK_HOOKNUM => num = be_u32(v),
                         NFTA_HOOK_PRIORITY => prio = be_u32(v).map(|p| p as i32),
@@ -292,11 +293,11 @@ fn chain_of(family: u8, attrs: &[u8]) -> Option<BaseChain> {
 /// One `NFTA_LIST_ELEM` of a rule's expressions.
 fn turns_off_tracking(elem: &[u8]) -> bool {
     let (mut name, mut target) = (None, None);
-    for (k, v) in Attrs(elem) {
+    for (k, v) in wire::attrs(elem) {
         match k {
             NFTA_EXPR_NAME => name = text(v),
             NFTA_EXPR_DATA => {
-                target = Attrs(v)
+                target = wire::attrs(v)
                     .find(|(k, _)| *k == NFTA_TARGET_NAME)
                     .and_then(|(_, v)| text(v))
             }
@@ -332,66 +333,29 @@ fn dump(
         &NetlinkAddr::new(0, 0),
         MsgFlags::empty(),
     )?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-            Ok(0) => return Err(Errno::EIO),
-            Ok(n) => n,
-        };
-        let mut at = 0;
-        while at + HEADER_LEN <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            let got_seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
-            if len < HEADER_LEN || at + len > n {
-                return Err(Errno::EBADMSG);
-            }
-            let body = &buf[at + HEADER_LEN..at + len];
-            at += len.next_multiple_of(4);
-            if got_seq != seq {
-                continue;
-            }
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let error = body
-                        .get(..4)
-                        .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
-                    return if error == 0 {
-                        Ok(())
-                    } else {
-                        Err(Errno::from_raw(-error))
-                    };
-                }
-                _ if body.len() >= 4 => each(body[0], &body[4..]),
-                _ => {}
-            }
+    netlink::receive(sock, 64 * 1024, |kind, got_seq, body| {
+        if got_seq != seq {
+            return ControlFlow::Continue(());
         }
-    }
-}
-
-/// Netlink attributes: (type without flag bits, payload).
-struct Attrs<'a>(&'a [u8]);
-
-impl<'a> Iterator for Attrs<'a> {
-    type Item = (u16, &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.0.len() < 4 {
-            return None;
+        match kind {
+            NLMSG_DONE => ControlFlow::Break(Ok(())),
+            NLMSG_ERROR => {
+                let error = body
+                    .get(..4)
+                    .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
+                ControlFlow::Break(if error == 0 {
+                    Ok(())
+                } else {
+                    Err(Errno::from_raw(-error))
+                })
+            }
+            _ if body.len() >= 4 => {
+                each(body[0], &body[4..]);
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Continue(()),
         }
-        let len = u16::from_ne_bytes([self.0[0], self.0[1]]) as usize;
-        let kind = u16::from_ne_bytes([self.0[2], self.0[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > self.0.len() {
-            self.0 = &[];
-            return None;
-        }
-        let value = &self.0[4..len];
-        self.0 = self.0.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-        Some((kind, value))
-    }
+    })?
 }
 
 /// A NUL-terminated string attribute.

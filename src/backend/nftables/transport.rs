@@ -13,15 +13,16 @@
 //! answer about a 64 KiB element list fits the reading buffer.
 
 use super::wire::{Msg, PAYLOAD_OFFSET};
+use crate::netlink::{self, ReadError, HEADER_LEN};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::socket::{
-    recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+    sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
 };
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-const HEADER_LEN: usize = 16; // struct nlmsghdr
 const NLM_F_ACK: u16 = libc::NLM_F_ACK as u16;
 const NLM_F_EXCL: u16 = libc::NLM_F_EXCL as u16;
 const NEWTABLE: u16 = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8 | libc::NFT_MSG_NEWTABLE as u16;
@@ -127,40 +128,33 @@ pub fn dump(request: Msg) -> Result<Vec<Vec<u8>>, Failure> {
     sendto(sock.as_raw_fd(), &request, &kernel, MsgFlags::empty())
         .map_err(|e| Failure::Socket("cannot send a dump request", e))?;
     // Dump datagrams are at most 32 KiB (netlink caps them there).
-    let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
-    loop {
-        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Failure::Socket("cannot read a dump", e)),
-            Ok(0) => return Err(Failure::Socket("the dump ended early", Errno::EIO)),
-            Ok(n) => n,
-        };
-        let mut at = 0;
-        while at + HEADER_LEN <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            if len < HEADER_LEN || at + len > n {
-                return Err(Failure::Socket("malformed dump", Errno::EBADMSG));
-            }
-            match kind as libc::c_int {
-                libc::NLMSG_DONE => return Ok(out),
-                libc::NLMSG_ERROR if len >= HEADER_LEN + 4 => {
-                    let body = &buf[at + HEADER_LEN..at + len];
-                    let error = i32::from_ne_bytes(body[0..4].try_into().unwrap());
-                    if error != 0 {
-                        return Err(Failure::Refused {
-                            seq: 0,
-                            errno: Errno::from_raw(-error),
-                        });
-                    }
+    netlink::receive(&sock, 64 * 1024, |kind, _, body| {
+        match kind as libc::c_int {
+            libc::NLMSG_DONE => ControlFlow::Break(Ok(())),
+            libc::NLMSG_ERROR if body.len() >= 4 => {
+                let error = i32::from_ne_bytes(body[0..4].try_into().unwrap());
+                if error != 0 {
+                    return ControlFlow::Break(Err(Failure::Refused {
+                        seq: 0,
+                        errno: Errno::from_raw(-error),
+                    }));
                 }
-                _ if len >= PAYLOAD_OFFSET => out.push(buf[at + PAYLOAD_OFFSET..at + len].to_vec()),
-                _ => {}
+                ControlFlow::Continue(())
             }
-            at += len.next_multiple_of(4);
+            _ if body.len() >= PAYLOAD_OFFSET - HEADER_LEN => {
+                out.push(body[PAYLOAD_OFFSET - HEADER_LEN..].to_vec());
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Continue(()),
         }
-    }
+    })
+    .map_err(|e| match e {
+        ReadError::Recv(e) => Failure::Socket("cannot read a dump", e),
+        ReadError::Closed => Failure::Socket("the dump ended early", Errno::EIO),
+        ReadError::Malformed => Failure::Socket("malformed dump", Errno::EBADMSG),
+    })??;
+    Ok(out)
 }
 
 /// Asks for an acknowledgement of the last message only (and makes the table's creation
@@ -206,39 +200,28 @@ fn set_flags(batch: &mut [u8], start: usize, change: impl Fn(u16) -> u16) {
 
 /// Reads answers until the last message's acknowledgement or an error; the first error wins.
 fn verdict(sock: &OwnedFd, last_seq: u32) -> Result<(), Failure> {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Failure::Socket("cannot read the kernel's answer", e)),
-            Ok(0) => return Err(Failure::Socket("no answer from the kernel", Errno::EIO)),
-            Ok(n) => n,
-        };
-        let mut at = 0;
-        while at + HEADER_LEN <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            if len < HEADER_LEN || at + len > n {
-                return Err(Failure::Socket("malformed answer", Errno::EBADMSG));
+    netlink::receive(sock, 32 * 1024, |kind, _, body| {
+        // struct nlmsgerr: the error, then the header of the message answered.
+        if kind == libc::NLMSG_ERROR as u16 && body.len() >= 4 + HEADER_LEN {
+            let error = i32::from_ne_bytes(body[0..4].try_into().unwrap());
+            let seq = u32::from_ne_bytes(body[12..16].try_into().unwrap());
+            if error != 0 {
+                return ControlFlow::Break(Err(Failure::Refused {
+                    seq,
+                    errno: Errno::from_raw(-error),
+                }));
             }
-            // struct nlmsgerr: the error, then the header of the message answered.
-            if kind == libc::NLMSG_ERROR as u16 && len >= HEADER_LEN + 4 + HEADER_LEN {
-                let body = &buf[at + HEADER_LEN..at + len];
-                let error = i32::from_ne_bytes(body[0..4].try_into().unwrap());
-                let seq = u32::from_ne_bytes(body[12..16].try_into().unwrap());
-                if error != 0 {
-                    return Err(Failure::Refused {
-                        seq,
-                        errno: Errno::from_raw(-error),
-                    });
-                }
-                if seq == last_seq {
-                    return Ok(());
-                }
+            if seq == last_seq {
+                return ControlFlow::Break(Ok(()));
             }
-            at += len.next_multiple_of(4);
         }
-    }
+        ControlFlow::Continue(())
+    })
+    .map_err(|e| match e {
+        ReadError::Recv(e) => Failure::Socket("cannot read the kernel's answer", e),
+        ReadError::Closed => Failure::Socket("no answer from the kernel", Errno::EIO),
+        ReadError::Malformed => Failure::Socket("malformed answer", Errno::EBADMSG),
+    })?
 }
 
 #[cfg(test)]
