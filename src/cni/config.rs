@@ -594,7 +594,8 @@ impl NetConf {
         };
         let mut settings = PlanSettings::default();
         netconf_settings.apply_to(&mut settings);
-        settings.validate()?;
+        // Rules across keys (equal ports) depend on the pod's mesh, known only per pod: they
+        // are checked when its plan is built (policy::decide, build_plan).
 
         let log_level = match field::<LogLevelKey>(obj, "logLevel")?.unwrap_or(LogLevelKey::Info) {
             LogLevelKey::Error => log::LevelFilter::Error,
@@ -1006,7 +1007,6 @@ mod tests {
             ("inbound-port-zero", "inboundPort: invalid value 0"),
             ("outbound-port-too-big", "outboundPort: invalid value 65536"),
             ("port-as-string", "inboundPort: invalid value \"15006\""),
-            ("same-ports", "inboundPort and outboundPort must differ"),
             ("proxy-uid-negative", "proxyUID: invalid value -1"),
             ("proxy-gid-too-big", "proxyGID: invalid value 4294967296"),
             (
@@ -1215,6 +1215,14 @@ mod tests {
             plan.exclude_inbound_sources,
             nets(&["10.0.0.0/8", "fd00::/8"])
         );
+    }
+
+    #[test]
+    fn equal_ports_in_the_netconf_are_left_to_the_pods_mesh() {
+        // Linkerd's own setup uses one port for both directions; a plain pod is refused later,
+        // when its plan is built (below).
+        let conf = parse(&fixture("valid-same-ports.json")).unwrap();
+        assert_eq!(conf.settings.inbound_port, conf.settings.outbound_port);
     }
 
     #[test]

@@ -811,10 +811,6 @@ mod tests {
                 br#"{"excludeNamespace": ["kube-system"]}"#,
                 "\"excludeNamespace\" (did you mean \"excludeNamespaces\"?)",
             ),
-            (
-                br#"{"inboundPort": 15001, "outboundPort": 15001}"#,
-                "must differ",
-            ),
             (br#"{"whatever": 1}"#, "unknown key \"whatever\""),
         ] {
             let err = plugin_entry(Some(bad)).unwrap_err();
