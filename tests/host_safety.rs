@@ -285,7 +285,12 @@ const REVIEWED_SPAWNS: &[(&str, &str, &str)] = &[
     (
         "src/main.rs",
         "Command::new(&tool)",
-        "our own executable's directory (/proc/self/exe) and a fixed name, trusted_executable first",
+        "agent::repair::node_tool: our own directory and a fixed name, trusted_executable first",
+    ),
+    (
+        "src/agent/repair.rs",
+        "Command::new(&tool)",
+        "node_tool: our own directory and a fixed name, trusted_executable first",
     ),
 ];
 

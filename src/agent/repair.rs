@@ -59,8 +59,14 @@ pub fn request() {
 }
 
 /// Where the node tool is: next to our own executable.
-pub fn node_tool() -> std::io::Result<PathBuf> {
-    std::fs::read_link(crate::install::SELF_EXE).map(|exe| exe.with_file_name(NODE_TOOL))
+/// `intercept-cni-node` next to our own executable, when nobody but root could have changed it
+/// (it runs as root on the node).
+pub fn node_tool() -> Result<PathBuf> {
+    let exe = std::fs::read_link(crate::install::SELF_EXE)
+        .map_err(|e| Error::io("cannot find our own executable", e))?;
+    let tool = exe.with_file_name(NODE_TOOL);
+    crate::trusted_path::trusted_executable(&tool)?;
+    Ok(tool)
 }
 
 /// Runs audits until the process ends: after every `request` and every `interval` without one.
@@ -110,7 +116,7 @@ fn record(outcome: &Result<Summary>, last_log: &mut String) {
 }
 
 fn audit(settings: &Settings) -> Result<Summary> {
-    let tool = node_tool().map_err(|e| Error::io("cannot find our own executable", e))?;
+    let tool = node_tool()?;
     let mut child = Command::new(&tool)
         .args(["audit", "--repair", "--json", "--cri-socket"])
         .arg(&settings.cri_socket)
