@@ -828,6 +828,23 @@ fn load_dport() -> RawExpression {
 }
 
 /// Matches when register 1 is in the named set.
+/// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`: the family dependency, the address load, a mask
+/// when the network is shorter than a host, and the comparison.
+fn addr_match(net: &IpNetwork, source: bool, op: CmpOp) -> Result<Vec<RawExpression>> {
+    let family = Family::of(net.ip());
+    let mut exprs = nfproto_eq(family).to_vec();
+    exprs.push(load_addr(family, source));
+    if net.prefix() < max_prefix(net) {
+        let mask = ip_bytes(net.mask());
+        let zero = vec![0u8; mask.len()];
+        let bitwise = Bitwise::new(mask, zero)
+            .map_err(|e| Error::backend(format!("cannot build a prefix match for {net}: {e}")))?;
+        exprs.push(bitwise.into());
+    }
+    exprs.push(Cmp::new(op, ip_bytes(net.network())).into());
+    Ok(exprs)
+}
+
 fn lookup(set: &str) -> RawExpression {
     Lookup::default()
         .with_set(set)
@@ -869,21 +886,8 @@ impl Match {
                 }
                 exprs
             }
-            Match::Saddr(net) | Match::Daddr(net) => {
-                let family = Family::of(net.ip());
-                let mut exprs = nfproto_eq(family).to_vec();
-                exprs.push(load_addr(family, matches!(self, Match::Saddr(_))));
-                if net.prefix() < max_prefix(net) {
-                    let mask = ip_bytes(net.mask());
-                    let zero = vec![0u8; mask.len()];
-                    let bitwise = Bitwise::new(mask, zero).map_err(|e| {
-                        Error::backend(format!("cannot build a prefix match for {net}: {e}"))
-                    })?;
-                    exprs.push(bitwise.into());
-                }
-                exprs.push(Cmp::new(CmpOp::Eq, ip_bytes(net.network())).into());
-                exprs
-            }
+            Match::Saddr(net) => addr_match(net, true, CmpOp::Eq)?,
+            Match::Daddr(net) => addr_match(net, false, CmpOp::Eq)?,
             // The kernel keeps socket UIDs and GIDs in host byte order.
             Match::SkUid(uid) => meta_eq(MetaType::SkUid, uid.to_ne_bytes()).into(),
             Match::SkGid(gid) => meta_eq(MetaType::SkGid, gid.to_ne_bytes()).into(),
@@ -898,21 +902,7 @@ impl Match {
                 exprs.push(Cmp::new(CmpOp::Neq, port.to_be_bytes()).into());
                 exprs
             }
-            Match::DaddrNot(net) => {
-                let family = Family::of(net.ip());
-                let mut exprs = nfproto_eq(family).to_vec();
-                exprs.push(load_addr(family, false));
-                if net.prefix() < max_prefix(net) {
-                    let mask = ip_bytes(net.mask());
-                    let zero = vec![0u8; mask.len()];
-                    let bitwise = Bitwise::new(mask, zero).map_err(|e| {
-                        Error::backend(format!("cannot build a prefix match for {net}: {e}"))
-                    })?;
-                    exprs.push(bitwise.into());
-                }
-                exprs.push(Cmp::new(CmpOp::Neq, ip_bytes(net.network())).into());
-                exprs
-            }
+            Match::DaddrNot(net) => addr_match(net, false, CmpOp::Neq)?,
             // Names compare over the whole IFNAMSIZ buffer, zero-padded, as nft sends them.
             Match::Iifname(name) => meta_eq(MetaType::IifName, ifname_bytes(name)).into(),
             Match::Oifname(name) => meta_eq(MetaType::OifName, ifname_bytes(name)).into(),

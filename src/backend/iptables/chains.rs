@@ -73,3 +73,18 @@ pub struct Chain {
 pub fn jump_spec(chain: &str) -> String {
     format!("-p tcp -j {chain}")
 }
+
+/// Compares rendered restore input with `testdata/iptables/<name>`; `INTERCEPT_CNI_BLESS=1`
+/// rewrites the golden file instead (review the diff).
+#[cfg(test)]
+pub fn assert_golden(name: &str, rendered: &str) {
+    let path: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "testdata", "iptables", name]
+        .iter()
+        .collect();
+    if std::env::var_os("INTERCEPT_CNI_BLESS").is_some() {
+        std::fs::write(&path, rendered).unwrap();
+    }
+    let golden =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(rendered, golden, "{name} differs from the rendering");
+}

@@ -302,7 +302,6 @@ mod golden {
     use crate::backend::iptables::render::{apply_input, section};
     use crate::backend::iptables::save::NatTable;
     use crate::plan::{Families, PortRange};
-    use std::path::PathBuf;
 
     fn restore_input(plan: &InterceptPlan, family: Family) -> String {
         let mut text = apply_input(plan, family, &NatTable::default());
@@ -317,15 +316,7 @@ mod golden {
 
     fn compare(name: &str, plan: &InterceptPlan, family: Family) {
         let rendered = restore_input(plan, family);
-        let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "testdata", "iptables", name]
-            .iter()
-            .collect();
-        if std::env::var_os("INTERCEPT_CNI_BLESS").is_some() {
-            std::fs::write(&path, &rendered).unwrap();
-        }
-        let golden =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(rendered, golden, "{name} differs from the rendering");
+        crate::backend::iptables::chains::assert_golden(name, &rendered);
     }
 
     /// Istio's dns.txt.golden and invalid-drop.txt.golden, both at once.

@@ -286,13 +286,8 @@ pub fn remove_section(table: &str, existing: &NatTable) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::test_support::ports;
     use crate::plan::{Families, InboundPorts, OutboundCidrs};
-
-    fn ports(list: &[(u16, u16)]) -> Vec<PortRange> {
-        list.iter()
-            .map(|&(a, b)| PortRange::new(a, b).unwrap())
-            .collect()
-    }
 
     #[test]
     fn multiport_lists_respect_the_fifteen_slot_limit() {
@@ -349,7 +344,6 @@ mod tests {
 mod golden {
     use super::*;
     use crate::plan::{Families, InboundPorts, OutboundCidrs, Semantics};
-    use std::path::PathBuf;
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
@@ -396,15 +390,7 @@ mod golden {
 
     fn compare(name: &str, plan: &InterceptPlan, family: Family) {
         let rendered = apply_input(plan, family, &NatTable::default());
-        let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "testdata", "iptables", name]
-            .iter()
-            .collect();
-        if std::env::var_os("INTERCEPT_CNI_BLESS").is_some() {
-            std::fs::write(&path, &rendered).unwrap();
-        }
-        let golden =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(rendered, golden, "{name} differs from the rendering");
+        crate::backend::iptables::chains::assert_golden(name, &rendered);
     }
 
     #[test]
