@@ -1,7 +1,7 @@
 //! ADD/CHECK/DEL latency as a runtime sees it (spawn the binary with env + stdin, until it exits),
 //! interleaved with the anchor's rule step (Istio's REDIRECT rule set applied by
-//! `iptables-{nft,legacy}-restore`), with the bare restores our iptables backend wraps (our own
-//! rules, one family and both side by side) and with a bare `true` spawn as the floor; then
+//! `iptables-{nft,legacy}-restore`), with the bare restores our iptables backend wraps (fed what
+//! our ADD feeds them for the same pod, one family and both side by side) and with a bare `true` spawn as the floor; then
 //! parallel pod starts, binary size and peak RSS.
 //!
 //! The plugin is spawned from the host netns, as a runtime does (entering the pod netns is in its
@@ -16,6 +16,9 @@
 //! `-- --smoke` runs a few iterations. It reports and never fails on a threshold; it exits 1 only
 //! when a timed call failed, since the figures would then not be of working calls.
 
+use intercept_cni::backend::iptables::fresh_restore_inputs;
+use intercept_cni::cmd;
+use intercept_cni::cni::env::{CniEnv, Command as CniCommand};
 use nix::sched::{setns, CloneFlags};
 use serde_json::json;
 use std::fs::File;
@@ -52,10 +55,20 @@ const ISTIO_RULES: &str = "* nat
 COMMIT
 ";
 
-/// What our iptables backend restores on a fresh netns for the default plan, per family (the
-/// golden files its unit tests compare the renderer with).
-const OUR_RULES_V4: &str = include_str!("../testdata/iptables/defaults-v4.rules");
-const OUR_RULES_V6: &str = include_str!("../testdata/iptables/defaults-v6.rules");
+/// What our iptables backend feeds the IPv4 and IPv6 restores when it ADDs the benchmark's pod
+/// to a fresh netns, from the plugin's own planner and renderer: the bare restores time the very
+/// rules the ADD rows install.
+fn our_restore_inputs(dual_stack: bool) -> [Option<String>; 2] {
+    let conf = plugin_config("iptables-nft", "/run/netns/bench-render", dual_stack);
+    let env: Vec<(&str, String)> = plugin_env("ADD", "/run/netns/bench-render", 0);
+    let env = CniEnv::read(CniCommand::Add, |name| {
+        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    })
+    .expect("the benchmark's CNI environment");
+    let (_, plan) = cmd::decide(&env, conf.as_bytes(), &mut cmd::Trace::default())
+        .expect("the benchmark's config");
+    fresh_restore_inputs(&plan.expect("the benchmark's pod is intercepted"))
+}
 
 struct Netns {
     name: String,
@@ -431,7 +444,17 @@ fn cases() -> Vec<Case> {
     cases
 }
 
-fn run_case(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) {
+/// The bare restores' inputs: `[dual-stack, IPv4 only]`, each IPv4's and IPv6's.
+type BareInputs = [[Option<String>; 2]; 2];
+
+fn run_case(
+    case: Case,
+    ns: &str,
+    id: usize,
+    inputs: &BareInputs,
+    results: &mut Results,
+    keep: bool,
+) {
     match case {
         Case::Plugin(b, dual) => {
             let conf = plugin_config(BACKENDS[b], ns, dual);
@@ -451,12 +474,14 @@ fn run_case(case: Case, ns: &str, id: usize, results: &mut Results, keep: bool) 
             }
         }
         Case::Bare(m, dual) => {
-            let v4 = tool(&format!("iptables-{}-restore", MODES[m]));
-            let v6 = tool(&format!("ip6tables-{}-restore", MODES[m]));
-            let mut calls = vec![Call::new(&[&v4, "--noflush"], &[], OUR_RULES_V4)];
-            if dual {
-                calls.push(Call::new(&[&v6, "--noflush"], &[], OUR_RULES_V6));
-            }
+            let calls = ["iptables", "ip6tables"]
+                .iter()
+                .zip(&inputs[usize::from(!dual)])
+                .filter_map(|(tool_prefix, input)| {
+                    let restore = tool(&format!("{tool_prefix}-{}-restore", MODES[m]));
+                    Some(Call::new(&[&restore, "--noflush"], &[], input.as_deref()?))
+                })
+                .collect();
             let r = timed_spawn_all(Some(ns), calls);
             if keep {
                 results.bare[Results::bare_index(m, dual)].record(r);
@@ -500,6 +525,7 @@ fn main() {
     println!("intercept-cni benchmark: {}", describe_binary());
 
     let cases = cases();
+    let inputs = [our_restore_inputs(true), our_restore_inputs(false)];
     let namespaces: Vec<Vec<Netns>> = (0..warmup + iterations)
         .map(|i| {
             (0..cases.len())
@@ -511,7 +537,14 @@ fn main() {
     for (i, spaces) in namespaces.iter().enumerate() {
         let order: Vec<usize> = (0..cases.len()).map(|k| (i + k) % cases.len()).collect();
         for &c in &order {
-            run_case(cases[c], &spaces[c].path(), i, &mut results, i >= warmup);
+            run_case(
+                cases[c],
+                &spaces[c].path(),
+                i,
+                &inputs,
+                &mut results,
+                i >= warmup,
+            );
         }
         // Deleting hooked tables leaves the kernel work to finish after DEL returns (grace
         // periods, freeing); the DELs come after every other case, and the next iteration

@@ -18,6 +18,7 @@ use super::{Backend, BackendOptions, IptablesMode};
 use crate::cni::error::{Code, Error, Result};
 use crate::plan::InterceptPlan;
 use chains::Family;
+use save::NatTable;
 use tools::{binary_name, Tool, Tools};
 
 /// For GC: removes the lock files of namespaces that are gone (DEL found them gone and could not
@@ -47,6 +48,40 @@ pub fn restore_binaries_present(mode: IptablesMode, options: &BackendOptions) ->
 }
 
 /// Drives `iptables-{legacy,nft}-restore`/`-save` (and the ip6tables pair) inside the pod netns.
+/// What an ADD feeds the IPv4 and IPv6 restores in a netns that holds nothing of ours yet
+/// (`None` for a family the plan leaves alone). The benchmark times the bare restores with
+/// exactly this input.
+pub fn fresh_restore_inputs(plan: &InterceptPlan) -> [Option<String>; 2] {
+    let empty = vec![NatTable::default(); modes::EXTRA_TABLES.len()];
+    Family::ALL.map(|family| {
+        family
+            .enabled_in(plan)
+            .then(|| render_input(plan, family, &NatTable::default(), &empty))
+    })
+}
+
+/// The restore input that installs `plan` for one family over its tables as they are: `nat`,
+/// and `extra[k]` for `modes::EXTRA_TABLES[k]`. A table neither the plan nor an earlier ADD
+/// uses adds nothing.
+fn render_input(
+    plan: &InterceptPlan,
+    family: Family,
+    nat: &NatTable,
+    extra: &[NatTable],
+) -> String {
+    let mut input = render::apply_input(plan, family, nat);
+    for (table, existing) in modes::EXTRA_TABLES.iter().zip(extra) {
+        let (chains, hooks) = modes::table(plan, family, table);
+        if chains.is_empty() {
+            // Left from an earlier ADD with other modes, if anything.
+            input += &render::remove_section(table, existing).unwrap_or_default();
+        } else {
+            input += &render::section(table, &chains, &hooks, existing);
+        }
+    }
+    input
+}
+
 pub struct Iptables {
     mode: IptablesMode,
     options: BackendOptions,
@@ -68,8 +103,7 @@ impl Iptables {
 
     /// The restore input that installs `plan` for one family over what is there now
     /// (`present[t][family]`: whether table `TABLES[t]` exists, from `tools::tables_present`).
-    /// The mode tables (raw, mangle) are read only when they exist: a default ADD in a fresh
-    /// netns spawns no more than before.
+    /// A table is read only when it exists: a default ADD in a fresh netns spawns no -save.
     fn apply_input(
         &self,
         plan: &InterceptPlan,
@@ -78,7 +112,7 @@ impl Iptables {
     ) -> Result<String> {
         let tools = self.tools();
         let i = family.index();
-        let existing = match tools.read_nat_if(self.mode, family, present[0][i]) {
+        let nat = match tools.read_nat_if(self.mode, family, present[0][i]) {
             // A rule made with `nft` that -save cannot print: ours go over netlink (with every
             // jump to them, that rule too if it is one), then the table is read again.
             Err(e) if self.mode == IptablesMode::Nft && e.code == Code::Backend => {
@@ -88,21 +122,12 @@ impl Iptables {
             }
             other => other?,
         };
-        let mut input = render::apply_input(plan, family, &existing);
-        for (table, exists) in modes::EXTRA_TABLES.iter().zip(&present[1..]) {
-            let (chains, hooks) = modes::table(plan, family, table);
-            if chains.is_empty() && !exists[i] {
-                continue;
-            }
-            let existing = tools.read_table_if(self.mode, family, table, exists[i])?;
-            if chains.is_empty() {
-                // Left from an earlier ADD with other modes.
-                input += &render::remove_section(table, &existing).unwrap_or_default();
-            } else {
-                input += &render::section(table, &chains, &hooks, &existing);
-            }
-        }
-        Ok(input)
+        let extra = modes::EXTRA_TABLES
+            .iter()
+            .zip(&present[1..])
+            .map(|(table, exists)| tools.read_table_if(self.mode, family, table, exists[i]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(render_input(plan, family, &nat, &extra))
     }
 
     /// Removes our chains and jumps of one mode and family, in every table, if there are any.
@@ -364,5 +389,24 @@ impl Backend for Iptables {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Families;
+
+    #[test]
+    fn fresh_inputs_are_the_golden_renderings_per_family() {
+        let both = InterceptPlan::with_defaults(Families::BOTH);
+        let [v4, v6] = fresh_restore_inputs(&both);
+        chains::assert_golden("defaults-v4.rules", &v4.unwrap());
+        chains::assert_golden("defaults-v6.rules", &v6.unwrap());
+        let ipv4_only = InterceptPlan::with_defaults(Families {
+            ipv4: true,
+            ipv6: false,
+        });
+        assert!(fresh_restore_inputs(&ipv4_only)[1].is_none());
     }
 }
