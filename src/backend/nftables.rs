@@ -62,11 +62,6 @@ use ipnetwork::IpNetwork;
 use nix::errno::Errno;
 use nix::libc;
 use rustables::error::QueryError;
-use rustables::expr::{
-    Bitwise, Cmp, CmpOp, ExpressionVariant, HighLevelPayload, IPv4HeaderField, IPv6HeaderField,
-    Immediate, Lookup, Meta, MetaType, Nat, NatType, NetworkHeaderField, RawExpression, Register,
-    TCPHeaderField, TransportHeaderField, VerdictKind,
-};
 use rustables::{
     sys, Batch, Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily,
 };
@@ -95,7 +90,7 @@ impl Backend for Nftables {
         // already there (a repeated ADD), and only then comes the batch that replaces it.
         // Replacing means deleting a hooked table, for which the kernel waits a grace period
         // (~10-15 ms), so a first ADD never does it; asking first would cost a round trip.
-        let (create, steps) = ruleset.apply_batch(false)?;
+        let (create, steps) = ruleset.apply_batch(false);
         match transport::send(create, Existing::Refuse) {
             Ok(()) => {
                 log::debug!("nftables: created table inet {TABLE_NAME}");
@@ -113,7 +108,7 @@ impl Backend for Nftables {
                 ))
             }
         }
-        let (replace, steps) = ruleset.apply_batch(true)?;
+        let (replace, steps) = ruleset.apply_batch(true);
         log::debug!("nftables: table inet {TABLE_NAME} exists; replacing it");
         transport::send(replace, Existing::AsBatched)
             .map_err(|f| batch_error("cannot install the nftables ruleset", f, &steps))
@@ -464,8 +459,9 @@ impl Ruleset {
     /// The one batch that installs the table, atomically. With `replace`, it starts with add
     /// (so the delete cannot fail even if the table just vanished) and delete, then builds the
     /// table again from scratch. `steps[i]` describes the message with sequence `i + 1`.
-    /// The mode chains' rules are hand-encoded and spliced in last.
-    fn apply_batch(&self, replace: bool) -> Result<(Vec<u8>, Vec<Step>)> {
+    /// The chains come first, then the sets with their elements (a constant set takes no
+    /// elements once a rule is bound to it), then every rule, encoded by `expr`.
+    fn apply_batch(&self, replace: bool) -> (Vec<u8>, Vec<Step>) {
         let table = table();
         let mut batch = wire::Batch::new();
         let mut steps = Vec::new();
@@ -477,8 +473,14 @@ impl Ruleset {
         }
         batch.add(&table, MsgType::Add);
         steps.push(Step::Table);
-        // Sets and their elements before the rules that look them up (a constant set takes
-        // no elements once a rule is bound to it).
+        for spec in &self.chains {
+            batch.add(&spec.to_chain(), MsgType::Add);
+            steps.push(Step::Chain(spec.name));
+        }
+        for chain in &self.modes {
+            batch.add(&chain.to_chain(&table), MsgType::Add);
+            steps.push(Step::Chain(chain.name));
+        }
         for (id, set) in (1..).zip(&self.sets) {
             set.messages(id, |msg| {
                 batch.push(msg);
@@ -486,11 +488,8 @@ impl Ruleset {
             });
         }
         for spec in &self.chains {
-            let chain = spec.to_chain();
-            batch.add(&chain, MsgType::Add);
-            steps.push(Step::Chain(spec.name));
             for (index, rule) in spec.rules.iter().enumerate() {
-                batch.add(&rule.to_rule(&chain)?, MsgType::Add);
+                batch.push_encoded(&rule.message(spec.name));
                 steps.push(Step::Rule {
                     chain: spec.name,
                     index,
@@ -498,17 +497,11 @@ impl Ruleset {
                 });
             }
         }
-        if self.modes.is_empty() {
-            return Ok((batch.finalize(), steps));
-        }
         for chain in &self.modes {
-            batch.add(&chain.to_chain(&table), MsgType::Add);
-            steps.push(Step::Chain(chain.name));
-        }
-        let mut messages = Vec::new();
-        for chain in &self.modes {
-            messages.extend(chain.rule_messages());
-            for (index, rule) in chain.rules.iter().enumerate() {
+            for ((index, rule), message) in
+                chain.rules.iter().enumerate().zip(chain.rule_messages())
+            {
+                batch.push_encoded(&message);
                 steps.push(Step::ModeRule {
                     chain: chain.name,
                     index,
@@ -516,12 +509,9 @@ impl Ruleset {
                 });
             }
         }
-        Ok((expr::splice(batch.finalize(), &messages), steps))
+        (batch.finalize(), steps)
     }
-}
 
-impl Ruleset {
-    /// Reads the table back over netlink and lists every difference from this ruleset.
     fn drift(&self) -> Result<Vec<String>> {
         let listing = |e| kernel_error("cannot list the nftables ruleset", e, &[]);
         let Some(installed) = rustables::list_tables()
@@ -606,7 +596,7 @@ impl Ruleset {
             let want = spec.to_chain();
             let mut expected = Vec::new();
             for rule in &spec.rules {
-                expected.push((rule.to_string(), canonical_rule(&rule.to_rule(&want)?)));
+                expected.push((rule.to_string(), canonical(&rule.message(spec.name))));
             }
             let kind = format!(
                 "a nat chain at {} priority {NAT_PRIORITY} with policy accept",
@@ -619,13 +609,7 @@ impl Ruleset {
                 .rules
                 .iter()
                 .zip(chain.rule_messages())
-                .map(|(rule, msg)| {
-                    let exprs = expr::parse_rules(&msg)
-                        .pop()
-                        .map(|r| r.exprs)
-                        .unwrap_or_default();
-                    (rule.text.clone(), exprs)
-                })
+                .map(|(rule, msg)| (rule.text.clone(), canonical(&msg)))
                 .collect();
             let kind = chain.kind();
             compare(
@@ -714,11 +698,9 @@ fn few(items: &[String]) -> String {
     text
 }
 
-/// A rustables rule's expressions as `expr::parse_rules` reads them, to compare with a dump.
-fn canonical_rule(rule: &rustables::Rule) -> Vec<expr::Canonical> {
-    let mut batch = Batch::new();
-    batch.add(rule, MsgType::Add);
-    expr::parse_rules(&batch.finalize())
+/// A rule message's expressions as `expr::parse_rules` reads them, to compare with a dump.
+fn canonical(message: &[u8]) -> Vec<expr::Canonical> {
+    expr::parse_rules(message)
         .pop()
         .map(|r| r.exprs)
         .unwrap_or_default()
@@ -778,29 +760,7 @@ impl ChainSpec {
     }
 }
 
-impl RuleSpec {
-    fn to_rule(&self, chain: &Chain) -> Result<rustables::Rule> {
-        let mut rule = rustables::Rule::new(chain)
-            .map_err(|e| Error::backend(format!("cannot build an nftables rule: {e}")))?;
-        for m in &self.matches {
-            for expr in m.expressions()? {
-                rule.add_expr(expr);
-            }
-        }
-        for expr in self.action.expressions() {
-            rule.add_expr(expr);
-        }
-        Ok(rule)
-    }
-}
-
-fn meta_eq(key: MetaType, value: impl Into<Vec<u8>>) -> [RawExpression; 2] {
-    [Meta::new(key).into(), Cmp::new(CmpOp::Eq, value).into()]
-}
-
-fn nfproto_eq(family: Family) -> [RawExpression; 2] {
-    meta_eq(MetaType::NfProto, [family.nfproto() as u8])
-}
+impl RuleSpec {}
 
 fn ip_bytes(addr: IpAddr) -> Vec<u8> {
     match addr {
@@ -809,59 +769,28 @@ fn ip_bytes(addr: IpAddr) -> Vec<u8> {
     }
 }
 
-/// Loads the source or destination address of the packet into register 1.
-fn load_addr(family: Family, source: bool) -> RawExpression {
-    let field = match (family, source) {
-        (Family::Ipv4, true) => NetworkHeaderField::IPv4(IPv4HeaderField::Saddr),
-        (Family::Ipv4, false) => NetworkHeaderField::IPv4(IPv4HeaderField::Daddr),
-        (Family::Ipv6, true) => NetworkHeaderField::IPv6(IPv6HeaderField::Saddr),
-        (Family::Ipv6, false) => NetworkHeaderField::IPv6(IPv6HeaderField::Daddr),
-    };
-    HighLevelPayload::Network(field).build().into()
-}
-
-/// Loads the TCP destination port into register 1.
-fn load_dport() -> RawExpression {
-    HighLevelPayload::Transport(TransportHeaderField::Tcp(TCPHeaderField::Dport))
-        .build()
-        .into()
-}
-
-/// Matches when register 1 is in the named set.
-/// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`: the family dependency, the address load, a mask
-/// when the network is shorter than a host, and the comparison.
-fn addr_match(net: &IpNetwork, source: bool, op: CmpOp) -> Result<Vec<RawExpression>> {
-    let family = Family::of(net.ip());
-    let mut exprs = nfproto_eq(family).to_vec();
-    exprs.push(load_addr(family, source));
-    if net.prefix() < max_prefix(net) {
-        let mask = ip_bytes(net.mask());
-        let zero = vec![0u8; mask.len()];
-        let bitwise = Bitwise::new(mask, zero)
-            .map_err(|e| Error::backend(format!("cannot build a prefix match for {net}: {e}")))?;
-        exprs.push(bitwise.into());
-    }
-    exprs.push(Cmp::new(op, ip_bytes(net.network())).into());
-    Ok(exprs)
-}
-
-fn lookup(set: &str) -> RawExpression {
-    Lookup::default()
-        .with_set(set)
-        .with_sreg(Register::Reg1)
-        .into()
-}
-
 impl Match {
-    fn expressions(&self) -> Result<Vec<RawExpression>> {
-        let tcp = || meta_eq(MetaType::L4Proto, [libc::IPPROTO_TCP as u8]);
-        Ok(match self {
-            Match::Tcp => tcp().into(),
-            Match::Family(family) => nfproto_eq(*family).into(),
+    /// This match's expressions, in the order nft would write them.
+    fn exprs(&self) -> Vec<expr::Expr> {
+        let meta =
+            |key: u32, op: u32, value: &[u8]| vec![expr::meta_load(key), expr::cmp(op, value)];
+        let tcp = || meta(expr::META_L4PROTO, expr::CMP_EQ, &[libc::IPPROTO_TCP as u8]);
+        let dport = || {
+            let mut exprs = tcp();
+            exprs.push(expr::payload(expr::PAYLOAD_TRANSPORT, 2, 2));
+            exprs
+        };
+        match self {
+            Match::Tcp => tcp(),
+            Match::Family(family) => {
+                meta(expr::META_NFPROTO, expr::CMP_EQ, &[family.nfproto() as u8])
+            }
+            Match::NotFamily(family) => {
+                meta(expr::META_NFPROTO, expr::CMP_NEQ, &[family.nfproto() as u8])
+            }
             Match::TcpDportIn(set) => {
-                let mut exprs = tcp().to_vec();
-                exprs.push(load_dport());
-                exprs.push(lookup(set));
+                let mut exprs = dport();
+                exprs.push(expr::lookup(set));
                 exprs
             }
             Match::AddrIn {
@@ -869,59 +798,97 @@ impl Match {
                 source,
                 set,
             } => {
-                let mut exprs = nfproto_eq(*family).to_vec();
-                exprs.push(load_addr(*family, *source));
-                exprs.push(lookup(set));
+                let mut exprs = load_address(*family, *source);
+                exprs.push(expr::lookup(set));
                 exprs
             }
             Match::TcpDport(range) => {
-                let mut exprs = tcp().to_vec();
-                exprs.push(load_dport());
+                let mut exprs = dport();
                 if range.is_single() {
-                    exprs.push(Cmp::new(CmpOp::Eq, range.start().to_be_bytes()).into());
+                    exprs.push(expr::cmp(expr::CMP_EQ, &range.start().to_be_bytes()));
                 } else {
                     // Big-endian bytes compare (memcmp) in numeric order.
-                    exprs.push(Cmp::new(CmpOp::Gte, range.start().to_be_bytes()).into());
-                    exprs.push(Cmp::new(CmpOp::Lte, range.end().to_be_bytes()).into());
+                    exprs.push(expr::cmp(expr::CMP_GTE, &range.start().to_be_bytes()));
+                    exprs.push(expr::cmp(expr::CMP_LTE, &range.end().to_be_bytes()));
                 }
                 exprs
             }
-            Match::Saddr(net) => addr_match(net, true, CmpOp::Eq)?,
-            Match::Daddr(net) => addr_match(net, false, CmpOp::Eq)?,
-            // The kernel keeps socket UIDs and GIDs in host byte order.
-            Match::SkUid(uid) => meta_eq(MetaType::SkUid, uid.to_ne_bytes()).into(),
-            Match::SkGid(gid) => meta_eq(MetaType::SkGid, gid.to_ne_bytes()).into(),
-            Match::SkUidNot(uid) => meta_cmp(MetaType::SkUid, CmpOp::Neq, uid.to_ne_bytes()).into(),
-            Match::SkGidNot(gid) => meta_cmp(MetaType::SkGid, CmpOp::Neq, gid.to_ne_bytes()).into(),
-            Match::NotFamily(family) => {
-                meta_cmp(MetaType::NfProto, CmpOp::Neq, [family.nfproto() as u8]).into()
-            }
             Match::TcpDportNot(port) => {
-                let mut exprs = tcp().to_vec();
-                exprs.push(load_dport());
-                exprs.push(Cmp::new(CmpOp::Neq, port.to_be_bytes()).into());
+                let mut exprs = dport();
+                exprs.push(expr::cmp(expr::CMP_NEQ, &port.to_be_bytes()));
                 exprs
             }
-            Match::DaddrNot(net) => addr_match(net, false, CmpOp::Neq)?,
+            Match::Saddr(net) => address(net, true, expr::CMP_EQ),
+            Match::Daddr(net) => address(net, false, expr::CMP_EQ),
+            Match::DaddrNot(net) => address(net, false, expr::CMP_NEQ),
+            // The kernel keeps socket UIDs and GIDs in host byte order.
+            Match::SkUid(uid) => meta(expr::META_SKUID, expr::CMP_EQ, &uid.to_ne_bytes()),
+            Match::SkGid(gid) => meta(expr::META_SKGID, expr::CMP_EQ, &gid.to_ne_bytes()),
+            Match::SkUidNot(uid) => meta(expr::META_SKUID, expr::CMP_NEQ, &uid.to_ne_bytes()),
+            Match::SkGidNot(gid) => meta(expr::META_SKGID, expr::CMP_NEQ, &gid.to_ne_bytes()),
             // Names compare over the whole IFNAMSIZ buffer, zero-padded, as nft sends them.
-            Match::Iifname(name) => meta_eq(MetaType::IifName, ifname_bytes(name)).into(),
-            Match::Oifname(name) => meta_eq(MetaType::OifName, ifname_bytes(name)).into(),
-        })
+            Match::Iifname(name) => meta(
+                expr::META_IIFNAME,
+                expr::CMP_EQ,
+                &expr::ifname(name.as_str()),
+            ),
+            Match::Oifname(name) => meta(
+                expr::META_OIFNAME,
+                expr::CMP_EQ,
+                &expr::ifname(name.as_str()),
+            ),
+        }
     }
 }
 
-fn meta_cmp(key: MetaType, op: CmpOp, value: impl Into<Vec<u8>>) -> [RawExpression; 2] {
-    [Meta::new(key).into(), Cmp::new(op, value).into()]
+/// The family dependency and the load of the source or destination address into register 1.
+fn load_address(family: Family, source: bool) -> Vec<expr::Expr> {
+    let (offset, len) = match (family, source) {
+        (Family::Ipv4, true) => (12, 4),
+        (Family::Ipv4, false) => (16, 4),
+        (Family::Ipv6, true) => (8, 16),
+        (Family::Ipv6, false) => (24, 16),
+    };
+    vec![
+        expr::meta_load(expr::META_NFPROTO),
+        expr::cmp(expr::CMP_EQ, &[family.nfproto() as u8]),
+        expr::payload(expr::PAYLOAD_NETWORK, offset, len),
+    ]
 }
 
-/// IFNAMSIZ.
-const IFNAMSIZ: usize = 16;
-
-fn ifname_bytes(name: &IfName) -> Vec<u8> {
-    let mut bytes = name.as_str().as_bytes().to_vec();
-    bytes.resize(IFNAMSIZ, 0);
-    bytes
+/// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`: the family dependency, the address load, a mask
+/// when the network is shorter than a host, and the comparison.
+fn address(net: &IpNetwork, source: bool, op: u32) -> Vec<expr::Expr> {
+    let mut exprs = load_address(Family::of(net.ip()), source);
+    if net.prefix() < max_prefix(net) {
+        exprs.push(expr::and_mask(&ip_bytes(net.mask())));
+    }
+    exprs.push(expr::cmp(op, &ip_bytes(net.network())));
+    exprs
 }
+
+impl Action {
+    fn exprs(&self) -> Vec<expr::Expr> {
+        match self {
+            Action::Return => vec![expr::verdict(expr::NFT_RETURN, None)],
+            Action::Redirect(port) => vec![
+                expr::immediate(expr::REG_1, &port.to_be_bytes()),
+                expr::redir(),
+            ],
+        }
+    }
+}
+
+impl RuleSpec {
+    /// The NFT_MSG_NEWRULE appending this rule to `chain` of our table.
+    fn message(&self, chain: &str) -> Vec<u8> {
+        let mut exprs: Vec<expr::Expr> = self.matches.iter().flat_map(Match::exprs).collect();
+        exprs.extend(self.action.exprs());
+        expr::rule_message(TABLE_NAME, chain, &exprs)
+    }
+}
+
+impl Match {}
 
 fn max_prefix(net: &IpNetwork) -> u8 {
     match net {
@@ -930,32 +897,7 @@ fn max_prefix(net: &IpNetwork) -> u8 {
     }
 }
 
-impl Action {
-    fn expressions(&self) -> Vec<RawExpression> {
-        match self {
-            Action::Return => vec![Immediate::new_verdict(VerdictKind::Return).into()],
-            Action::Redirect(port) => vec![
-                Immediate::new_data(port.to_be_bytes().to_vec(), Register::Reg1).into(),
-                redirect_expression(),
-            ],
-        }
-    }
-}
-
-/// `redir` with the port in register 1 (rustables 0.9 has no such expression). Its attributes
-/// are NFTA_REDIR_REG_PROTO_MIN = 1, _MAX = 1 and NFTA_REDIR_FLAGS = NF_NAT_RANGE_PROTO_SPECIFIED
-/// (2), numbered 1, 2, 3; rustables' `nat` writes attributes 1, 2, 3 as big-endian u32 too (type
-/// DNAT = 1, family inet = 1, address register 2), so its encoding under the name `redir` is
-/// exactly the one wanted, and exactly what the kernel dumps back (see `same_expressions`).
-fn redirect_expression() -> RawExpression {
-    let attrs = Nat::default()
-        .with_nat_type(NatType::DNat)
-        .with_family(ProtocolFamily::Inet)
-        .with_ip_register(Register::Reg2);
-    RawExpression::default()
-        .with_name("redir")
-        .with_data(ExpressionVariant::Nat(attrs))
-}
+impl Action {}
 
 /// Prints a network the way nft does: no `/32` or `/128` on a single address.
 fn fmt_net(f: &mut fmt::Formatter<'_>, net: &IpNetwork) -> fmt::Result {
@@ -1208,20 +1150,14 @@ mod tests {
     #[test]
     fn port_ranges_compare_big_endian_bounds() {
         let range = PortRange::new(8000, 8100).unwrap();
-        let exprs = Match::TcpDport(range).expressions().unwrap();
-        let cmps: Vec<_> = exprs
-            .iter()
-            .filter_map(|e| match e.get_data() {
-                Some(rustables::expr::ExpressionVariant::Cmp(c)) => Some(c.clone()),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            cmps,
+            Match::TcpDport(range).exprs(),
             [
-                Cmp::new(CmpOp::Eq, [libc::IPPROTO_TCP as u8]),
-                Cmp::new(CmpOp::Gte, 8000u16.to_be_bytes()),
-                Cmp::new(CmpOp::Lte, 8100u16.to_be_bytes()),
+                expr::meta_load(expr::META_L4PROTO),
+                expr::cmp(expr::CMP_EQ, &[libc::IPPROTO_TCP as u8]),
+                expr::payload(expr::PAYLOAD_TRANSPORT, 2, 2),
+                expr::cmp(expr::CMP_GTE, &8000u16.to_be_bytes()),
+                expr::cmp(expr::CMP_LTE, &8100u16.to_be_bytes()),
             ]
         );
     }
@@ -1230,10 +1166,7 @@ mod tests {
     fn host_bits_of_a_cidr_are_ignored() {
         let net: IpNetwork = "10.1.2.3/8".parse().unwrap();
         assert_eq!(Match::Daddr(net).to_string(), "ip daddr 10.0.0.0/8");
-        let exprs = Match::Daddr(net).expressions().unwrap();
-        assert_eq!(
-            exprs.last().unwrap(),
-            &RawExpression::from(Cmp::new(CmpOp::Eq, [10, 0, 0, 0]))
-        );
+        let exprs = Match::Daddr(net).exprs();
+        assert_eq!(exprs.last(), Some(&expr::cmp(expr::CMP_EQ, &[10, 0, 0, 0])));
     }
 }

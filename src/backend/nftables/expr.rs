@@ -165,6 +165,25 @@ pub fn verdict(code: i32, chain: Option<&str>) -> Expr {
         .expr("immediate")
 }
 
+/// Matches when register 1 is in the set named `set` (of the same table).
+pub fn lookup(set: &str) -> Expr {
+    let mut attrs = Vec::new();
+    put(&mut attrs, 1, &c_string(set)); // NFTA_LOOKUP_SET
+    Attrs(attrs).u32(2, REG_1).expr("lookup") // NFTA_LOOKUP_SREG
+}
+
+/// `redirect to :port`, the port in register 1: NFTA_REDIR_REG_PROTO_MIN and _MAX, and
+/// NFTA_REDIR_FLAGS = NF_NAT_RANGE_PROTO_SPECIFIED.
+pub fn redir() -> Expr {
+    Attrs::new()
+        .u32(1, REG_1)
+        .u32(2, REG_1)
+        .u32(3, NF_NAT_RANGE_PROTO_SPECIFIED)
+        .expr("redir")
+}
+
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+
 /// `ct KEY` into register 1.
 pub fn ct_load(key: u32) -> Expr {
     Attrs::new().u32(1, REG_1).u32(2, key).expr("ct")
@@ -209,14 +228,15 @@ pub fn ifname(name: &str) -> Vec<u8> {
 /// An NFT_MSG_NEWRULE appending `exprs` to `chain` of the inet `table`; sequence 0 until
 /// `splice` numbers it.
 pub fn rule_message(table: &str, chain: &str, exprs: &[Expr]) -> Vec<u8> {
-    let mut list = Vec::new();
+    let mut list = Vec::with_capacity(1024);
+    let mut elem = Vec::with_capacity(128);
     for e in exprs {
-        let mut elem = Vec::new();
+        elem.clear();
         put(&mut elem, NFTA_EXPR_NAME, &c_string(e.name));
         put(&mut elem, NFTA_EXPR_DATA | NLA_F_NESTED, &e.data);
         put(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &elem);
     }
-    let mut attrs = Vec::new();
+    let mut attrs = Vec::with_capacity(list.len() + 64);
     put(&mut attrs, NFTA_RULE_TABLE, &c_string(table));
     put(&mut attrs, NFTA_RULE_CHAIN, &c_string(chain));
     put(&mut attrs, NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &list);
@@ -231,32 +251,6 @@ pub fn rule_message(table: &str, chain: &str, exprs: &[Expr]) -> Vec<u8> {
     msg.extend_from_slice(&[libc::NFPROTO_INET as u8, 0, 0, 0]);
     msg.extend_from_slice(&attrs);
     msg
-}
-
-/// Inserts `messages` before the batch-end message of a finalized batch, numbering them after
-/// its last object.
-pub fn splice(batch: Vec<u8>, messages: &[Vec<u8>]) -> Vec<u8> {
-    let mut starts = Vec::new();
-    let mut at = 0;
-    while at + NLMSG_HDRLEN <= batch.len() {
-        starts.push(at);
-        let len = u32::from_ne_bytes(batch[at..at + 4].try_into().unwrap_or_default()) as usize;
-        at += len.max(NLMSG_HDRLEN).next_multiple_of(4);
-    }
-    let end = starts.last().copied().unwrap_or(batch.len());
-    let seq_of = |at: usize| u32::from_ne_bytes(batch[at + 8..at + 12].try_into().unwrap());
-    let first = starts
-        .len()
-        .checked_sub(2)
-        .map_or(1, |i| seq_of(starts[i]) + 1);
-    let mut out = batch[..end].to_vec();
-    for (i, msg) in messages.iter().enumerate() {
-        let mut msg = msg.clone();
-        msg[8..12].copy_from_slice(&(first + i as u32).to_ne_bytes());
-        out.extend_from_slice(&msg);
-    }
-    out.extend_from_slice(&batch[end..]);
-    out
 }
 
 /// One attribute: its type (flags masked) and payload.
@@ -466,21 +460,23 @@ mod tests {
     }
 
     #[test]
-    fn spliced_messages_are_numbered_after_the_last_object() {
-        let mut batch = rustables::Batch::new();
+    fn encoded_rules_are_numbered_after_the_objects_before_them() {
+        let mut batch = super::super::wire::Batch::new();
         let table = rustables::Table::new(rustables::ProtocolFamily::Inet).with_name("t");
         batch.add(&table, rustables::MsgType::Add);
-        let bytes = batch.finalize();
         let rule = rule_message("t", "c", &[verdict(NF_ACCEPT, None)]);
-        let out = splice(bytes.clone(), &[rule.clone(), rule]);
-        // Batch begin 0, the table 1, ours 2 and 3, then batch end.
-        let seq_at = |at: usize| u32::from_ne_bytes(out[at + 8..at + 12].try_into().unwrap());
-        let ours = bytes.len() - 20; // batch end is the last 20 bytes
-        assert_eq!(seq_at(ours), 2);
-        assert_eq!(
-            out.len(),
-            bytes.len() + 2 * rule_message("t", "c", &[verdict(NF_ACCEPT, None)]).len()
-        );
+        batch.push_encoded(&rule);
+        batch.push_encoded(&rule);
+        let out = batch.finalize();
+        // Batch begin 0, the table 1, ours 2 and 3, then batch end 4.
+        let mut seqs = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            seqs.push(u32::from_ne_bytes(out[at + 8..at + 12].try_into().unwrap()));
+            at += (u32::from_ne_bytes(out[at..at + 4].try_into().unwrap()) as usize)
+                .next_multiple_of(4);
+        }
+        assert_eq!(seqs, [0, 1, 2, 3, 4]);
         assert_eq!(parse_rules(&out).len(), 2);
     }
 }

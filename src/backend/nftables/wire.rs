@@ -163,7 +163,7 @@ impl Default for Batch {
 impl Batch {
     pub fn new() -> Batch {
         let mut batch = Batch {
-            out: Vec::new(),
+            out: Vec::with_capacity(16 * 1024),
             objects: None,
             pending: 0,
             seq: 0,
@@ -198,8 +198,13 @@ impl Batch {
 
     /// Adds a hand-encoded message.
     pub fn push(&mut self, msg: Msg) {
+        self.push_encoded(&msg.into_bytes());
+    }
+
+    /// Adds a message encoded elsewhere (`expr::rule_message`).
+    pub fn push_encoded(&mut self, message: &[u8]) {
         self.flush();
-        self.append(&msg.into_bytes());
+        self.append(message);
     }
 
     /// Copies the waiting rustables objects in (without rustables' batch begin and end).
