@@ -398,6 +398,14 @@ fn istio_default(backend: Value) {
             App,
             "--gid-owner 1337 RETURN",
         ),
+        row(
+            From::Pod,
+            Some((4000, 1337)),
+            "lo",
+            v4(POD_V4, 8080),
+            App,
+            "-o lo ! --uid-owner 1337 RETURN, before the GID's lo redirect",
+        ),
         from_source(
             PASSTHROUGH,
             ISTIO_PROXY,

@@ -47,6 +47,7 @@
 //! element with what `apply` would send.
 //! `remove` deletes the table; an absent table is success.
 
+mod compact;
 mod expr;
 pub(crate) mod listing;
 mod modes;
@@ -418,7 +419,7 @@ impl Ruleset {
             if let [only] = families[..] {
                 specs.push(RuleSpec::ret(vec![Match::NotFamily(only)]));
             }
-            for rule in rules {
+            for rule in &compact::compact(rules) {
                 let mut matches = Vec::new();
                 let names_address = rule.matches.iter().any(|m| {
                     matches!(
