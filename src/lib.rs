@@ -12,6 +12,7 @@ pub mod netlink;
 pub mod netns;
 pub mod plan;
 pub mod policy;
+pub mod rename;
 pub mod route;
 pub mod trusted_path;
 pub mod usage;

@@ -268,29 +268,9 @@ fn is_our_record(head: &[u8]) -> bool {
     stamp && level && digits > 0 && pid[digits..].starts_with(b"]: ")
 }
 
-/// `renameat2(RENAME_NOREPLACE)`: EEXIST when `to` exists. The raw call, for musl builds too.
+/// `renameat2(RENAME_NOREPLACE)`: EEXIST when `to` exists.
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use nix::libc;
-    use std::os::unix::ffi::OsStrExt;
-    let c =
-        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: two NUL-terminated paths that live across the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::rename::renameat2(from, to, crate::rename::NOREPLACE).map_err(std::io::Error::from)
 }
 
 /// Creates the log file at `path` holding `line`, atomically: it is written to a private temp

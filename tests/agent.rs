@@ -283,14 +283,7 @@ fn readiness_follows_the_entry_the_binary_and_the_host_check() {
     // goes, a state that lasts however slow the machine is.
     let blocker = agent.path("bin/blocker");
     std::fs::create_dir(&blocker).unwrap();
-    nix::fcntl::renameat2(
-        None,
-        &blocker,
-        None,
-        &plugin,
-        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-    )
-    .unwrap();
+    intercept_cni::rename::renameat2(&blocker, &plugin, intercept_cni::rename::EXCHANGE).unwrap();
     agent.ready_becomes(503, "binary: NOT READY");
     agent.metric_becomes("intercept_cni_ready 0");
     std::fs::remove_file(&blocker).unwrap();

@@ -14,8 +14,8 @@
 
 use super::conflist::{ConfFile, FileKind};
 use crate::cni::error::{Error, Result};
+use crate::rename::{self, renameat2};
 use nix::errno::Errno;
-use nix::fcntl::{renameat2, RenameFlags};
 use nix::libc;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{ErrorKind, Read, Write};
@@ -246,13 +246,7 @@ pub fn commit(
     let failed = |e: std::io::Error| Error::io(format!("cannot write {}", target.display()), e);
     let temp = Temp::create(dir, name, content, mode).map_err(failed)?;
     let Some(expected) = expected else {
-        return match renameat2(
-            None,
-            &temp.path,
-            None,
-            &target,
-            RenameFlags::RENAME_NOREPLACE,
-        ) {
+        return match renameat2(&temp.path, &target, rename::NOREPLACE) {
             Ok(()) => sync_dir(dir).map(|()| Commit::Written),
             Err(Errno::EEXIST) => Ok(Commit::Conflict),
             Err(e) => Err(failed(e.into())),
@@ -261,13 +255,7 @@ pub fn commit(
     if !holds(&target, expected) {
         return Ok(Commit::Conflict);
     }
-    match renameat2(
-        None,
-        &temp.path,
-        None,
-        &target,
-        RenameFlags::RENAME_EXCHANGE,
-    ) {
+    match renameat2(&temp.path, &target, rename::EXCHANGE) {
         Ok(()) => {}
         // A filesystem without exchange: the check just above is all we have.
         Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
@@ -290,10 +278,10 @@ pub fn commit(
 /// the target meanwhile, that newer one ends up at the target (its writer's latest word).
 fn put_back(temp: &Temp, target: &Path) -> std::io::Result<()> {
     let ours = temp.ino()?;
-    renameat2(None, &temp.path, None, target, RenameFlags::RENAME_EXCHANGE)?;
+    renameat2(&temp.path, target, rename::EXCHANGE)?;
     let at_temp = fs::symlink_metadata(&temp.path)?.ino();
     if at_temp != ours {
-        renameat2(None, &temp.path, None, target, RenameFlags::RENAME_EXCHANGE)?;
+        renameat2(&temp.path, target, rename::EXCHANGE)?;
         fs::remove_file(&temp.path)?;
     }
     Ok(())
@@ -318,7 +306,7 @@ pub fn remove_unchanged(dir: &Path, expected: &ConfFile) -> Result<bool> {
         fs::remove_file(&aside).map_err(failed)?;
         return sync_dir(dir).map(|()| true);
     }
-    match renameat2(None, &aside, None, &target, RenameFlags::RENAME_NOREPLACE) {
+    match renameat2(&aside, &target, rename::NOREPLACE) {
         Ok(()) => {}
         Err(Errno::EEXIST) => fs::remove_file(&aside).map_err(failed)?,
         Err(e) => return Err(failed(e.into())),
