@@ -2,6 +2,8 @@
 //! (inbound and outbound TCP to the sidecar proxy) inside each pod's network namespace.
 
 pub mod agent;
+#[cfg(target_env = "musl")]
+pub mod alloc;
 pub mod backend;
 pub mod cmd;
 pub mod cni;

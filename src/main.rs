@@ -18,11 +18,10 @@ use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::panic;
 
-/// musl's own allocator hands memory back to the kernel eagerly (munmap, TLB flushes, faults
-/// again), a quarter of an ADD's work; dlmalloc keeps what it got for the process's short life.
+/// See `intercept_cni::alloc`.
 #[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: intercept_cni::alloc::Allocator = intercept_cni::alloc::Allocator;
 
 const SUCCESS: c_int = 0;
 const FAILURE: c_int = 1;
