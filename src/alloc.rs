@@ -63,3 +63,33 @@ unsafe impl GlobalAlloc for Allocator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_keeps_its_bytes_across_the_threshold_both_ways() {
+        let a = Allocator;
+        let small = Layout::from_size_align(1000, 16).unwrap();
+        unsafe {
+            let p = a.alloc(small);
+            assert!(!p.is_null());
+            for i in 0..1000 {
+                *p.add(i) = i as u8;
+            }
+            let big = a.realloc(p, small, LARGE * 2);
+            assert!(!big.is_null());
+            assert_eq!(big as usize % 16, 0);
+            assert!((0..1000).all(|i| *big.add(i) == i as u8));
+            *big.add(LARGE * 2 - 1) = 7;
+            let big_layout = Layout::from_size_align(LARGE * 2, 16).unwrap();
+            let back = a.realloc(big, big_layout, 500);
+            assert!((0..500).all(|i| *back.add(i) == i as u8));
+            a.dealloc(back, Layout::from_size_align(500, 16).unwrap());
+            let zeroed = a.alloc_zeroed(big_layout);
+            assert!((0..LARGE * 2).all(|i| *zeroed.add(i) == 0));
+            a.dealloc(zeroed, big_layout);
+        }
+    }
+}
