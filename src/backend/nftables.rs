@@ -763,13 +763,6 @@ impl ChainSpec {
 
 impl RuleSpec {}
 
-fn ip_bytes(addr: IpAddr) -> Vec<u8> {
-    match addr {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
 impl Match {
     /// This match's expressions, in the order nft would write them.
     fn exprs(&self) -> Vec<expr::Expr> {
@@ -783,9 +776,7 @@ impl Match {
         };
         match self {
             Match::Tcp => tcp(),
-            Match::Family(family) => {
-                meta(expr::META_NFPROTO, expr::CMP_EQ, &[family.nfproto() as u8])
-            }
+            Match::Family(family) => family_is(*family),
             Match::NotFamily(family) => {
                 meta(expr::META_NFPROTO, expr::CMP_NEQ, &[family.nfproto() as u8])
             }
@@ -805,13 +796,7 @@ impl Match {
             }
             Match::TcpDport(range) => {
                 let mut exprs = dport();
-                if range.is_single() {
-                    exprs.push(expr::cmp(expr::CMP_EQ, &range.start().to_be_bytes()));
-                } else {
-                    // Big-endian bytes compare (memcmp) in numeric order.
-                    exprs.push(expr::cmp(expr::CMP_GTE, &range.start().to_be_bytes()));
-                    exprs.push(expr::cmp(expr::CMP_LTE, &range.end().to_be_bytes()));
-                }
+                exprs.extend(expr::port_cmps(range));
                 exprs
             }
             Match::TcpDportNot(port) => {
@@ -842,29 +827,25 @@ impl Match {
     }
 }
 
-/// The family dependency and the load of the source or destination address into register 1.
-fn load_address(family: Family, source: bool) -> Vec<expr::Expr> {
-    let (offset, len) = match (family, source) {
-        (Family::Ipv4, true) => (12, 4),
-        (Family::Ipv4, false) => (16, 4),
-        (Family::Ipv6, true) => (8, 16),
-        (Family::Ipv6, false) => (24, 16),
-    };
+/// `meta nfproto ipv4`: the dependency of any address match.
+fn family_is(family: Family) -> Vec<expr::Expr> {
     vec![
         expr::meta_load(expr::META_NFPROTO),
         expr::cmp(expr::CMP_EQ, &[family.nfproto() as u8]),
-        expr::payload(expr::PAYLOAD_NETWORK, offset, len),
     ]
 }
 
-/// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`: the family dependency, the address load, a mask
-/// when the network is shorter than a host, and the comparison.
+/// The family dependency, then the load of the source or destination address into register 1.
+fn load_address(family: Family, source: bool) -> Vec<expr::Expr> {
+    let mut exprs = family_is(family);
+    exprs.push(expr::load_address(family == Family::Ipv6, source));
+    exprs
+}
+
+/// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`: the family dependency and the comparison.
 fn address(net: &IpNetwork, source: bool, op: u32) -> Vec<expr::Expr> {
-    let mut exprs = load_address(Family::of(net.ip()), source);
-    if net.prefix() < max_prefix(net) {
-        exprs.push(expr::and_mask(&ip_bytes(net.mask())));
-    }
-    exprs.push(expr::cmp(op, &ip_bytes(net.network())));
+    let mut exprs = family_is(Family::of(net.ip()));
+    exprs.extend(expr::address_cmp(net, source, op));
     exprs
 }
 

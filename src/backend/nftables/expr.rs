@@ -8,7 +8,10 @@
 //! attributes are big-endian, register contents (marks, UIDs, zones) in host order, ports and
 //! addresses in network order, as nft sends them.
 
+use crate::plan::PortRange;
+use ipnetwork::IpNetwork;
 use nix::libc;
+use std::net::IpAddr;
 
 const NLA_HDRLEN: usize = 4;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -132,6 +135,51 @@ pub fn payload(base: u32, offset: u32, len: u32) -> Expr {
         .u32(3, offset)
         .u32(4, len)
         .expr("payload")
+}
+
+/// An address's bytes, in network order.
+pub fn octets(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// Loads the packet's IPv4 or IPv6 source or destination address into register 1 (the family
+/// must be known already).
+pub fn load_address(ipv6: bool, source: bool) -> Expr {
+    let (offset, len) = match (ipv6, source) {
+        (false, true) => (12, 4),
+        (false, false) => (16, 4),
+        (true, true) => (8, 16),
+        (true, false) => (24, 16),
+    };
+    payload(PAYLOAD_NETWORK, offset, len)
+}
+
+/// `saddr`/`daddr` compared (`op`) with `net`: the load, a mask when `net` is shorter than a
+/// host, and the comparison.
+pub fn address_cmp(net: &IpNetwork, source: bool, op: u32) -> Vec<Expr> {
+    let mut exprs = vec![load_address(net.is_ipv6(), source)];
+    let host = if net.is_ipv6() { 128 } else { 32 };
+    if net.prefix() < host {
+        exprs.push(and_mask(&octets(net.mask())));
+    }
+    exprs.push(cmp(op, &octets(net.network())));
+    exprs
+}
+
+/// Register 1 (a port, big-endian) equal to `range`'s only port, or within it: big-endian bytes
+/// compare (memcmp) in numeric order.
+pub fn port_cmps(range: &PortRange) -> Vec<Expr> {
+    if range.is_single() {
+        vec![cmp(CMP_EQ, &range.start().to_be_bytes())]
+    } else {
+        vec![
+            cmp(CMP_GTE, &range.start().to_be_bytes()),
+            cmp(CMP_LTE, &range.end().to_be_bytes()),
+        ]
+    }
 }
 
 /// Register 1 = register 1 & mask (xor 0).

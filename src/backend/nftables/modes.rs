@@ -150,13 +150,6 @@ impl Fam {
     }
 }
 
-fn octets(addr: IpAddr) -> Vec<u8> {
-    match addr {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
 impl R {
     fn new() -> R {
         R(Vec::new(), Vec::new())
@@ -222,14 +215,7 @@ impl R {
     fn port(self, proto: &str, dest: bool, range: PortRange) -> R {
         let dir = if dest { "dport" } else { "sport" };
         let load = expr::payload(expr::PAYLOAD_TRANSPORT, if dest { 2 } else { 0 }, 2);
-        let cmps = if range.is_single() {
-            vec![expr::cmp(expr::CMP_EQ, &range.start().to_be_bytes())]
-        } else {
-            vec![
-                expr::cmp(expr::CMP_GTE, &range.start().to_be_bytes()),
-                expr::cmp(expr::CMP_LTE, &range.end().to_be_bytes()),
-            ]
-        };
+        let cmps = expr::port_cmps(&range);
         let r = self.l4_match(proto, false);
         r.add(
             format!("{proto} {dir} {range}"),
@@ -239,19 +225,9 @@ impl R {
     /// `ip saddr 10.0.0.0/8`, `ip6 daddr != ::1`.
     fn addr(self, source: bool, net: IpNetwork, equal: bool) -> R {
         let fam = Fam::of(&net);
-        let (offset, len) = match (fam, source) {
-            (Fam::V4, true) => (12, 4),
-            (Fam::V4, false) => (16, 4),
-            (Fam::V6, true) => (8, 16),
-            (Fam::V6, false) => (24, 16),
-        };
-        let mut exprs = vec![expr::payload(expr::PAYLOAD_NETWORK, offset, len)];
-        let full = u8::try_from(len * 8).unwrap_or(u8::MAX);
-        if net.prefix() < full {
-            exprs.push(expr::and_mask(&octets(net.mask())));
-        }
         let op = if equal { expr::CMP_EQ } else { expr::CMP_NEQ };
-        exprs.push(expr::cmp(op, &octets(net.network())));
+        let exprs = expr::address_cmp(&net, source, op);
+        let full = if net.is_ipv6() { 128 } else { 32 };
         let shown = if net.prefix() == full {
             net.ip().to_string()
         } else {
@@ -377,7 +353,7 @@ impl R {
             .add(
                 format!("dnat {} to {to}", fam.kw()),
                 [
-                    expr::immediate(expr::REG_1, &octets(fam.localhost())),
+                    expr::immediate(expr::REG_1, &expr::octets(fam.localhost())),
                     expr::immediate(expr::REG_2, &port.to_be_bytes()),
                     expr::dnat(fam.nfproto()),
                 ],
