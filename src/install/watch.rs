@@ -168,10 +168,12 @@ impl Watch {
         self.wd.is_none() || identity(&self.dir) != self.identity
     }
 
-    /// Watches the dir again if the one at its path is not the one watched; whether it did.
+    /// Watches the dir again if it is not watched at its path; whether it did. A dir made
+    /// again can have the inode number of the removed one: the kernel's IN_IGNORED (the watch
+    /// is gone) is what tells, not the identity alone.
     fn renew(&mut self, inotify: &Inotify) -> bool {
         let now = identity(&self.dir);
-        if now.is_none() || now == self.identity {
+        if now.is_none() || (self.wd.is_some() && now == self.identity) {
             return false;
         }
         match add_watch(inotify, &self.dir, self.events) {
@@ -388,7 +390,7 @@ pub fn block_stop_signals() -> Result<SignalFd> {
 fn wait(
     signals: &SignalFd,
     inotify: &Inotify,
-    watches: &[Watch],
+    watches: &mut [Watch],
     backoff: Option<Duration>,
 ) -> Result<Wake> {
     let retry_at = backoff.map(|b| Instant::now() + b);
@@ -451,7 +453,7 @@ fn read_stop_signal(signals: &SignalFd) -> Result<Option<Signal>> {
 }
 
 /// Reads every queued event; `Some(config)` if one may matter (`config`: the plugin config's).
-fn drain_events(inotify: &Inotify, watches: &[Watch]) -> Result<Option<bool>> {
+fn drain_events(inotify: &Inotify, watches: &mut [Watch]) -> Result<Option<bool>> {
     let mut relevant: Option<bool> = None;
     loop {
         let events = match inotify.read_events() {
@@ -466,8 +468,13 @@ fn drain_events(inotify: &Inotify, watches: &[Watch]) -> Result<Option<bool>> {
                 continue;
             }
             let name = event.name.as_ref().and_then(|n| n.to_str());
-            for watch in watches.iter().filter(|w| w.wd == Some(event.wd)) {
+            for watch in watches.iter_mut().filter(|w| w.wd == Some(event.wd)) {
                 let role = watch.role;
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The kernel dropped the watch (its dir is gone): put a new one on the dir
+                    // at this path once there is one, whatever its inode number.
+                    watch.wd = None;
+                }
                 if event.mask.intersects(
                     AddWatchFlags::IN_DELETE_SELF
                         | AddWatchFlags::IN_MOVE_SELF
